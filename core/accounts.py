@@ -1,0 +1,190 @@
+"""Users, API tokens and browser sessions. Secrets are stored only as hashes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from core.errors import EngineError
+from core.ids import aware, utcnow
+from core.storage import Database
+from core.tables import tokens, users, web_sessions
+
+TOKEN_PATTERN = re.compile(r"la_[0-9a-f]{48}")
+USER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+SESSION_LIFETIME = timedelta(days=14)
+# `last_used_at` is written at most this often per token, so reads stay reads.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    token_id: str
+    label: str
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _hash_password(password: str, salt: bytes | None = None) -> str:
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1)
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def _check_password(password: str, stored: str) -> bool:
+    try:
+        _, salt_hex, digest_hex = stored.split("$")
+    except ValueError:
+        return False
+    expected = _hash_password(password, bytes.fromhex(salt_hex)).split("$")[2]
+    return hmac.compare_digest(expected, digest_hex)
+
+
+class Accounts:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._last_used: dict[str, datetime] = {}
+
+    async def add_user(self, name: str, password: str | None = None) -> None:
+        if not USER_PATTERN.fullmatch(name):
+            raise EngineError("invalid_user_name", "a user name is 1-64 letters, digits, . _ @ -")
+        password_hash = await asyncio.to_thread(_hash_password, password) if password else None
+        try:
+            async with self.db.engine.begin() as conn:
+                await conn.execute(
+                    insert(users).values(id=name, password_hash=password_hash, created_at=utcnow())
+                )
+        except IntegrityError:
+            raise EngineError("user_exists", f"user {name} already exists") from None
+
+    async def set_password(self, name: str, password: str) -> None:
+        password_hash = await asyncio.to_thread(_hash_password, password)
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                update(users).where(users.c.id == name).values(password_hash=password_hash)
+            )
+
+    async def user_exists(self, name: str) -> bool:
+        async with self.db.engine.connect() as conn:
+            row = await conn.execute(select(users.c.id).where(users.c.id == name))
+            return row.first() is not None
+
+    async def ensure_user(self, name: str) -> None:
+        if not await self.user_exists(name):
+            try:
+                await self.add_user(name)
+            except EngineError as exc:
+                if exc.code != "user_exists":
+                    raise
+
+    async def check_password(self, name: str, password: str) -> bool:
+        async with self.db.engine.connect() as conn:
+            row = (
+                await conn.execute(select(users.c.password_hash).where(users.c.id == name))
+            ).first()
+        if row is None or row.password_hash is None:
+            return False
+        return await asyncio.to_thread(_check_password, password, row.password_hash)
+
+    # ---- API tokens ------------------------------------------------------------------
+
+    async def create_token(self, user: str, label: str = "") -> tuple[TokenInfo, str]:
+        token = "la_" + secrets.token_hex(24)
+        info = TokenInfo("tok_" + secrets.token_hex(6), label, utcnow(), None)
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                insert(tokens).values(
+                    id=info.token_id,
+                    user_id=user,
+                    hash=sha256(token),
+                    label=label,
+                    created_at=info.created_at,
+                )
+            )
+        return info, token
+
+    async def list_tokens(self, user: str) -> list[TokenInfo]:
+        query = (
+            select(tokens)
+            .where(tokens.c.user_id == user, tokens.c.revoked_at.is_(None))
+            .order_by(tokens.c.created_at)
+        )
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [TokenInfo(r.id, r.label, r.created_at, r.last_used_at) for r in rows]
+
+    async def revoke_token(self, token_id: str, user: str | None = None) -> bool:
+        query = update(tokens).where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
+        if user is not None:
+            query = query.where(tokens.c.user_id == user)
+        async with self.db.engine.begin() as conn:
+            result = await conn.execute(query.values(revoked_at=utcnow()))
+        return result.rowcount > 0
+
+    async def user_for_token(self, token: str) -> str | None:
+        if not TOKEN_PATTERN.fullmatch(token):
+            return None
+        query = select(tokens.c.id, tokens.c.user_id).where(
+            tokens.c.hash == sha256(token), tokens.c.revoked_at.is_(None)
+        )
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        await self._touch(row.id)
+        return row.user_id
+
+    async def _touch(self, token_id: str) -> None:
+        now = utcnow()
+        if (
+            now - self._last_used.get(token_id, datetime.min.replace(tzinfo=now.tzinfo))
+            < LAST_USED_RESOLUTION
+        ):
+            return
+        self._last_used[token_id] = now
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                update(tokens).where(tokens.c.id == token_id).values(last_used_at=now)
+            )
+
+    # ---- browser sessions ---------------------------------------------------------------
+
+    async def create_session(self, user: str) -> str:
+        secret = secrets.token_urlsafe(32)
+        now = utcnow()
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                insert(web_sessions).values(
+                    hash=sha256(secret),
+                    user_id=user,
+                    created_at=now,
+                    expires_at=now + SESSION_LIFETIME,
+                )
+            )
+        return secret
+
+    async def user_for_session(self, secret: str) -> str | None:
+        query = select(web_sessions.c.user_id, web_sessions.c.expires_at).where(
+            web_sessions.c.hash == sha256(secret)
+        )
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        return row.user_id if aware(row.expires_at) > utcnow() else None
+
+    async def end_session(self, secret: str) -> None:
+        async with self.db.engine.begin() as conn:
+            await conn.execute(delete(web_sessions).where(web_sessions.c.hash == sha256(secret)))

@@ -1,0 +1,588 @@
+"""The engine's API: loops, turns, events, choices and history, for one user at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import claude_agent_sdk
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from core.accounts import Accounts
+from core.config import Settings
+from core.errors import EngineError
+from core.events import Event, Overflow, Subscription
+from core.ids import aware, loop_id, new_id, utcnow
+from core.runtime import SERVER_STOPPED, Context, LoopRuntime, LoopSpec, Turn, agent_env_from
+from core.sandbox import Sandbox, make_sandbox
+from core.storage import Database, EventWriter
+from core.tables import events, idempotency, loops, turns
+
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+REPLAY_BATCH = 500
+
+
+@dataclass
+class Loop:
+    id: str
+    title: str
+    created_at: datetime
+    created_by: str
+    archived: bool
+    archived_at: datetime | None
+    metadata: dict[str, Any]
+    profiles: list[str]
+    vault: str
+    repo: str | None
+    turn_count: int = 0
+    busy: bool = False
+    queue_depth: int = 0
+    current_turn: dict[str, Any] | None = None
+
+
+@dataclass
+class Page:
+    data: list[Any]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+@dataclass
+class HistoryItem:
+    turn_id: str
+    trigger: str
+    user_text: str
+    assistant_text: str
+    tool_calls: list[dict[str, Any]]
+    choices: list[dict[str, Any]]
+    ended: str
+    error: dict[str, str] | None
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+@dataclass
+class TurnStream:
+    """The events of one turn, live or replayed; `replayed` when an earlier POST ran it."""
+
+    turn_id: str
+    events: AsyncIterator[Event]
+    replayed: bool = False
+    _closers: list[Any] = field(default_factory=list)
+
+
+def bundled_cli() -> Path:
+    return Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+
+
+class Engine:
+    def __init__(self, settings: Settings, sandbox: Sandbox | None = None) -> None:
+        self.settings = settings
+        self.db = Database(settings.resolved_database_url)
+        self.accounts = Accounts(self.db)
+        self.writer = EventWriter(self.db)
+        cli = settings.cli_path or bundled_cli()
+        self.sandbox = sandbox or make_sandbox(settings.sandbox, settings.data_dir, cli)
+        self._runtimes: dict[str, LoopRuntime] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
+        self.ready = False
+
+    # ---- life cycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.db.migrate()
+        self.writer.start()
+        await self.sandbox.start()
+        await self._recover()
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        for runtime in list(self._runtimes.values()):
+            await runtime.close(archived=False)
+        self._runtimes.clear()
+        await self.writer.close()
+        await self.sandbox.close()
+        await self.db.close()
+
+    async def _recover(self) -> None:
+        """Turns a stopped server left open end with an `error` event, in the log too."""
+        async with self.db.engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    select(turns.c.id, turns.c.loop_id)
+                    .where(turns.c.ended.in_(("queued", "running")))
+                    .order_by(turns.c.loop_id, turns.c.number)
+                )
+            ).all()
+            for row in rows:
+                last = await conn.scalar(
+                    select(func.coalesce(func.max(events.c.seq), 0)).where(
+                        events.c.loop_id == row.loop_id
+                    )
+                )
+                data = {"code": "agent_failed", "message": SERVER_STOPPED, "turn_id": row.id}
+                await conn.execute(
+                    insert(events).values(
+                        loop_id=row.loop_id,
+                        seq=last + 1,
+                        turn_id=row.id,
+                        name="error",
+                        data=json.dumps(data, separators=(",", ":")),
+                    )
+                )
+                await conn.execute(
+                    update(turns)
+                    .where(turns.c.id == row.id)
+                    .values(
+                        ended="error",
+                        error={"code": "agent_failed", "message": SERVER_STOPPED},
+                        ended_at=utcnow(),
+                    )
+                )
+
+    # ---- loops ----------------------------------------------------------------------
+
+    async def create_loop(
+        self,
+        user: str,
+        title: str = "untitled",
+        metadata: dict[str, Any] | None = None,
+        profiles: list[str] | None = None,
+        vault: str = "default",
+        repo: str | None = None,
+    ) -> Loop:
+        profiles = profiles or []
+        for name in profiles:
+            if name not in self.settings.profiles:
+                raise EngineError("unknown_profile", f"no profile named {name!r}")
+        if self.settings.vault(vault) is None:
+            raise EngineError("unknown_vault", f"no vault named {vault!r}")
+        if repo is not None and repo not in self.settings.repos:
+            raise EngineError("unknown_repo", f"no repo named {repo!r}")
+        now = utcnow()
+        loop = Loop(
+            new_id("loop"), title, now, user, False, None, metadata or {}, profiles, vault, repo
+        )
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                insert(loops).values(
+                    id=loop.id,
+                    title=title,
+                    created_by=user,
+                    created_at=now,
+                    active_at=now,
+                    archived=False,
+                    metadata=loop.metadata,
+                    profiles=profiles,
+                    vault=vault,
+                    repo=repo,
+                    turn_count=0,
+                    last_seq=0,
+                )
+            )
+        return loop
+
+    async def list_loops(
+        self,
+        user: str,
+        limit: int = 20,
+        after: str | None = None,
+        before: str | None = None,
+        archived: bool = False,
+        metadata: dict[str, str] | None = None,
+    ) -> Page:
+        query = select(loops).where(loops.c.created_by == user, loops.c.archived == archived)
+        for key, value in (metadata or {}).items():
+            query = query.where(loops.c.metadata[key].as_string() == value)
+        cursor_id = after or before
+        async with self.db.engine.connect() as conn:
+            if cursor_id is not None:
+                cursor = (
+                    await conn.execute(
+                        select(loops.c.active_at, loops.c.id).where(
+                            loops.c.id == loop_id(cursor_id), loops.c.created_by == user
+                        )
+                    )
+                ).first()
+                if cursor is None:
+                    raise EngineError("invalid_cursor", f"no loop {cursor_id} to page from")
+                newer = or_(
+                    loops.c.active_at > cursor.active_at,
+                    and_(loops.c.active_at == cursor.active_at, loops.c.id > cursor.id),
+                )
+                older = or_(
+                    loops.c.active_at < cursor.active_at,
+                    and_(loops.c.active_at == cursor.active_at, loops.c.id < cursor.id),
+                )
+                query = query.where(older if after else newer)
+            if before and not after:
+                query = query.order_by(loops.c.active_at.asc(), loops.c.id.asc())
+            else:
+                query = query.order_by(loops.c.active_at.desc(), loops.c.id.desc())
+            rows = (await conn.execute(query.limit(limit + 1))).all()
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        if before and not after:
+            rows.reverse()
+        data = [_loop_from_row(row) for row in rows]
+        return Page(data, has_more, data[0].id if data else None, data[-1].id if data else None)
+
+    async def get_loop(self, user: str, raw_id: str) -> Loop:
+        loop = _loop_from_row(await self._owned_row(user, raw_id))
+        runtime = self._runtimes.get(loop.id)
+        if runtime is not None:
+            loop.turn_count = runtime.spec.turn_count
+            loop.busy = runtime.busy
+            loop.queue_depth = len(runtime.queue)
+            turn = runtime.current
+            if turn is not None:
+                loop.current_turn = {
+                    "turn_id": turn.id,
+                    "started_at": turn.started_at,
+                    "pending_choice_id": turn.pending_choice_id,
+                }
+        return loop
+
+    async def archive_loop(self, user: str, raw_id: str) -> None:
+        row = await self._owned_row(user, raw_id)
+        if row.archived:
+            return
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                update(loops)
+                .where(loops.c.id == row.id)
+                .values(archived=True, archived_at=utcnow())
+            )
+        runtime = self._runtimes.pop(row.id, None)
+        if runtime is not None:
+            await runtime.close(archived=True)
+        await self.sandbox.remove(row.id)
+
+    async def _owned_row(self, user: str, raw_id: str) -> Any:
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(select(loops).where(loops.c.id == loop_id(raw_id)))).first()
+        if row is None:
+            raise EngineError("loop_not_found", f"no loop {raw_id}")
+        if row.created_by != user:
+            raise EngineError("not_loop_owner", "this loop belongs to another user")
+        return row
+
+    async def _runtime(self, row: Any) -> LoopRuntime:
+        runtime = self._runtimes.get(row.id)
+        if runtime is not None:
+            return runtime
+        lock = self._opening.setdefault(row.id, asyncio.Lock())
+        async with lock:
+            runtime = self._runtimes.get(row.id)
+            if runtime is None:
+                await self.writer.flush()
+                async with self.db.engine.connect() as conn:
+                    last_seq = await conn.scalar(
+                        select(func.coalesce(func.max(events.c.seq), 0)).where(
+                            events.c.loop_id == row.id
+                        )
+                    )
+                    fresh = (await conn.execute(select(loops).where(loops.c.id == row.id))).first()
+                spec = LoopSpec(
+                    fresh.id,
+                    fresh.session_id,
+                    fresh.turn_count,
+                    list(fresh.profiles),
+                    fresh.vault,
+                    fresh.repo,
+                )
+                runtime = LoopRuntime(self._context(), spec, last_seq)
+                self._runtimes[row.id] = runtime
+        self._opening.pop(row.id, None)
+        return runtime
+
+    def _context(self) -> Context:
+        return Context(
+            settings=self.settings,
+            db=self.db,
+            writer=self.writer,
+            sandbox=self.sandbox,
+            agent_env=agent_env_from(os.environ, os.geteuid() == 0),
+            forget=self._forget,
+        )
+
+    def _forget(self, runtime: LoopRuntime) -> None:
+        if runtime.quiet and self._runtimes.get(runtime.id) is runtime:
+            del self._runtimes[runtime.id]
+            runtime.dispose()
+
+    # ---- turns ---------------------------------------------------------------------
+
+    async def send(
+        self,
+        user: str,
+        raw_id: str,
+        content: str,
+        permission_mode: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> TurnStream:
+        row = await self._owned_row(user, raw_id)
+        if row.archived:
+            raise EngineError("loop_archived", "loop is archived")
+        mode = permission_mode or self.settings.default_permission_mode
+        request_hash = hashlib.sha256(
+            json.dumps([row.id, content, permission_mode]).encode()
+        ).hexdigest()
+        if idempotency_key is not None:
+            earlier = await self._idempotent_turn(user, idempotency_key, request_hash)
+            if earlier is not None:
+                return await self._replay_turn(*earlier)
+        runtime = await self._runtime(row)
+        turn = runtime.new_turn(content, mode)
+        try:
+            await self._record_turn(user, row.id, turn, idempotency_key, request_hash)
+        except IntegrityError:
+            # The same key raced in from another request: answer like the replay it is.
+            runtime.spec.turn_count -= 1
+            earlier = await self._idempotent_turn(user, idempotency_key or "", request_hash)
+            if earlier is None:
+                raise
+            return await self._replay_turn(*earlier)
+        subscription = runtime.channel.subscribe(lambda e: e.turn_id == turn.id)
+        runtime.enqueue(turn)
+        return TurnStream(turn.id, self._until_terminal(runtime, subscription))
+
+    async def _idempotent_turn(
+        self, user: str, key: str, request_hash: str
+    ) -> tuple[str, str] | None:
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                delete(idempotency).where(idempotency.c.created_at < utcnow() - IDEMPOTENCY_WINDOW)
+            )
+            row = (
+                await conn.execute(
+                    select(idempotency).where(
+                        idempotency.c.user_id == user, idempotency.c.key == key
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        if row.request_hash != request_hash:
+            raise EngineError(
+                "idempotency_key_reused", "this Idempotency-Key was used with another request"
+            )
+        return row.loop_id, row.turn_id
+
+    async def _record_turn(
+        self, user: str, loop: str, turn: Turn, key: str | None, request_hash: str
+    ) -> None:
+        async with self.db.engine.begin() as conn:
+            if key is not None:
+                await conn.execute(
+                    insert(idempotency).values(
+                        user_id=user,
+                        key=key,
+                        request_hash=request_hash,
+                        loop_id=loop,
+                        turn_id=turn.id,
+                        created_at=utcnow(),
+                    )
+                )
+            await conn.execute(
+                insert(turns).values(
+                    id=turn.id,
+                    loop_id=loop,
+                    number=turn.number,
+                    trigger=turn.trigger,
+                    user_text=turn.user_text,
+                    permission_mode=turn.permission_mode,
+                    assistant_text="",
+                    tool_calls=[],
+                    choices=[],
+                    ended="queued",
+                )
+            )
+
+    async def _replay_turn(self, loop: str, turn_id: str) -> TurnStream:
+        runtime = self._runtimes.get(loop)
+        live = runtime.channel.subscribe(lambda e: e.turn_id == turn_id) if runtime else None
+        await self.writer.flush()
+        return TurnStream(turn_id, self._replay(loop, turn_id, live), replayed=True)
+
+    async def _replay(
+        self, loop: str, turn_id: str, live: Subscription | None
+    ) -> AsyncIterator[Event]:
+        last = 0
+        try:
+            async for event in self._logged(loop, after=0, turn_id=turn_id):
+                last = event.seq or last
+                yield event
+                if event.terminal:
+                    return
+            if live is None:
+                return
+            async for event in live:
+                if (event.seq or 0) > last:
+                    yield event
+                    if event.terminal:
+                        return
+        finally:
+            if live is not None:
+                live.close()
+
+    async def _until_terminal(
+        self, runtime: LoopRuntime, subscription: Subscription
+    ) -> AsyncIterator[Event]:
+        try:
+            async for event in subscription:
+                yield event
+                if event.terminal:
+                    return
+        finally:
+            subscription.close()
+            self._forget(runtime)
+
+    async def _logged(
+        self, loop: str, after: int, turn_id: str | None = None
+    ) -> AsyncIterator[Event]:
+        while True:
+            query = select(events).where(events.c.loop_id == loop, events.c.seq > after)
+            if turn_id is not None:
+                query = query.where(events.c.turn_id == turn_id)
+            async with self.db.engine.connect() as conn:
+                rows = (await conn.execute(query.order_by(events.c.seq).limit(REPLAY_BATCH))).all()
+            for row in rows:
+                yield Event.from_row(row.name, row.data, row.seq, row.turn_id)
+            if len(rows) < REPLAY_BATCH:
+                return
+            after = rows[-1].seq
+
+    async def watch(
+        self, user: str, raw_id: str, last_event_id: int | None = None
+    ) -> AsyncIterator[Event]:
+        """Every event of the loop from now on (or after `last_event_id`), until closed."""
+        row = await self._owned_row(user, raw_id)
+        runtime = await self._runtime(row)
+        subscription = runtime.channel.subscribe()
+        return self._watch(runtime, subscription, last_event_id)
+
+    async def _watch(
+        self, runtime: LoopRuntime, subscription: Subscription, last_event_id: int | None
+    ) -> AsyncIterator[Event]:
+        try:
+            if last_event_id is None:
+                last = runtime.seq
+                snapshot = runtime.snapshot()
+                if snapshot is not None:
+                    yield snapshot
+            else:
+                last = last_event_id
+                await self.writer.flush()
+                async for event in self._logged(runtime.id, after=last_event_id):
+                    last = event.seq or last
+                    yield event
+            async for event in subscription:
+                if (event.seq or 0) > last:
+                    yield event
+        except Overflow:
+            return
+        finally:
+            subscription.close()
+            self._forget(runtime)
+
+    async def answer_choice(
+        self, user: str, raw_id: str, choice_id: str, body: dict[str, Any], source: str = "api"
+    ) -> None:
+        row = await self._owned_row(user, raw_id)
+        runtime = self._runtimes.get(row.id)
+        if runtime is None:
+            raise EngineError("choice_not_found", f"no pending choice {choice_id}")
+        runtime.answer(choice_id, body, source)
+
+    async def interrupt(self, user: str, raw_id: str) -> None:
+        row = await self._owned_row(user, raw_id)
+        runtime = self._runtimes.get(row.id)
+        if runtime is not None:
+            await runtime.interrupt()
+
+    async def history(
+        self, user: str, raw_id: str, limit: int = 20, after: str | None = None
+    ) -> Page:
+        row = await self._owned_row(user, raw_id)
+        query = select(turns).where(turns.c.loop_id == row.id)
+        async with self.db.engine.connect() as conn:
+            if after is not None:
+                number = await conn.scalar(
+                    select(turns.c.number).where(turns.c.id == after, turns.c.loop_id == row.id)
+                )
+                if number is None:
+                    raise EngineError("invalid_cursor", f"no turn {after} in this loop")
+                query = query.where(turns.c.number > number)
+            rows = (await conn.execute(query.order_by(turns.c.number).limit(limit + 1))).all()
+        runtime = self._runtimes.get(row.id)
+        live = {}
+        if runtime is not None:
+            live = {
+                t.id: t for t in [*([runtime.current] if runtime.current else []), *runtime.queue]
+            }
+        items = [_history_item(r, live.get(r.id)) for r in rows[:limit]]
+        return Page(
+            items,
+            len(rows) > limit,
+            items[0].turn_id if items else None,
+            items[-1].turn_id if items else None,
+        )
+
+    async def wait_idle(self) -> None:
+        """Wait until every write of every runtime is done (tests and shutdown)."""
+        for runtime in list(self._runtimes.values()):
+            await runtime.settle()
+        await self.writer.flush()
+
+
+def _loop_from_row(row: Any) -> Loop:
+    return Loop(
+        id=row.id,
+        title=row.title,
+        created_at=aware(row.created_at),
+        created_by=row.created_by,
+        archived=row.archived,
+        archived_at=aware(row.archived_at) if row.archived_at else None,
+        metadata=row.metadata,
+        profiles=list(row.profiles),
+        vault=row.vault,
+        repo=row.repo,
+        turn_count=row.turn_count,
+    )
+
+
+def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
+    fields = (
+        turn.history_fields()
+        if turn is not None
+        else {
+            "assistant_text": row.assistant_text,
+            "tool_calls": row.tool_calls,
+            "choices": row.choices,
+        }
+    )
+    ended = row.ended
+    if turn is not None and not turn.finished.is_set():
+        ended = "running" if turn.started_at else "queued"
+    return HistoryItem(
+        turn_id=row.id,
+        trigger=row.trigger,
+        user_text=row.user_text,
+        ended=ended,
+        error=row.error,
+        started_at=aware(row.started_at) if row.started_at else (turn.started_at if turn else None),
+        ended_at=aware(row.ended_at) if row.ended_at else None,
+        **fields,
+    )

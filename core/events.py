@@ -1,0 +1,107 @@
+"""Events and their fan-out: one channel per active loop, any number of subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+TERMINAL = frozenset({"done", "interrupted", "error"})
+
+# A watcher further behind than this is cut off; it resumes with Last-Event-ID.
+SUBSCRIBER_BACKLOG = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of a loop. `seq` is its resume id; `data` is what clients read."""
+
+    name: str
+    data: dict[str, Any]
+    seq: int | None = None
+    turn_id: str | None = None
+    json: str = field(default="", compare=False)
+
+    @classmethod
+    def make(
+        cls, name: str, data: dict[str, Any], seq: int | None = None, turn_id: str | None = None
+    ) -> Event:
+        return cls(name, data, seq, turn_id, json.dumps(data, separators=(",", ":")))
+
+    @classmethod
+    def from_row(cls, name: str, data: str, seq: int, turn_id: str | None) -> Event:
+        return cls(name, json.loads(data), seq, turn_id, data)
+
+    @property
+    def terminal(self) -> bool:
+        return self.name in TERMINAL
+
+
+class Overflow(Exception):
+    """The subscriber fell too far behind and was cut off."""
+
+
+class Subscription:
+    def __init__(self, channel: Channel, accept: Callable[[Event], bool]) -> None:
+        self._channel = channel
+        self._accept = accept
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self.overflowed = False
+
+    def offer(self, event: Event) -> None:
+        if not self._accept(event):
+            return
+        if self._queue.qsize() >= SUBSCRIBER_BACKLOG:
+            self.overflowed = True
+            self._queue.put_nowait(None)
+            self._channel.unsubscribe(self)
+            return
+        self._queue.put_nowait(event)
+
+    async def get(self) -> Event:
+        event = await self._queue.get()
+        if event is None:
+            raise Overflow
+        return event
+
+    def get_nowait(self) -> Event | None:
+        try:
+            event = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        if event is None:
+            raise Overflow
+        return event
+
+    def close(self) -> None:
+        self._channel.unsubscribe(self)
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            yield await self.get()
+
+
+class Channel:
+    """Delivers each published event to every subscriber, synchronously and in order."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscription] = []
+
+    def subscribe(self, accept: Callable[[Event], bool] = lambda _e: True) -> Subscription:
+        sub = Subscription(self, accept)
+        self._subscribers.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subscribers:
+            self._subscribers.remove(sub)
+
+    def publish(self, event: Event) -> None:
+        for sub in list(self._subscribers):
+            sub.offer(event)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)

@@ -1,0 +1,525 @@
+"""One active loop in memory: its queue of turns, its agent, its choices and its events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from claude_agent_sdk import (
+    AssistantMessage,
+    ClaudeAgentOptions,
+    Message,
+    PermissionResultAllow,
+    PermissionResultDeny,
+    ResultMessage,
+    StreamEvent,
+    ToolPermissionContext,
+    UserMessage,
+)
+from sqlalchemy import update
+
+from core import agent as sdk
+from core.choices import EVICTED, INTERRUPTED, Choice, decision, make_choice, validate_answer
+from core.config import Settings
+from core.errors import EngineError
+from core.events import Channel, Event
+from core.ids import new_id, utcnow
+from core.sandbox import Sandbox, SandboxSpec
+from core.storage import Database, EventWriter
+from core.tables import loops, turns
+
+log = logging.getLogger(__name__)
+
+SERVER_STOPPED = "the server stopped during this turn"
+# An interrupt that the agent does not acknowledge within this time ends the turn anyway.
+INTERRUPT_GRACE_SECONDS = 5.0
+
+
+@dataclass
+class Context:
+    """What every runtime shares with the engine."""
+
+    settings: Settings
+    db: Database
+    writer: EventWriter
+    sandbox: Sandbox
+    agent_env: dict[str, str]
+    forget: Callable[[LoopRuntime], None]
+
+
+@dataclass
+class Turn:
+    id: str
+    number: int
+    trigger: str
+    user_text: str
+    permission_mode: str
+    text: list[str] = field(default_factory=list)
+    tool_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    choices: list[dict[str, Any]] = field(default_factory=list)
+    pending: dict[str, Choice] = field(default_factory=dict)
+    started_at: datetime | None = None
+    interrupt_requested: bool = False
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    start_saved: asyncio.Task[None] | None = None
+
+    @property
+    def pending_choice_id(self) -> str | None:
+        return next(iter(self.pending), None)
+
+    def history_fields(self) -> dict[str, Any]:
+        return {
+            "assistant_text": "".join(self.text),
+            "tool_calls": list(self.tool_calls.values()),
+            "choices": self.choices,
+        }
+
+
+@dataclass
+class LoopSpec:
+    """The stored facts of a loop that its runtime needs."""
+
+    id: str
+    session_id: str | None
+    turn_count: int
+    profiles: list[str]
+    vault: str
+    repo: str | None
+
+
+class LoopRuntime:
+    def __init__(self, ctx: Context, spec: LoopSpec, last_seq: int) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.id = spec.id
+        self.seq = last_seq
+        self.channel = Channel()
+        self.queue: deque[Turn] = deque()
+        self.current: Turn | None = None
+        self.agent: sdk.AgentSession | None = None
+        self._changed = asyncio.Condition()
+        self._worker = asyncio.create_task(self._work(), name=f"loop-{spec.id}")
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._evict_timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self.closed = False
+
+    # ---- what the engine calls -------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None or bool(self.queue)
+
+    def new_turn(self, text: str, permission_mode: str, trigger: str = "message") -> Turn:
+        self.spec.turn_count += 1
+        return Turn(new_id("turn"), self.spec.turn_count, trigger, text, permission_mode)
+
+    def enqueue(self, turn: Turn) -> None:
+        self._cancel_idle()
+        if self.busy:
+            self.emit("queued", {"position": len(self.queue) + 1}, turn.id)
+        self.queue.append(turn)
+        self._notify()
+
+    def snapshot(self) -> Event | None:
+        turn = self.current
+        if turn is None or turn.started_at is None:
+            return None
+        data = {
+            "turn_id": turn.id,
+            "assistant_text_so_far": "".join(turn.text),
+            "pending_choice_id": turn.pending_choice_id,
+        }
+        return Event.make("snapshot", data, self.seq, turn.id)
+
+    def answer(self, choice_id: str, body: dict[str, Any], source: str) -> None:
+        turn = self.current
+        choice = turn.pending.get(choice_id) if turn else None
+        if turn is None or choice is None or not choice.pending:
+            raise EngineError("choice_not_found", f"no pending choice {choice_id}")
+        answer = validate_answer(choice, body)
+        turn.choices.append(
+            {"choice_id": choice.id, "kind": choice.kind, "answer": answer, "source": source}
+        )
+        del turn.pending[choice_id]
+        self._cancel_evict()
+        self.emit("choice_resolved", {"choice_id": choice_id, "source": source}, turn.id)
+        choice.future.set_result(answer)
+
+    async def interrupt(self) -> None:
+        turn = self.current
+        if turn is None or turn.finished.is_set() or turn.interrupt_requested:
+            return
+        turn.interrupt_requested = True
+        self._end_choices(turn, INTERRUPTED)
+        if turn.started_at is None or self.agent is None:
+            return  # the worker sees the flag before it sends anything
+        with contextlib.suppress(Exception):
+            await self.agent.interrupt()
+        self._later(self._interrupt_watchdog(turn))
+
+    async def close(self, archived: bool) -> None:
+        """Stop the agent and the worker; a turn still open ends `interrupted` on archive,
+        `error` when the server stops."""
+        self.closed = True
+        self._cancel_idle()
+        self._cancel_evict()
+        for turn in [*([self.current] if self.current else []), *self.queue]:
+            if archived:
+                await self._finish(turn, "interrupted", {"turn_id": turn.id})
+            else:
+                await self._finish(turn, "error", _error("agent_failed", SERVER_STOPPED, turn.id))
+        self.queue.clear()
+        self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._worker
+        await self._stop_agent()
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Wait for the writes this runtime started."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing runs, nobody listens, nothing is being written: safe to drop from memory."""
+        return (
+            self.agent is None
+            and not self.busy
+            and not self._background
+            and self.channel.subscriber_count == 0
+        )
+
+    def dispose(self) -> None:
+        self.closed = True
+        self._cancel_idle()
+        self._worker.cancel()
+
+    # ---- events -------------------------------------------------------------------
+
+    def emit(self, name: str, data: dict[str, Any], turn_id: str | None) -> Event:
+        self.seq += 1
+        event = Event.make(name, data, self.seq, turn_id)
+        self.ctx.writer.append(self.id, event.seq, turn_id, name, event.json)  # type: ignore[arg-type]
+        self.channel.publish(event)
+        return event
+
+    # ---- the worker ---------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: bool(self.queue) and self.current is None)
+                turn = self.queue.popleft()
+                self.current = turn
+            await self._run(turn)
+            await turn.finished.wait()
+
+    async def _run(self, turn: Turn) -> None:
+        try:
+            cold = await self._ensure_agent(turn.permission_mode)
+        except EngineError as exc:
+            await self._finish(turn, "error", _error(exc.code, exc.message, turn.id))
+            return
+        if turn.interrupt_requested:
+            await self._finish(turn, "interrupted", {"turn_id": turn.id})
+            return
+        self._begin(turn, cold)
+        assert self.agent is not None
+        try:
+            await self.agent.set_permission_mode(turn.permission_mode)
+            await self.agent.query(turn.user_text)
+        except Exception as exc:  # the CLI went away between turns
+            await self._finish(turn, "error", _error("agent_failed", str(exc), turn.id))
+            await self._stop_agent()
+
+    def _begin(self, turn: Turn, cold: bool) -> None:
+        turn.started_at = utcnow()
+        self.emit(
+            "started", {"turn_id": turn.id, "cold_start": cold, "trigger": turn.trigger}, turn.id
+        )
+        values = {"ended": "running", "started_at": turn.started_at}
+        turn.start_saved = self._later(self._save_turn_start(turn, values))
+
+    async def _save_turn_start(self, turn: Turn, values: dict[str, Any]) -> None:
+        async with self.ctx.db.engine.begin() as conn:
+            if turn.trigger == "background":
+                await conn.execute(
+                    turns.insert().values(
+                        id=turn.id, loop_id=self.id, number=turn.number, trigger=turn.trigger,
+                        user_text=turn.user_text, permission_mode=turn.permission_mode,
+                        assistant_text="", tool_calls=[], choices=[], **values,
+                    )
+                )
+            else:
+                await conn.execute(turns.update().where(turns.c.id == turn.id).values(**values))
+            await conn.execute(
+                update(loops)
+                .where(loops.c.id == self.id)
+                .values(active_at=turn.started_at, turn_count=self.spec.turn_count)
+            )
+
+    async def _finish(self, turn: Turn, name: str, data: dict[str, Any]) -> None:
+        if turn.finished.is_set():
+            return
+        turn.finished.set()
+        self._end_choices(turn, INTERRUPTED)
+        self._cancel_evict()
+        self.emit(name, data, turn.id)
+        if self.current is turn:
+            self.current = None
+        ended = {"done": "done", "interrupted": "interrupted"}.get(name, "error")
+        error = {"code": data["code"], "message": data["message"]} if ended == "error" else None
+        self._later(self._save_turn_end(turn, ended, error))
+        self._notify()
+        if not self.queue and not self.closed:
+            self._arm_idle()
+
+    async def _save_turn_end(self, turn: Turn, ended: str, error: dict[str, str] | None) -> None:
+        # The start row must exist before the end updates it (background turns insert it).
+        if turn.start_saved is not None:
+            await turn.start_saved
+        async with self.ctx.db.engine.begin() as conn:
+            await conn.execute(
+                turns.update()
+                .where(turns.c.id == turn.id)
+                .values(ended=ended, error=error, ended_at=utcnow(), **turn.history_fields())
+            )
+
+    # ---- the agent ----------------------------------------------------------------
+
+    async def _ensure_agent(self, permission_mode: str) -> bool:
+        if self.agent is not None and self.agent.alive:
+            return False
+        spec = SandboxSpec(self.id, self._agent_env(), self._repo_url())
+        host, _ = await self.ctx.sandbox.acquire(spec)
+        for resume in dict.fromkeys([self.spec.session_id, None]):
+            session = sdk.AgentSession(
+                self._options(host, permission_mode, resume), self._on_message, self._on_exit
+            )
+            try:
+                await session.start()
+            except Exception as exc:
+                failure = str(exc)
+                log.warning("loop %s: agent did not start (resume=%s): %s", self.id, resume, exc)
+                continue
+            self.agent = session
+            return True
+        raise EngineError("agent_failed", f"the agent did not start: {failure}")
+
+    def _options(self, host: Any, permission_mode: str, resume: str | None) -> ClaudeAgentOptions:
+        profiles = [self.ctx.settings.profiles[name] for name in self.spec.profiles]
+        prompt = "\n\n".join(p.system_prompt for p in profiles if p.system_prompt)
+        model = next((p.model for p in reversed(profiles) if p.model), None)
+        return ClaudeAgentOptions(
+            cli_path=host.cli_path,
+            cwd=host.cwd,
+            env=host.env,
+            resume=resume,
+            permission_mode=permission_mode,  # type: ignore[arg-type]
+            include_partial_messages=True,
+            can_use_tool=self._can_use_tool,
+            system_prompt={"type": "preset", "preset": "claude_code", "append": prompt}
+            if prompt
+            else {"type": "preset", "preset": "claude_code"},
+            allowed_tools=sorted({t for p in profiles for t in p.allowed_tools}),
+            disallowed_tools=sorted({t for p in profiles for t in p.disallowed_tools}),
+            model=model,
+            setting_sources=[],
+        )
+
+    def _agent_env(self) -> dict[str, str]:
+        env = dict(self.ctx.agent_env)
+        vault = self.ctx.settings.vault(self.spec.vault)
+        if vault is not None:
+            env.update(vault.env)
+        return env
+
+    def _repo_url(self) -> str | None:
+        if self.spec.repo is None:
+            return None
+        return self.ctx.settings.repos[self.spec.repo].url
+
+    async def _stop_agent(self) -> None:
+        session, self.agent = self.agent, None
+        if session is not None:
+            await session.stop()
+
+    async def _on_exit(self, failure: str | None) -> None:
+        self.agent = None
+        turn = self.current
+        if turn is not None and turn.started_at is not None:
+            message = failure or "the agent process ended"
+            await self._finish(turn, "error", _error("agent_failed", message, turn.id))
+
+    async def _on_message(self, message: Message) -> None:
+        session_id = sdk.session_id_of(message)
+        if session_id and session_id != self.spec.session_id:
+            self.spec.session_id = session_id
+            self._later(self._save_session_id(session_id))
+        turn = self.current
+        if turn is None or turn.started_at is None:
+            if turn is not None or not sdk.starts_activity(message):
+                return
+            turn = self._begin_background()
+        if isinstance(message, StreamEvent):
+            delta = sdk.stream_delta(message)
+            if delta is not None:
+                kind, text = delta
+                if kind == "assistant":
+                    turn.text.append(text)
+                self.emit(f"{kind}_delta", {"text": text}, turn.id)
+        elif isinstance(message, AssistantMessage):
+            for block in sdk.tool_uses(message):
+                if block.id in turn.tool_calls:
+                    continue
+                summary = sdk.summarize_input(block.name, block.input)
+                data = {"tool_use_id": block.id, "tool": block.name, "input_summary": summary}
+                turn.tool_calls[block.id] = {**data, "ok": None}
+                self.emit("tool_call", data, turn.id)
+        elif isinstance(message, UserMessage):
+            for result in sdk.tool_results(message):
+                ok = not result.is_error
+                if result.tool_use_id in turn.tool_calls:
+                    turn.tool_calls[result.tool_use_id]["ok"] = ok
+                self.emit("tool_result", {"tool_use_id": result.tool_use_id, "ok": ok}, turn.id)
+        elif isinstance(message, ResultMessage):
+            await self._end_with_result(turn, message)
+
+    async def _end_with_result(self, turn: Turn, result: ResultMessage) -> None:
+        if turn.interrupt_requested:
+            await self._finish(turn, "interrupted", {"turn_id": turn.id})
+        elif (failure := sdk.result_error(result)) is not None:
+            await self._finish(turn, "error", _error("agent_failed", failure, turn.id))
+        else:
+            await self._finish(turn, "done", {"turn_id": turn.id})
+
+    def _begin_background(self) -> Turn:
+        """The agent woke up by itself (e.g. a background command ended): a turn of its own."""
+        self._cancel_idle()
+        mode = self.agent.permission_mode if self.agent else "default"
+        turn = self.new_turn("", mode, trigger="background")
+        self.current = turn
+        self._begin(turn, cold=False)
+        return turn
+
+    async def _can_use_tool(
+        self, tool: str, tool_input: dict[str, Any], context: ToolPermissionContext
+    ) -> PermissionResultAllow | PermissionResultDeny:
+        turn = self.current
+        if turn is None or turn.interrupt_requested:
+            return PermissionResultDeny(message="No turn is running.", interrupt=True)
+        choice = make_choice(tool, tool_input, context.title)
+        turn.pending[choice.id] = choice
+        self.emit(
+            "requires_choice",
+            {"choice_id": choice.id, "kind": choice.kind, "payload": choice.payload},
+            turn.id,
+        )
+        self._arm_evict(turn)
+        outcome = await choice.future
+        if outcome == EVICTED:
+            await self._finish(
+                turn,
+                "error",
+                _error("sandbox_evicted", "the sandbox was reclaimed while waiting", turn.id),
+            )
+            self._later(self._reclaim())
+        return decision(choice, outcome)
+
+    def _end_choices(self, turn: Turn, outcome: str) -> None:
+        for choice in turn.pending.values():
+            if choice.pending:
+                choice.future.set_result(outcome)
+        turn.pending.clear()
+
+    async def _interrupt_watchdog(self, turn: Turn) -> None:
+        try:
+            await asyncio.wait_for(turn.finished.wait(), INTERRUPT_GRACE_SECONDS)
+        except TimeoutError:
+            log.warning("loop %s: the agent ignored an interrupt; restarting it", self.id)
+            await self._finish(turn, "interrupted", {"turn_id": turn.id})
+            await self._stop_agent()
+
+    # ---- idle agent and idle sandbox ----------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        self._cancel_idle()
+        loop = asyncio.get_running_loop()
+        delay = self.ctx.settings.agent_idle_seconds
+        self._idle_timer = loop.call_later(delay, lambda: self._later(self._idle()))
+
+    def _cancel_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    async def _idle(self) -> None:
+        if self.busy or self.closed:
+            return
+        await self._reclaim()
+
+    async def _reclaim(self) -> None:
+        await self._stop_agent()
+        with contextlib.suppress(Exception):
+            await self.ctx.sandbox.release(self.id)
+        self.ctx.forget(self)
+
+    def _arm_evict(self, turn: Turn) -> None:
+        self._cancel_evict()
+        loop = asyncio.get_running_loop()
+        delay = self.ctx.settings.sandbox_idle_seconds
+        self._evict_timer = loop.call_later(delay, self._end_choices, turn, EVICTED)
+
+    def _cancel_evict(self) -> None:
+        if self._evict_timer is not None:
+            self._evict_timer.cancel()
+            self._evict_timer = None
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._later(self._notify_async())
+
+    async def _notify_async(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _later(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run work off the event path (mostly database writes), tracked until it ends."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _save_session_id(self, session_id: str) -> None:
+        async with self.ctx.db.engine.begin() as conn:
+            query = update(loops).where(loops.c.id == self.id).values(session_id=session_id)
+            await conn.execute(query)
+
+
+def _error(code: str, message: str, turn_id: str) -> dict[str, Any]:
+    return {"code": code, "message": message, "turn_id": turn_id}
+
+
+def agent_env_from(environ: os._Environ[str] | dict[str, str], run_as_root: bool) -> dict[str, str]:
+    """The server's variables an agent may see: the model endpoint and the CLI's own knobs."""
+    env = {
+        key: value
+        for key, value in environ.items()
+        if key.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))
+    }
+    if run_as_root:
+        # The CLI refuses bypassPermissions as root unless told it is sandboxed; the
+        # engine, not the caller's environment, decides that a loop's agent may.
+        env["IS_SANDBOX"] = "1"
+    return env
+

@@ -1,0 +1,123 @@
+"""The database: the async engine, migrations at start, and the batched event writer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, insert
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from core.errors import SettingsError
+from core.tables import events
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine: AsyncEngine = create_async_engine(url)
+        except ModuleNotFoundError as exc:
+            raise SettingsError(
+                f"LOOPBRIDGE_DATABASE_URL needs the driver {exc.name!r}: "
+                "pip install loopbridge[postgres]"
+            ) from None
+        except Exception as exc:
+            raise SettingsError(f"LOOPBRIDGE_DATABASE_URL is not usable: {exc}") from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest migration."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(_upgrade)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _upgrade(conn: Connection) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+class EventWriter:
+    """Writes the event log in batches, behind live delivery.
+
+    Watchers get an event the moment it is published; the row follows within a
+    batch. `flush()` waits until everything published so far is on disk, which
+    readers of the log call first so the log agrees with what watchers saw.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._pending: list[dict] = []
+        self._wake = asyncio.Event()
+        self._written = 0
+        self._queued = 0
+        self._progress = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-writer")
+
+    def append(self, loop_id: str, seq: int, turn_id: str | None, name: str, data: str) -> None:
+        self._pending.append(
+            {"loop_id": loop_id, "seq": seq, "turn_id": turn_id, "name": name, "data": data}
+        )
+        self._queued += 1
+        self._wake.set()
+
+    async def flush(self) -> None:
+        target = self._queued
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._written >= target or self._task is None)
+
+    async def close(self) -> None:
+        if self._task is None:
+            return
+        await self.flush()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            await self._write(batch)
+            async with self._progress:
+                self._written += len(batch)
+                self._progress.notify_all()
+
+    async def _write(self, batch: list[dict]) -> None:
+        for attempt in range(5):
+            try:
+                async with self.db.engine.begin() as conn:
+                    await conn.execute(insert(events), batch)
+                return
+            except Exception as exc:
+                self._failure = exc
+                await asyncio.sleep(0.05 * 2**attempt)
+        raise RuntimeError(f"event log write failed: {self._failure}")

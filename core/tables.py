@@ -1,0 +1,108 @@
+"""The database schema (SQLAlchemy Core tables); Alembic migrations create and change it."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the user name
+    Column("password_hash", String(256), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id"), nullable=False, index=True),
+    Column("hash", String(64), nullable=False, unique=True),
+    Column("label", String(200), nullable=False, default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
+
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("hash", String(64), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+loops = Table(
+    "loops",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("title", String(200), nullable=False),
+    Column("created_by", String(64), ForeignKey("users.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("active_at", DateTime(timezone=True), nullable=False),
+    Column("archived", Boolean, nullable=False, default=False),
+    Column("archived_at", DateTime(timezone=True), nullable=True),
+    Column("metadata", JSON, nullable=False),
+    Column("profiles", JSON, nullable=False),
+    Column("vault", String(200), nullable=False),
+    Column("repo", String(200), nullable=True),
+    Column("session_id", String(64), nullable=True),
+    Column("turn_count", Integer, nullable=False, default=0),
+    Column("last_seq", Integer, nullable=False, default=0),
+    Index("ix_loops_owner_active", "created_by", "archived", "active_at"),
+)
+
+turns = Table(
+    "turns",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("loop_id", String(64), ForeignKey("loops.id"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("trigger", String(16), nullable=False),
+    Column("user_text", Text, nullable=False),
+    Column("permission_mode", String(32), nullable=True),
+    Column("assistant_text", Text, nullable=False, default=""),
+    Column("tool_calls", JSON, nullable=False),
+    Column("choices", JSON, nullable=False),
+    Column("ended", String(16), nullable=False),  # queued | running | done | interrupted | error
+    Column("error", JSON, nullable=True),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+    Index("ix_turns_loop_number", "loop_id", "number", unique=True),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("loop_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("turn_id", String(64), nullable=True, index=True),
+    Column("name", String(32), nullable=False),
+    Column("data", Text, nullable=False),  # the event's JSON, exactly as streamed
+)
+
+idempotency = Table(
+    "idempotency",
+    metadata,
+    Column("user_id", String(64), primary_key=True),
+    Column("key", String(256), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("loop_id", String(64), nullable=False),
+    Column("turn_id", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
