@@ -43,6 +43,17 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """The body grew past the server's cap while it arrived.
+
+    An HTTPException because FastAPI's body parsing passes those on, where it would turn
+    any other exception into a generic parse error.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(400, f"the request body is over {limit} bytes")
+
+
 def error_response(code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     status, kind = CODES.get(code, (400, "invalid_request_error"))
     body = {"error": {"type": kind, "code": code, "message": message}}
@@ -75,11 +86,16 @@ def install(app: FastAPI) -> None:
         return error_response(exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        reason = getattr(request.state, "invalid_json", None)  # see limits.JSONRequest
+        if reason is not None:
+            return error_response("invalid_json", f"the body is not valid JSON: {reason}")
         return error_response(*_validation_code(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, BodyTooLarge):
+            return error_response("content_too_large", str(exc.detail))
         if exc.status_code == 404:
             return error_response("not_found", "no such route")
         if exc.status_code == 405:

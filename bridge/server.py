@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -14,7 +13,7 @@ from fastapi.responses import JSONResponse
 from bridge import errors
 from bridge.auth import SESSION_COOKIE, Authenticator, RateLimiter
 from bridge.errors import ApiError
-from bridge.limits import BodyLimit
+from bridge.limits import BodyLimit, JSONRoute
 from bridge.schemas import (
     CONTENT_LIMIT,
     IDEMPOTENCY_KEY_LIMIT,
@@ -56,6 +55,16 @@ User = Annotated[str, Depends(_user)]
 SessionUser = Annotated[str, Depends(_session_user)]
 
 
+async def _owner(loop_id: str, request: Request, user: User) -> str:
+    """The caller, once the loop exists and is theirs: checked before anything else
+    about the request (its body, query or headers)."""
+    await request.app.state.engine.get_loop(user, loop_id)
+    return user
+
+
+Owner = Annotated[str, Depends(_owner)]
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in (400, 401, 429, *statuses)}
 
@@ -81,6 +90,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     )
     app.add_middleware(BodyLimit, limit=CONTENT_LIMIT * 2)
     errors.install(app)
+    app.state.engine = engine
     app.state.auth = Authenticator(
         engine.accounts, RateLimiter(engine.settings.rate_limit_per_minute)
     )
@@ -97,7 +107,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
 
 
 def _loop_routes(engine: Engine) -> APIRouter:
-    router = APIRouter(tags=["loops"])
+    router = APIRouter(tags=["loops"], route_class=JSONRoute)
 
     @router.post("/loops", status_code=201, response_model=LoopOut, responses=_errors())
     async def create_loop(body: CreateLoop, user: User) -> Any:
@@ -124,15 +134,18 @@ def _loop_routes(engine: Engine) -> APIRouter:
             for key, value in request.query_params.multi_items()
             if key.startswith("metadata.") and len(key) > len("metadata.")
         }
+        if any('"' in key or "\x00" in key for key in metadata):
+            # A JSON path (the SQLite engine's) cannot name such a key.
+            raise ApiError("invalid_request", 'a metadata filter key may not hold " or NUL')
         page = await engine.list_loops(user, limit, after, before, archived, metadata)
         return asdict(page)
 
     @router.get("/loops/{loop_id}", response_model=LoopDetail, responses=_errors(403, 404))
-    async def get_loop(loop_id: str, user: User) -> Any:
+    async def get_loop(loop_id: str, user: Owner) -> Any:
         return asdict(await engine.get_loop(user, loop_id))
 
     @router.delete("/loops/{loop_id}", status_code=204, responses=_errors(403, 404))
-    async def archive_loop(loop_id: str, user: User) -> Response:
+    async def archive_loop(loop_id: str, user: Owner) -> Response:
         await engine.archive_loop(user, loop_id)
         return Response(status_code=204)
 
@@ -144,7 +157,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
     async def send_message(
         loop_id: str,
         body: SendMessage,
-        user: User,
+        user: Owner,
         idempotency_key: Annotated[str | None, Header()] = None,
     ) -> Response:
         if not body.content:
@@ -165,14 +178,16 @@ def _loop_routes(engine: Engine) -> APIRouter:
     )
     async def watch_loop(
         loop_id: str,
-        user: User,
+        user: Owner,
         last_event_id: Annotated[str | None, Header()] = None,
     ) -> Response:
         resume = None
         if last_event_id is not None:
-            if not last_event_id.strip().isdigit():
+            value = last_event_id.strip()
+            # ASCII digits only (isdigit takes "²"), and few enough to fit a 64-bit integer.
+            if not (value.isascii() and value.isdigit() and len(value) <= 18):
                 raise ApiError("invalid_last_event_id", "Last-Event-ID must be an event id")
-            resume = int(last_event_id.strip())
+            resume = int(value)
         return event_stream(await engine.watch(user, loop_id, resume))
 
     @router.get(
@@ -180,7 +195,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
     )
     async def history(
         loop_id: str,
-        user: User,
+        user: Owner,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
         after: str | None = None,
     ) -> Any:
@@ -197,13 +212,11 @@ def _loop_routes(engine: Engine) -> APIRouter:
             }
         },
     )
-    async def answer_choice(loop_id: str, choice_id: str, request: Request, user: User) -> Response:
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            body = None
+    async def answer_choice(
+        loop_id: str, choice_id: str, request: Request, user: Owner
+    ) -> Response:
+        body = await request.json()  # after the owner check; None when not JSON
         if not isinstance(body, dict):
-            await engine.get_loop(user, loop_id)  # owner and existence checks come first
             raise ApiError("invalid_choice_payload", "the body must be a JSON object")
         source = body.pop("source", "api")
         if not isinstance(source, str) or not 0 < len(source) <= 64:
@@ -212,7 +225,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
         return Response(status_code=202)
 
     @router.post("/loops/{loop_id}/interrupt", status_code=202, responses=_errors(403, 404))
-    async def interrupt(loop_id: str, user: User) -> Response:
+    async def interrupt(loop_id: str, user: Owner) -> Response:
         await engine.interrupt(user, loop_id)
         return Response(status_code=202)
 
@@ -220,7 +233,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
 
 
 def _account_routes(engine: Engine) -> APIRouter:
-    router = APIRouter(tags=["accounts"])
+    router = APIRouter(tags=["accounts"], route_class=JSONRoute)
 
     @router.post("/login", status_code=204, responses=_errors())
     async def login(body: Login, request: Request) -> Response:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from core.events import Event
+from core.events import EventStream
 
 PING_SECONDS = 15
 
@@ -16,19 +16,18 @@ def _ping() -> ServerSentEvent:
     return ServerSentEvent(data="{}", event="ping")
 
 
-async def _frames(events: AsyncIterator[Event]) -> AsyncIterator[ServerSentEvent]:
+async def _frames(stream: EventStream) -> AsyncIterator[bytes]:
+    # Each event's frame is encoded once and shared by all streams; what is already
+    # waiting goes out in one write, so a busy loop costs one send per batch, not per event.
     # aclosing: a client that leaves closes the engine's stream, which unsubscribes it.
-    async with contextlib.aclosing(events):  # type: ignore[type-var]
-        async for event in events:
-            seq = None if event.seq is None else str(event.seq)
-            yield ServerSentEvent(data=event.json, event=event.name, id=seq)
+    async with contextlib.aclosing(stream):
+        async for batch in stream.batches():
+            yield b"".join(event.frame for event in batch)
 
 
-def event_stream(
-    events: AsyncIterator[Event], headers: dict[str, str] | None = None
-) -> EventSourceResponse:
+def event_stream(stream: EventStream, headers: dict[str, str] | None = None) -> EventSourceResponse:
     return EventSourceResponse(
-        _frames(events),
+        _frames(stream),
         ping=PING_SECONDS,
         ping_message_factory=_ping,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", **(headers or {})},

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,6 +31,10 @@ from claude_agent_sdk import (
 )
 
 log = logging.getLogger(__name__)
+
+# A loop's permission mode changes per turn on a warm agent, so `can_use_tool` is
+# always installed even when the mode it starts with never consults it.
+warnings.filterwarnings("ignore", message="can_use_tool will not be invoked")
 
 OnMessage = Callable[[Message], Awaitable[None]]
 OnExit = Callable[[str | None], Awaitable[None]]

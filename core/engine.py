@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from core.accounts import Accounts
 from core.config import Settings
 from core.errors import EngineError
-from core.events import Event, Overflow, Subscription
+from core.events import Event, EventStream, Overflow, Subscription
 from core.ids import aware, loop_id, new_id, utcnow
 from core.runtime import SERVER_STOPPED, Context, LoopRuntime, LoopSpec, Turn, agent_env_from
 from core.sandbox import Sandbox, make_sandbox
@@ -75,9 +75,8 @@ class TurnStream:
     """The events of one turn, live or replayed; `replayed` when an earlier POST ran it."""
 
     turn_id: str
-    events: AsyncIterator[Event]
+    events: EventStream
     replayed: bool = False
-    _closers: list[Any] = field(default_factory=list)
 
 
 def bundled_cli() -> Path:
@@ -356,7 +355,7 @@ class Engine:
             return await self._replay_turn(*earlier)
         subscription = runtime.channel.subscribe(lambda e: e.turn_id == turn.id)
         runtime.enqueue(turn)
-        return TurnStream(turn.id, self._until_terminal(runtime, subscription))
+        return TurnStream(turn.id, EventStream(self._until_terminal(runtime, subscription)))
 
     async def _idempotent_turn(
         self, user: str, key: str, request_hash: str
@@ -414,24 +413,26 @@ class Engine:
         runtime = self._runtimes.get(loop)
         live = runtime.channel.subscribe(lambda e: e.turn_id == turn_id) if runtime else None
         await self.writer.flush()
-        return TurnStream(turn_id, self._replay(loop, turn_id, live), replayed=True)
+        return TurnStream(turn_id, EventStream(self._replay(loop, turn_id, live)), replayed=True)
 
     async def _replay(
         self, loop: str, turn_id: str, live: Subscription | None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[list[Event]]:
         last = 0
         try:
-            async for event in self._logged(loop, after=0, turn_id=turn_id):
-                last = event.seq or last
-                yield event
-                if event.terminal:
+            async for batch in self._logged(loop, after=0, turn_id=turn_id):
+                last = batch[-1].seq or last
+                ended = _through_terminal(batch)
+                yield ended
+                if len(ended) < len(batch) or ended[-1].terminal:
                     return
             if live is None:
                 return
-            async for event in live:
-                if (event.seq or 0) > last:
-                    yield event
-                    if event.terminal:
+            async for batch in live.batches():
+                fresh = _through_terminal([e for e in batch if (e.seq or 0) > last])
+                if fresh:
+                    yield fresh
+                    if fresh[-1].terminal:
                         return
         finally:
             if live is not None:
@@ -439,11 +440,12 @@ class Engine:
 
     async def _until_terminal(
         self, runtime: LoopRuntime, subscription: Subscription
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[list[Event]]:
         try:
-            async for event in subscription:
-                yield event
-                if event.terminal:
+            async for batch in subscription.batches():
+                ended = _through_terminal(batch)
+                yield ended
+                if ended[-1].terminal:
                     return
         finally:
             subscription.close()
@@ -451,46 +453,56 @@ class Engine:
 
     async def _logged(
         self, loop: str, after: int, turn_id: str | None = None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[list[Event]]:
         while True:
             query = select(events).where(events.c.loop_id == loop, events.c.seq > after)
             if turn_id is not None:
                 query = query.where(events.c.turn_id == turn_id)
             async with self.db.engine.connect() as conn:
                 rows = (await conn.execute(query.order_by(events.c.seq).limit(REPLAY_BATCH))).all()
-            for row in rows:
-                yield Event.from_row(row.name, row.data, row.seq, row.turn_id)
+            if rows:
+                yield [Event.from_row(r.name, r.data, r.seq, r.turn_id) for r in rows]
             if len(rows) < REPLAY_BATCH:
                 return
             after = rows[-1].seq
 
-    async def watch(
-        self, user: str, raw_id: str, last_event_id: int | None = None
-    ) -> AsyncIterator[Event]:
+    async def watch(self, user: str, raw_id: str, last_event_id: int | None = None) -> EventStream:
         """Every event of the loop from now on (or after `last_event_id`), until closed."""
         row = await self._owned_row(user, raw_id)
         runtime = await self._runtime(row)
+        if last_event_id is not None and last_event_id > runtime.seq:
+            raise EngineError(
+                "invalid_last_event_id",
+                f"Last-Event-ID {last_event_id} is ahead of this loop's newest event {runtime.seq}",
+            )
+        # Subscribe and take the snapshot in one step, so no event falls between them.
         subscription = runtime.channel.subscribe()
-        return self._watch(runtime, subscription, last_event_id)
+        start: list[Event] = []
+        if last_event_id is None:
+            snapshot = runtime.snapshot()
+            start = [snapshot] if snapshot is not None else []
+        return EventStream(self._watch(runtime, subscription, start, last_event_id))
 
     async def _watch(
-        self, runtime: LoopRuntime, subscription: Subscription, last_event_id: int | None
-    ) -> AsyncIterator[Event]:
+        self,
+        runtime: LoopRuntime,
+        subscription: Subscription,
+        start: list[Event],
+        last_event_id: int | None,
+    ) -> AsyncIterator[list[Event]]:
+        last = runtime.seq if last_event_id is None else last_event_id
         try:
-            if last_event_id is None:
-                last = runtime.seq
-                snapshot = runtime.snapshot()
-                if snapshot is not None:
-                    yield snapshot
-            else:
-                last = last_event_id
+            if start:
+                yield start
+            if last_event_id is not None:
                 await self.writer.flush()
-                async for event in self._logged(runtime.id, after=last_event_id):
-                    last = event.seq or last
-                    yield event
-            async for event in subscription:
-                if (event.seq or 0) > last:
-                    yield event
+                async for batch in self._logged(runtime.id, after=last_event_id):
+                    last = batch[-1].seq or last
+                    yield batch
+            async for batch in subscription.batches():
+                fresh = [e for e in batch if (e.seq or 0) > last]
+                if fresh:
+                    yield fresh
         except Overflow:
             return
         finally:
@@ -527,11 +539,10 @@ class Engine:
                 query = query.where(turns.c.number > number)
             rows = (await conn.execute(query.order_by(turns.c.number).limit(limit + 1))).all()
         runtime = self._runtimes.get(row.id)
-        live = {}
+        live: dict[str, Turn] = {}
         if runtime is not None:
-            live = {
-                t.id: t for t in [*([runtime.current] if runtime.current else []), *runtime.queue]
-            }
+            in_memory = [*([runtime.current] if runtime.current else []), *runtime.queue]
+            live = {**runtime.unsaved, **{t.id: t for t in in_memory}}
         items = [_history_item(r, live.get(r.id)) for r in rows[:limit]]
         return Page(
             items,
@@ -545,6 +556,14 @@ class Engine:
         for runtime in list(self._runtimes.values()):
             await runtime.settle()
         await self.writer.flush()
+
+
+def _through_terminal(batch: list[Event]) -> list[Event]:
+    """The batch up to and including its first terminal event."""
+    for index, event in enumerate(batch):
+        if event.terminal:
+            return batch[: index + 1]
+    return batch
 
 
 def _loop_from_row(row: Any) -> Loop:
@@ -564,25 +583,28 @@ def _loop_from_row(row: Any) -> Loop:
 
 
 def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
-    fields = (
-        turn.history_fields()
-        if turn is not None
-        else {
-            "assistant_text": row.assistant_text,
-            "tool_calls": row.tool_calls,
-            "choices": row.choices,
-        }
-    )
-    ended = row.ended
-    if turn is not None and not turn.finished.is_set():
-        ended = "running" if turn.started_at else "queued"
+    """A history item from the stored row, or from memory while the turn is newer than it."""
+    if turn is None:
+        return HistoryItem(
+            turn_id=row.id,
+            trigger=row.trigger,
+            user_text=row.user_text,
+            assistant_text=row.assistant_text,
+            tool_calls=row.tool_calls,
+            choices=row.choices,
+            ended=row.ended,
+            error=row.error,
+            started_at=aware(row.started_at) if row.started_at else None,
+            ended_at=aware(row.ended_at) if row.ended_at else None,
+        )
+    ended = turn.ended or ("running" if turn.started_at else "queued")
     return HistoryItem(
-        turn_id=row.id,
-        trigger=row.trigger,
-        user_text=row.user_text,
+        turn_id=turn.id,
+        trigger=turn.trigger,
+        user_text=turn.user_text,
         ended=ended,
-        error=row.error,
-        started_at=aware(row.started_at) if row.started_at else (turn.started_at if turn else None),
-        ended_at=aware(row.ended_at) if row.ended_at else None,
-        **fields,
+        error=turn.error,
+        started_at=turn.started_at,
+        ended_at=turn.ended_at,
+        **turn.history_fields(),
     )

@@ -23,16 +23,26 @@ class Event:
     seq: int | None = None
     turn_id: str | None = None
     json: str = field(default="", compare=False)
+    # The SSE frame, encoded once and shared by every stream that carries the event.
+    frame: bytes = field(default=b"", compare=False)
 
     @classmethod
     def make(
         cls, name: str, data: dict[str, Any], seq: int | None = None, turn_id: str | None = None
     ) -> Event:
-        return cls(name, data, seq, turn_id, json.dumps(data, separators=(",", ":")))
+        return cls.build(name, data, json.dumps(data, separators=(",", ":")), seq, turn_id)
 
     @classmethod
     def from_row(cls, name: str, data: str, seq: int, turn_id: str | None) -> Event:
-        return cls(name, json.loads(data), seq, turn_id, data)
+        return cls.build(name, json.loads(data), data, seq, turn_id)
+
+    @classmethod
+    def build(
+        cls, name: str, data: dict[str, Any], text: str, seq: int | None, turn_id: str | None
+    ) -> Event:
+        head = f"id: {seq}\r\n" if seq is not None else ""
+        frame = f"{head}event: {name}\r\ndata: {text}\r\n\r\n".encode()
+        return cls(name, data, seq, turn_id, text, frame)
 
     @property
     def terminal(self) -> bool:
@@ -66,21 +76,40 @@ class Subscription:
             raise Overflow
         return event
 
-    def get_nowait(self) -> Event | None:
-        try:
+    async def get_batch(self) -> list[Event]:
+        """The next event and every one already waiting behind it."""
+        batch = [await self.get()]
+        while not self._queue.empty():
             event = self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-        if event is None:
-            raise Overflow
-        return event
+            if event is None:
+                raise Overflow
+            batch.append(event)
+        return batch
 
     def close(self) -> None:
         self._channel.unsubscribe(self)
 
-    async def __aiter__(self) -> AsyncIterator[Event]:
+    async def batches(self) -> AsyncIterator[list[Event]]:
         while True:
-            yield await self.get()
+            yield await self.get_batch()
+
+
+class EventStream:
+    """A stream of events, read one by one or in batches (what is already waiting)."""
+
+    def __init__(self, batches: AsyncIterator[list[Event]]) -> None:
+        self._batches = batches
+
+    def batches(self) -> AsyncIterator[list[Event]]:
+        return self._batches
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        async for batch in self._batches:
+            for event in batch:
+                yield event
+
+    async def aclose(self) -> None:
+        await self._batches.aclose()  # type: ignore[attr-defined]
 
 
 class Channel:

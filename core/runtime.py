@@ -66,6 +66,9 @@ class Turn:
     choices: list[dict[str, Any]] = field(default_factory=list)
     pending: dict[str, Choice] = field(default_factory=dict)
     started_at: datetime | None = None
+    ended: str | None = None
+    error: dict[str, str] | None = None
+    ended_at: datetime | None = None
     interrupt_requested: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     start_saved: asyncio.Task[None] | None = None
@@ -109,6 +112,8 @@ class LoopRuntime:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._evict_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # Ended turns whose final row is still being written: history reads them from here.
+        self.unsaved: dict[str, Turn] = {}
         self.closed = False
 
     # ---- what the engine calls -------------------------------------------------
@@ -254,9 +259,16 @@ class LoopRuntime:
             if turn.trigger == "background":
                 await conn.execute(
                     turns.insert().values(
-                        id=turn.id, loop_id=self.id, number=turn.number, trigger=turn.trigger,
-                        user_text=turn.user_text, permission_mode=turn.permission_mode,
-                        assistant_text="", tool_calls=[], choices=[], **values,
+                        id=turn.id,
+                        loop_id=self.id,
+                        number=turn.number,
+                        trigger=turn.trigger,
+                        user_text=turn.user_text,
+                        permission_mode=turn.permission_mode,
+                        assistant_text="",
+                        tool_calls=[],
+                        choices=[],
+                        **values,
                     )
                 )
             else:
@@ -278,12 +290,14 @@ class LoopRuntime:
             self.current = None
         ended = {"done": "done", "interrupted": "interrupted"}.get(name, "error")
         error = {"code": data["code"], "message": data["message"]} if ended == "error" else None
-        self._later(self._save_turn_end(turn, ended, error))
+        turn.ended, turn.error, turn.ended_at = ended, error, utcnow()
+        self.unsaved[turn.id] = turn
+        self._later(self._save_turn_end(turn))
         self._notify()
         if not self.queue and not self.closed:
             self._arm_idle()
 
-    async def _save_turn_end(self, turn: Turn, ended: str, error: dict[str, str] | None) -> None:
+    async def _save_turn_end(self, turn: Turn) -> None:
         # The start row must exist before the end updates it (background turns insert it).
         if turn.start_saved is not None:
             await turn.start_saved
@@ -291,8 +305,14 @@ class LoopRuntime:
             await conn.execute(
                 turns.update()
                 .where(turns.c.id == turn.id)
-                .values(ended=ended, error=error, ended_at=utcnow(), **turn.history_fields())
+                .values(
+                    ended=turn.ended,
+                    error=turn.error,
+                    ended_at=turn.ended_at,
+                    **turn.history_fields(),
+                )
             )
+        self.unsaved.pop(turn.id, None)
 
     # ---- the agent ----------------------------------------------------------------
 
@@ -522,4 +542,3 @@ def agent_env_from(environ: os._Environ[str] | dict[str, str], run_as_root: bool
         # engine, not the caller's environment, decides that a loop's agent may.
         env["IS_SANDBOX"] = "1"
     return env
-

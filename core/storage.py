@@ -16,6 +16,7 @@ from core.errors import SettingsError
 from core.tables import events
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+WRITE_LINGER_SECONDS = 0.005
 
 
 class Database:
@@ -102,6 +103,8 @@ class EventWriter:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
+            # A short linger turns a turn's stream of events into a few inserts.
+            await asyncio.sleep(WRITE_LINGER_SECONDS)
             self._wake.clear()
             batch, self._pending = self._pending, []
             if not batch:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import pytest_asyncio
 import uvicorn
 
+from bridge.net import listen
 from bridge.server import create_app
 from bridge.standin import StandinModel
 from core.config import load_settings
@@ -53,6 +53,11 @@ class Server:
     http: httpx.AsyncClient
     uvicorn: uvicorn.Server
     task: asyncio.Task[None]
+    standin: StandinModel | None = None
+
+    def standin_requests(self) -> list[dict]:
+        """The model requests of conversation turns so far (side calls left out)."""
+        return self.standin.main_requests()
 
     def client(self, token: str | None = None) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -73,12 +78,12 @@ async def start_server(home: Path, **settings: object) -> Server:
     engine = Engine(load_settings(home=home, **settings))
     await engine.start()
     app = create_app(engine, manage_engine=False)
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = listen("127.0.0.1", 0)
     port = listener.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[listener]))
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
         await asyncio.sleep(0.01)
     url = f"http://127.0.0.1:{port}"
     await engine.accounts.ensure_user("alice")
@@ -95,7 +100,10 @@ async def stop_server(server: Server) -> None:
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def server(standin: StandinModel, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Server]:
+async def server(
+    standin: StandinModel, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Server]:
     running = await start_server(tmp_path_factory.mktemp("home"))
+    running.standin = standin
     yield running
     await stop_server(running)

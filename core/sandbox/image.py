@@ -1,15 +1,15 @@
 """Build the sandbox image on this machine from Debian packages, with no registry.
 
-The recipe (`recipe.toml` beside this file) names the packages and the steps;
-this module resolves, downloads (cached), unpacks and imports them with
-`podman import`. Every podman command here and in `podman.py` runs with
-`CONTAINERS_CONF` naming the `containers.conf` beside this file.
+The recipe (`recipe.toml` beside this file, or `<data dir>/sandbox/recipe.toml`
+when that exists) names the packages and the steps; this module resolves,
+downloads (cached), unpacks and imports them with `podman import`. Every
+podman command here and in `podman.py` runs with `CONTAINERS_CONF` naming the
+`containers.conf` beside this file.
 """
 
 from __future__ import annotations
 
 import asyncio
-import glob
 import hashlib
 import json
 import os
@@ -31,6 +31,8 @@ RECIPE_LABEL = "loopbridge.recipe"
 MERGED_DIRS = ("bin", "lib", "lib64", "sbin")
 
 Progress = Callable[[str], None]
+# Each package's dependency groups; a group lists alternatives, any one will do.
+Graph = dict[str, list[list[str]]]
 
 
 def podman_env() -> dict[str, str]:
@@ -58,7 +60,13 @@ class Recipe:
     digest: str
 
 
-def load_recipe(path: Path = RECIPE) -> Recipe:
+def recipe_path(data_dir: Path) -> Path:
+    """The recipe to build from: the data dir's own copy if there is one, else the shipped one."""
+    own = data_dir / "sandbox" / "recipe.toml"
+    return own if own.is_file() else RECIPE
+
+
+def load_recipe(path: Path) -> Recipe:
     raw = path.read_bytes()
     data = tomllib.loads(raw.decode())
     return Recipe(
@@ -76,8 +84,11 @@ def load_recipe(path: Path = RECIPE) -> Recipe:
 async def run(*argv: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     """Run a command to its end; its stdout, or an error naming its last stderr line."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *argv,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     if proc.returncode != 0:
@@ -93,9 +104,9 @@ DEP_LINE = re.compile(r"^ (\|| )(?:Pre)?Depends: (\S+)$")
 PROVIDER_LINE = re.compile(r"^    (\S+)$")
 
 
-def parse_depends(text: str) -> dict[str, list[list[str]]]:
+def parse_depends(text: str) -> Graph:
     """Each package's dependency groups: alternatives, virtuals with their providers."""
-    graph: dict[str, list[list[str]]] = {}
+    graph: Graph = {}
     groups: list[list[str]] = []
     joined = False
     for line in text.splitlines():
@@ -119,7 +130,7 @@ def choose(group: list[str], chosen: set[str], exclude: frozenset[str]) -> str |
     return next((name for name in real if name in chosen), real[0] if real else None)
 
 
-def closure(graph: dict[str, list[list[str]]], roots: list[str], exclude: frozenset[str]) -> set[str]:
+def closure(graph: Graph, roots: list[str], exclude: frozenset[str]) -> set[str]:
     """The roots and what they need, breadth first; exclusions cut whole branches."""
     chosen = set(roots)
     frontier = list(roots)
@@ -136,20 +147,28 @@ def closure(graph: dict[str, list[list[str]]], roots: list[str], exclude: frozen
 
 async def resolve(recipe: Recipe, apt_options: list[str]) -> list[str]:
     """The recipe's packages and their dependency closure, minus exclusions."""
-    text = await run("apt-cache", *apt_options, "depends", "--recurse", "--important",
-                     *recipe.packages)
+    try:
+        text = await run(
+            "apt-cache", *apt_options, "depends", "--recurse", "--important", *recipe.packages
+        )
+    except EngineError as exc:
+        raise EngineError(exc.code, f"{exc.message} (has `apt-get update` run?)") from None
     return sorted(closure(parse_depends(text), recipe.packages, recipe.exclude))
 
 
 def apt_options(cache: Path) -> list[str]:
     # Debian's container images turn apt's package cache off, which makes every
-    # apt command re-read all package lists (~0.9 s); keep one beside the .debs.
-    return ["-o", f"Dir::Cache::pkgcache={cache / 'pkgcache.bin'}",
-            "-o", "APT::Sandbox::User=root"]
+    # apt command re-read all package lists (~0.9 s): keep one beside the .debs.
+    # As root apt downloads as `_apt`, which may not write into the data dir.
+    return ["-o", f"Dir::Cache::pkgcache={cache / 'pkgcache.bin'}", "-o", "APT::Sandbox::User=root"]
 
 
-async def fetch(packages: list[str], cache: Path, options: list[str], progress: Progress,
-                ) -> list[Path]:
+async def fetch(
+    packages: list[str],
+    cache: Path,
+    options: list[str],
+    progress: Progress,
+) -> list[Path]:
     """The packages' .deb files, downloading only those not already in `cache`."""
     listing = await run("apt-get", *options, "download", "--print-uris", *packages)
     files = [line.split()[1] for line in listing.splitlines() if line.startswith("'")]
@@ -187,10 +206,10 @@ def apply_step(root: Path, step: dict[str, object]) -> str:
     """Carry out one recipe step inside `root`; a short description of it."""
     match step:
         case {"concat": str(pattern), "to": str(to)}:
-            parts = sorted(glob.glob(str(root / pattern)))
+            parts = sorted(root.glob(pattern))
             target = root / to
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text("".join(Path(part).read_text() for part in parts))
+            target.write_text("".join(part.read_text() for part in parts))
             return f"concat {len(parts)} files -> /{to}"
         case {"symlink": str(path), "target": str(target)}:
             link = root / path
@@ -222,11 +241,10 @@ async def build_image(
     data_dir: Path,
     progress: Progress = print,
     url: str | None = None,
-    recipe_path: Path = RECIPE,
 ) -> None:
     """Build image `tag` from the recipe; .debs are cached under `data_dir`."""
     started = time.monotonic()
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path(data_dir))
     cache = data_dir / "sandbox" / "debs"
     cache.mkdir(parents=True, exist_ok=True)
     options = apt_options(cache)
@@ -244,6 +262,13 @@ async def build_image(
             progress(apply_step(root, step))
         tarball = Path(scratch) / "root.tar"
         await run("tar", "-C", str(root), "-cf", str(tarball), ".")
-        await run(*podman_argv(url), "import", "-q", *import_changes(recipe), str(tarball), tag,
-                  env=podman_env())
+        await run(
+            *podman_argv(url),
+            "import",
+            "-q",
+            *import_changes(recipe),
+            str(tarball),
+            tag,
+            env=podman_env(),
+        )
     progress(f"imported {tag} in {time.monotonic() - started:.1f} s")

@@ -1,0 +1,260 @@
+"""The `loopbridge` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import os
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from core.errors import EngineError, SettingsError
+
+DEMO_USER = "demo"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        raise SystemExit(2)
+    try:
+        asyncio.run(args.run(args))
+    except (SettingsError, EngineError, CommandError) as exc:
+        print(f"loopbridge: {_message(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+class CommandError(Exception):
+    pass
+
+
+def _message(exc: Exception) -> str:
+    return exc.message if isinstance(exc, EngineError) else str(exc)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopbridge", description=__doc__)
+    commands = parser.add_subparsers(title="commands")
+
+    serve = commands.add_parser("serve", help="run the Loop API server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8642)
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("demo", help="run the server with a scripted stand-in model")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8642)
+    demo.set_defaults(run=_demo)
+
+    users = commands.add_parser("users", help="manage users").add_subparsers(title="users")
+    add = users.add_parser("add", help="add a user")
+    add.add_argument("name")
+    add.add_argument("--password-stdin", action="store_true", help="read a password for login")
+    add.set_defaults(run=_users_add)
+
+    tokens = commands.add_parser("tokens", help="manage API tokens").add_subparsers(title="tokens")
+    create = tokens.add_parser("create", help="create a token (prints it last)")
+    create.add_argument("--user", required=True)
+    create.add_argument("--label", default="")
+    create.set_defaults(run=_tokens_create)
+    listing = tokens.add_parser("list", help="list a user's tokens")
+    listing.add_argument("--user", required=True)
+    listing.set_defaults(run=_tokens_list)
+    revoke = tokens.add_parser("revoke", help="revoke a token")
+    revoke.add_argument("token_id")
+    revoke.set_defaults(run=_tokens_revoke)
+    return parser
+
+
+# ---- accounts --------------------------------------------------------------------------
+
+
+async def _with_accounts(work: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
+    from core.accounts import Accounts
+    from core.config import load_settings
+    from core.storage import Database
+
+    settings = load_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.resolved_database_url)
+    try:
+        await _migrate(db)
+        await work(Accounts(db))
+    finally:
+        await db.close()
+
+
+async def _migrate(db: Any) -> None:
+    try:
+        await db.migrate()
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"cannot open the database {db.url}: {exc}") from None
+    except Exception as exc:
+        raise SettingsError(
+            f"cannot open the database {db.url}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+async def _users_add(args: argparse.Namespace) -> None:
+    password = None
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+        if not password:
+            raise CommandError("no password on standard input")
+
+    async def work(accounts: Any) -> None:
+        await accounts.add_user(args.name, password)
+        print(f"added user {args.name}")
+
+    await _with_accounts(work)
+
+
+async def _tokens_create(args: argparse.Namespace) -> None:
+    async def work(accounts: Any) -> None:
+        await accounts.ensure_user(args.user)
+        info, token = await accounts.create_token(args.user, args.label)
+        print(f"token {info.token_id} for {args.user} (shown once):")
+        print(token)
+
+    await _with_accounts(work)
+
+
+async def _tokens_list(args: argparse.Namespace) -> None:
+    async def work(accounts: Any) -> None:
+        if not await accounts.user_exists(args.user):
+            raise CommandError(f"no user {args.user}")
+        for info in await accounts.list_tokens(args.user):
+            used = info.last_used_at.isoformat() if info.last_used_at else "never"
+            created = info.created_at.isoformat()
+            print(f"{info.token_id}\t{info.label or '-'}\tcreated {created}\tused {used}")
+
+    await _with_accounts(work)
+
+
+async def _tokens_revoke(args: argparse.Namespace) -> None:
+    async def work(accounts: Any) -> None:
+        if not await accounts.revoke_token(args.token_id):
+            raise CommandError(f"no active token {args.token_id}")
+        print(f"revoked {args.token_id}")
+
+    await _with_accounts(work)
+
+
+# ---- the server ------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace, on_ready: Callable[[], None] | None = None) -> None:
+    import uvicorn
+
+    from bridge.server import create_app
+    from core.config import load_settings
+    from core.engine import Engine, bundled_cli
+
+    settings = load_settings()
+    cli = settings.cli_path or bundled_cli()
+    if not cli.is_file():
+        raise SettingsError(
+            f"the agent CLI is missing at {cli}: "
+            "reinstall claude-agent-sdk or set LOOPBRIDGE_CLI_PATH"
+        )
+    engine = Engine(settings)
+    try:
+        await engine.start()
+    except SettingsError:
+        raise
+    except Exception as exc:
+        raise SettingsError(f"cannot start the engine: {type(exc).__name__}: {exc}") from None
+    try:
+        listener = _listen(args.host, args.port)
+        config = uvicorn.Config(
+            create_app(engine, manage_engine=False), log_level="warning", lifespan="off"
+        )
+        server = uvicorn.Server(config)
+        serving = asyncio.create_task(server.serve(sockets=[listener]))
+        while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has no event
+            await asyncio.sleep(0.02)
+        port = listener.getsockname()[1]
+        print(f"loopbridge serving the Loop API on http://{args.host}:{port}/api/v1", flush=True)
+        if on_ready is not None:
+            args.port = port
+            on_ready()
+        await serving
+    finally:
+        await engine.close()
+
+
+def _listen(host: str, port: int) -> Any:
+    from bridge.net import listen
+
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise CommandError(f"port {port} is in use: choose another with --port") from None
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+async def _demo(args: argparse.Namespace) -> None:
+    from bridge.standin import StandinModel
+
+    model = StandinModel()
+    url = await model.start()
+    home = os.environ.get("LOOPBRIDGE_HOME") or tempfile.mkdtemp(prefix="loopbridge-demo-")
+    os.environ.update(
+        {
+            "LOOPBRIDGE_HOME": home,
+            "ANTHROPIC_BASE_URL": url,
+            "ANTHROPIC_API_KEY": "sk-standin",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "CLAUDE_CODE_MAX_RETRIES": "1",
+        }
+    )
+    token = await _demo_token()
+
+    def show() -> None:
+        base = f"http://{args.host}:{args.port}/api/v1"
+        auth = f"Authorization: Bearer {token}"
+        print(
+            "\nThis demo runs the real Claude Code agent against a SCRIPTED STAND-IN MODEL "
+            f"at {url}:\nno API key is used, and the answers are canned "
+            "(it echoes; [[bash: CMD]] runs a command, [[ask]] asks a question).\n"
+            f"Data directory: {home}\n\nStream a turn:\n\n"
+            f"  LOOP=$(curl -s -X POST {base}/loops -H {shlex.quote(auth)} "
+            "-H 'Content-Type: application/json' -d '{\"title\": \"demo\"}' "
+            "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])')\n"
+            f"  curl -sN -X POST {base}/loops/$LOOP/messages -H {shlex.quote(auth)} "
+            "-H 'Content-Type: application/json' -d '{\"content\": \"hello\"}'\n\n"
+            f"API docs: {base}/docs   ·   Ctrl-C stops the demo.",
+            flush=True,
+        )
+
+    try:
+        await _serve(args, on_ready=show)
+    finally:
+        with contextlib.suppress(Exception):
+            await model.stop()
+
+
+async def _demo_token() -> str:
+    token = ""
+
+    async def work(accounts: Any) -> None:
+        nonlocal token
+        await accounts.ensure_user(DEMO_USER)
+        _, token = await accounts.create_token(DEMO_USER, "demo")
+
+    await _with_accounts(work)
+    return token
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""An async client for Loop API v1, over HTTP or in-process.
+
+The Slack and Discord adapters and other bots use it instead of speaking HTTP
+themselves. Both streams resume after a dropped connection: `send` repeats its
+POST with the same Idempotency-Key, `watch` reconnects with Last-Event-ID, and
+neither yields an event twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Any, Self, TypeVar
+from urllib.parse import quote
+
+import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse
+from pydantic import BaseModel, ValidationError
+
+from bridge.asgi import ASGIApp, StreamingASGITransport
+from bridge.schemas import (
+    ErrorResponse,
+    HistoryPage,
+    LoopDetail,
+    LoopOut,
+    LoopPage,
+    PermissionMode,
+    StreamEventModel,
+    TokenCreated,
+    TokenList,
+)
+
+API_PREFIX = "/api/v1"
+IN_PROCESS_URL = "http://loopbridge"
+TERMINAL_EVENTS = frozenset({"done", "interrupted", "error"})
+# The server pings every 15 s: three missed pings mean the connection is dead.
+STREAM_IDLE_TIMEOUT = 50.0
+# Answers worth another try: the server is busy or starting, or a proxy failed.
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+Model = TypeVar("Model", bound=BaseModel)
+Connect = Callable[[int | None], AsyncGenerator[StreamEventModel, None]]
+
+
+class LoopApiError(Exception):
+    """A non-2xx answer, with the contract's error `type` and `code`."""
+
+    def __init__(self, status: int, type: str, code: str, message: str) -> None:
+        super().__init__(f"{status} {type}/{code}: {message}")
+        self.status = status
+        self.type = type
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> LoopApiError:
+        try:
+            body = ErrorResponse.model_validate_json(response.content).error
+        except ValidationError:
+            text = response.text[:200] or response.reason_phrase
+            return cls(response.status_code, "http_error", f"http_{response.status_code}", text)
+        return cls(response.status_code, body.type, body.code, body.message)
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """How a broken stream is retried: `attempts` in a row without a new event."""
+
+    attempts: int = 5
+    first_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def delay(self, failures: int) -> float:
+        return min(self.max_delay, self.first_delay * 2.0 ** (failures - 1))
+
+
+class LoopClient:
+    """Loop API v1. `base_url` is the server's root; requests go to `/api/v1` under it.
+
+    Programs authenticate with `token`; a person can `login` instead, which keeps
+    the session cookie in this client (the token endpoints take only that).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 30.0,
+        cookies: httpx.Cookies | dict[str, str] | None = None,
+        reconnect: Reconnect = Reconnect(),
+    ) -> None:
+        root = base_url.rstrip("/").removesuffix(API_PREFIX)
+        self.token = token
+        self.reconnect = reconnect
+        self._http = httpx.AsyncClient(
+            base_url=root + API_PREFIX, transport=transport, timeout=timeout, cookies=cookies
+        )
+        self._stream_timeout = httpx.Timeout(timeout, read=STREAM_IDLE_TIMEOUT)
+
+    @classmethod
+    def in_process(cls, app: ASGIApp, token: str | None = None, **options: Any) -> Self:
+        """A client of an app in this event loop (its lifespan is the caller's to run)."""
+        return cls(IN_PROCESS_URL, token, transport=StreamingASGITransport(app), **options)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ---- loops ---------------------------------------------------------------------
+
+    async def create_loop(
+        self,
+        *,
+        title: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        profiles: list[str] | None = None,
+        vault: str | None = None,
+        repo: str | None = None,
+    ) -> LoopOut:
+        body = _given(title=title, metadata=metadata, profiles=profiles, vault=vault, repo=repo)
+        return await self._model(LoopOut, "POST", "/loops", json=body)
+
+    async def list_loops(
+        self,
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+        before: str | None = None,
+        archived: bool | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> LoopPage:
+        params = _given(limit=limit, after=after, before=before)
+        if archived is not None:
+            params["archived"] = "true" if archived else "false"
+        params |= {f"metadata.{key}": value for key, value in (metadata or {}).items()}
+        return await self._model(LoopPage, "GET", "/loops", params=params)
+
+    async def find_loop(self, metadata: dict[str, str]) -> LoopOut | None:
+        """The most recently active unarchived loop whose metadata has all these values."""
+        page = await self.list_loops(limit=1, metadata=metadata)
+        return page.data[0] if page.data else None
+
+    async def get_loop(self, loop_id: str) -> LoopDetail:
+        return await self._model(LoopDetail, "GET", _loop_path(loop_id))
+
+    async def archive_loop(self, loop_id: str) -> None:
+        await self._request("DELETE", _loop_path(loop_id))
+
+    async def history(
+        self, loop_id: str, *, limit: int | None = None, after: str | None = None
+    ) -> HistoryPage:
+        params = _given(limit=limit, after=after)
+        return await self._model(HistoryPage, "GET", _loop_path(loop_id, "messages"), params=params)
+
+    async def answer_choice(
+        self,
+        loop_id: str,
+        choice_id: str,
+        *,
+        allow: bool | None = None,
+        answers: dict[str, str | list[str]] | None = None,
+        source: str | None = None,
+    ) -> None:
+        """Answer a permission with `allow`, or a question with `answers` (question id → label)."""
+        if (allow is None) == (answers is None):
+            raise ValueError("give exactly one of allow= or answers=")
+        body = _given(allow=allow, answers=answers, source=source)
+        await self._request("POST", _loop_path(loop_id, "choices", choice_id), json=body)
+
+    async def interrupt(self, loop_id: str) -> None:
+        await self._request("POST", _loop_path(loop_id, "interrupt"))
+
+    # ---- streams -------------------------------------------------------------------
+
+    def send(
+        self,
+        loop_id: str,
+        content: str,
+        *,
+        permission_mode: PermissionMode | None = None,
+        idempotency_key: str | None = "auto",
+    ) -> AsyncGenerator[StreamEventModel, None]:
+        """Send a message and stream its turn until `done`, `interrupted` or `error`.
+
+        With an Idempotency-Key (a fresh uuid4 by default) a broken stream is resumed
+        by repeating the POST; the server replays the turn without running it again.
+        `idempotency_key=None` sends none, and then a broken stream is not retried.
+        To leave early, close the iterator (`contextlib.aclosing`): that closes the
+        connection at once, and the turn still runs to its end.
+        """
+        key = str(uuid.uuid4()) if idempotency_key == "auto" else idempotency_key
+        headers = {"Idempotency-Key": key} if key is not None else {}
+        body = _given(content=content, permission_mode=permission_mode)
+        path = _loop_path(loop_id, "messages")
+
+        def connect(_: int | None) -> AsyncGenerator[StreamEventModel, None]:
+            return self._stream("POST", path, headers=headers, json=body)
+
+        attempts = self.reconnect.attempts if key is not None else 0
+        return self._resumable(connect, None, attempts, until_terminal=True)
+
+    def watch(
+        self, loop_id: str, last_event_id: int | None = None
+    ) -> AsyncGenerator[StreamEventModel, None]:
+        """Every event of the loop from now on, or after `last_event_id`, until closed."""
+        path = _loop_path(loop_id, "events")
+
+        def connect(after: int | None) -> AsyncGenerator[StreamEventModel, None]:
+            headers = {"Last-Event-ID": str(after)} if after is not None else {}
+            return self._stream("GET", path, headers=headers)
+
+        return self._resumable(connect, last_event_id, self.reconnect.attempts)
+
+    async def _resumable(
+        self, connect: Connect, last_id: int | None, attempts: int, *, until_terminal: bool = False
+    ) -> AsyncGenerator[StreamEventModel, None]:
+        """Yield each event once across reconnections; ids increase within a loop."""
+        failures = 0
+        while True:
+            try:
+                async with contextlib.aclosing(connect(last_id)) as events:
+                    async for event in events:
+                        if last_id is not None and event.id is not None and event.id <= last_id:
+                            continue
+                        failures = 0
+                        last_id = event.id if event.id is not None else last_id
+                        yield event
+                        if until_terminal and event.event in TERMINAL_EVENTS:
+                            return
+                raise httpx.RemoteProtocolError("the stream ended before its last event")
+            except (httpx.TransportError, LoopApiError) as exc:
+                failures += 1
+                if failures > attempts or not _retryable(exc):
+                    raise
+            await asyncio.sleep(self.reconnect.delay(failures))
+
+    async def _stream(
+        self, method: str, path: str, *, headers: dict[str, str], **options: Any
+    ) -> AsyncGenerator[StreamEventModel, None]:
+        """The events of one connection, without pings."""
+        async with aconnect_sse(
+            self._http,
+            method,
+            path,
+            headers=headers | self._auth(),
+            timeout=self._stream_timeout,
+            **options,
+        ) as source:
+            if not source.response.is_success:
+                await source.response.aread()
+                raise LoopApiError.from_response(source.response)
+            async for sse in source.aiter_sse():
+                if sse.event != "ping":
+                    yield _event(sse)
+
+    # ---- accounts ------------------------------------------------------------------
+
+    async def login(self, username: str, password: str) -> None:
+        """Start a session; its cookie stays in this client."""
+        body = {"username": username, "password": password}
+        await self._request("POST", "/login", json=body, bearer=False)
+
+    async def logout(self) -> None:
+        await self._request("POST", "/logout", bearer=False)
+
+    # The token endpoints refuse Bearer tokens: they go with the session cookie only.
+
+    async def create_token(self, label: str = "") -> TokenCreated:
+        body = {"label": label}
+        return await self._model(TokenCreated, "POST", "/me/tokens", json=body, bearer=False)
+
+    async def list_tokens(self) -> TokenList:
+        return await self._model(TokenList, "GET", "/me/tokens", bearer=False)
+
+    async def revoke_token(self, token_id: str) -> None:
+        await self._request("DELETE", f"/me/tokens/{quote(token_id, safe='')}", bearer=False)
+
+    # ---- plumbing ------------------------------------------------------------------
+
+    def _auth(self, bearer: bool = True) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if bearer and self.token else {}
+
+    async def _request(
+        self, method: str, path: str, *, bearer: bool = True, **options: Any
+    ) -> httpx.Response:
+        response = await self._http.request(method, path, headers=self._auth(bearer), **options)
+        if not response.is_success:
+            raise LoopApiError.from_response(response)
+        return response
+
+    async def _model(self, model: type[Model], method: str, path: str, **options: Any) -> Model:
+        response = await self._request(method, path, **options)
+        return model.model_validate_json(response.content)
+
+
+def _loop_path(loop_id: str, *rest: str) -> str:
+    return "/".join(["/loops", *(quote(part, safe="") for part in (loop_id, *rest))])
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The arguments the caller gave, so that the server's defaults apply to the rest."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _event(sse: ServerSentEvent) -> StreamEventModel:
+    return StreamEventModel(id=int(sse.id) if sse.id else None, event=sse.event, data=sse.json())
+
+
+def _retryable(exc: httpx.TransportError | LoopApiError) -> bool:
+    return isinstance(exc, httpx.TransportError) or exc.status in RETRYABLE_STATUSES

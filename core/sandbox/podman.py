@@ -1,0 +1,503 @@
+"""The `podman` backend: one container per loop, managed through the Podman API.
+
+Containers are made with podman-py against a Podman service (started here
+unless `podman_url` names one); the agent CLI runs inside through `podman exec
+-i`, because podman-py cannot attach stdin to an exec. podman-py is
+synchronous: every call goes through `asyncio.to_thread`.
+
+In a container only the loop's working directory (/work), its home
+(/home/agent) and the bundled CLI's directory (/opt/loopbridge, read-only) come
+from the host. The root is read-only (tmpfs on /tmp, /var/tmp, /run), every
+capability is dropped, privileges cannot be gained, and memory, CPU and process
+count are capped. Networks (`sandbox_network`):
+- `host`: the host's network;
+- `none`: loopback only; the agent cannot reach the model either;
+- `model`: loopback only, where a socat (the container's main process) listens
+  on the model API's port and forwards each connection through a Unix socket to
+  this server, which connects to the model API's host and port, and nowhere
+  else. TLS stays end to end: the API's host name resolves to 127.0.0.1 inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from podman import PodmanClient
+from podman.domain.containers import Container
+from podman.errors import APIError, ImageNotFound, NotFound
+
+from core.config import Settings
+from core.errors import EngineError
+from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
+from core.sandbox.image import (
+    RECIPE_LABEL,
+    build_image,
+    load_recipe,
+    podman_argv,
+    podman_env,
+    recipe_path,
+    run,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LOOP_LABEL = "loopbridge.loop"
+SERVER_LABEL = "loopbridge.server"
+CONFIG_LABEL = "loopbridge.config"
+WORKDIR = "/work"
+HOME = "/home/agent"
+CLI_DIR = "/opt/loopbridge"
+NET_DIR = "/run/loopbridge"
+MODEL_SOCKET = "model.sock"
+AGENT_UID = 1000
+# Unix socket paths are limited to 108 bytes.
+MAX_SOCKET_PATH = 107
+DEFAULT_MODEL_URL = "https://api.anthropic.com"
+
+# The SDK hands the launcher its whole environment; only what the engine chose
+# (and the CLI's own prefixes, as in the local backend) goes into the container,
+# by name, so values never appear on a command line. The two names podman itself
+# needs (PATH, CONTAINERS_CONF) go by value and keep the server's values for podman.
+LAUNCHER = """\
+import os, sys
+keep = set(os.environ.get("LOOPBRIDGE_AGENT_ENV", "").split())
+prefixes = ("CLAUDE_CODE_", "CLAUDE_AGENT_SDK_", "ANTHROPIC_")
+names = sorted(k for k in os.environ if k in keep or k.startswith(prefixes))
+own = {{"PATH": {path!r}, "CONTAINERS_CONF": {conf!r}}}
+flags = [f"--env={{k}}={{os.environ[k]}}" if k in own else f"--env={{k}}" for k in names]
+argv = [*{podman!r}, "exec", "-i", "--detach-keys=", "--workdir={workdir}", *flags,
+        os.environ["LOOPBRIDGE_CONTAINER"], {cli!r}, *sys.argv[1:]]
+os.execve(argv[0], argv, {{**os.environ, **own}})
+"""
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """Where the model API is, and how a `model`-network container reaches it."""
+
+    host: str
+    port: int
+    url_inside: str
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.host}:{self.port}".encode()).hexdigest()[:12]
+
+
+def model_route(url: str) -> ModelRoute:
+    parts = urlsplit(url)
+    if parts.hostname is None:
+        raise EngineError("sandbox_spawn_failed", f"ANTHROPIC_BASE_URL {url!r} has no host")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname
+    # An address literal cannot be pointed at 127.0.0.1 by /etc/hosts: rewrite it.
+    inside = host if not is_address(host) else "127.0.0.1"
+    netloc = f"{inside}:{port}" if parts.port else inside
+    return ModelRoute(host, port, urlunsplit(parts._replace(netloc=netloc)))
+
+
+def is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def usable(image: str, podman_url: str | None = None) -> tuple[bool, str]:
+    """Whether this backend can work here; the one-line reason either way."""
+    if shutil.which("podman") is None:
+        return False, "podman is not installed (apt-get install podman runc)"
+    podman = podman_argv(podman_url)
+    try:
+        info = await run(
+            *podman,
+            "info",
+            "--format",
+            "{{.Version.Version}} {{.Host.OCIRuntime.Name}}",
+            env=podman_env(),
+        )
+    except EngineError as exc:
+        return False, exc.message
+    version, runtime = info.split()
+    found = await asyncio.create_subprocess_exec(
+        *podman, "image", "exists", image, env=podman_env()
+    )
+    if await found.wait() == 0:
+        return True, f"podman {version} with {runtime}, image {image} present"
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        return False, f"image {image} is missing and needs apt-get and dpkg-deb to be built"
+    return True, f"podman {version} with {runtime}; image {image} will be built"
+
+
+async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy one direction of a connection: pass its end on, or on an error drop it.
+
+    Closing a writer also ends reads on its socket, so a broken direction ends
+    the other one too.
+    """
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except OSError:
+        writer.close()
+
+
+class ModelForwarder:
+    """A Unix socket whose every connection is joined to the model API's host and port."""
+
+    def __init__(self, route: ModelRoute, directory: Path) -> None:
+        self.route = route
+        self.socket = directory / MODEL_SOCKET
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        self.socket.unlink(missing_ok=True)
+        self.server = await asyncio.start_unix_server(self.connect, path=str(self.socket))
+        # The agent runs as another uid and needs write permission to connect.
+        self.socket.chmod(0o666)
+
+    async def connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.route.host, self.route.port)
+        except OSError as exc:
+            log.warning("model API %s:%s unreachable: %s", self.route.host, self.route.port, exc)
+            writer.close()
+            return
+        try:
+            await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+        finally:
+            up_writer.close()
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+class PodmanSandbox(Sandbox):
+    name = "podman"
+
+    def __init__(self, data_dir: Path, cli_path: Path, settings: Settings) -> None:
+        super().__init__(data_dir, cli_path)
+        self.settings = settings
+        self.launcher = data_dir / "bin" / "podman-agent-launch"
+        self.service_socket = data_dir / "podman.sock"
+        self.service: asyncio.subprocess.Process | None = None
+        self.url = settings.podman_url
+        self.client: PodmanClient | None = None
+        self.image_id = ""
+        self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.forwarders: dict[str, ModelForwarder] = {}
+        self.prefix = "loopbridge-" + hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]
+
+    # -- server life ---------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.url is None:
+            self.url = await self.start_service()
+        self.client = PodmanClient(base_url=self.url)
+        try:
+            self.write_launcher()
+            self.image_id = await self.ensure_image()
+            await self.tidy_leftovers()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self.client is not None:
+            try:
+                running = await self.call(self.client.containers.list, filters=self.filters())
+                await asyncio.gather(*(self.call(c.stop, timeout=2) for c in running))
+            except (APIError, OSError) as exc:  # requests' errors are OSErrors
+                log.warning("could not stop the sandboxes: %s", exc)
+            self.client.close()
+            self.client = None
+        await asyncio.gather(*(fwd.close() for fwd in self.forwarders.values()))
+        self.forwarders.clear()
+        if self.service is not None:
+            await stop_process(self.service)
+            self.service = None
+
+    async def start_service(self) -> str:
+        """Run `podman system service` on a socket in the data dir; its URL."""
+        if len(str(self.service_socket)) > MAX_SOCKET_PATH:
+            raise EngineError(
+                "sandbox_spawn_failed",
+                f"data dir path too long for a socket: {self.service_socket}",
+            )
+        self.service_socket.parent.mkdir(parents=True, exist_ok=True)
+        self.service_socket.unlink(missing_ok=True)
+        url = f"unix://{self.service_socket}"
+        log_path = self.data_dir / "podman-service.log"
+        with log_path.open("ab") as log_file:
+            self.service = await asyncio.create_subprocess_exec(
+                *podman_argv(None),
+                "system",
+                "service",
+                "--time=0",
+                url,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                env=podman_env(),
+            )
+        for _ in range(200):
+            if self.service.returncode is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                raise EngineError(
+                    "sandbox_spawn_failed", f"podman service exited: {tail[0] if tail else '?'}"
+                )
+            if self.service_socket.exists():
+                return url
+            await asyncio.sleep(0.05)
+        raise EngineError("sandbox_spawn_failed", "podman service did not open its socket in 10 s")
+
+    def write_launcher(self) -> None:
+        podman = podman_argv(None if self.service is not None else self.url)
+        text = LAUNCHER.format(
+            path=os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            conf=podman_env()["CONTAINERS_CONF"],
+            podman=podman,
+            workdir=WORKDIR,
+            cli=f"{CLI_DIR}/{self.cli_path.name}",
+        )
+        self.launcher.parent.mkdir(parents=True, exist_ok=True)
+        self.launcher.write_text(f"#!{sys.executable} -S\n{text}")
+        self.launcher.chmod(0o755)
+
+    async def ensure_image(self) -> str:
+        """The sandbox image's id, building it when missing or made from another recipe."""
+        tag = self.settings.sandbox_image
+        digest = load_recipe(recipe_path(self.data_dir)).digest
+        try:
+            image = await self.call(self.api.images.get, tag)
+            if image.labels.get(RECIPE_LABEL) == digest:
+                return str(image.id)
+        except ImageNotFound:
+            pass
+        log.info("building sandbox image %s", tag)
+        url = None if self.service is not None else self.url
+        await build_image(tag, self.data_dir, progress=log.info, url=url)
+        image = await self.call(self.api.images.get, tag)
+        return str(image.id)
+
+    async def tidy_leftovers(self) -> None:
+        """Keep an earlier run's containers for their loops, stopped; remove stale ones."""
+        containers = await self.call(self.api.containers.list, all=True, filters=self.filters())
+        for container in containers:
+            loop_id = container.labels.get(LOOP_LABEL, "")
+            stale = container.attrs.get("ImageID") != self.image_id
+            if stale or not self.loop_dir(loop_id).is_dir():
+                await self.call(container.remove, force=True)
+            # A listed container's State is a word, not the inspected structure.
+            elif container.attrs.get("State") == "running":
+                # No agent of this server runs in it any more.
+                await self.call(container.stop, timeout=2)
+
+    # -- loops ---------------------------------------------------------------
+
+    async def acquire(self, spec: SandboxSpec) -> tuple[AgentHost, bool]:
+        async with self.locks[spec.loop_id]:
+            await self.prepare_dirs(spec)
+            route = model_route(
+                spec.env.get("ANTHROPIC_BASE_URL")
+                or os.environ.get("ANTHROPIC_BASE_URL")
+                or DEFAULT_MODEL_URL
+            )
+            options = self.container_options(spec.loop_id, route)
+            container = await self.find(spec.loop_id)
+            wanted = options["labels"][CONFIG_LABEL]
+            if container is not None and container.labels.get(CONFIG_LABEL) != wanted:
+                await self.call(container.remove, force=True)
+                container = None
+            cold = container is None or container.status != "running"
+            if self.settings.sandbox_network == "model":
+                await self.ensure_forwarder(route)
+            if container is None:
+                container = await self.create(spec.loop_id, options)
+            if container.status != "running":
+                await self.start_container(container)
+            return self.agent_host(spec, route), cold
+
+    async def release(self, loop_id: str) -> None:
+        async with self.locks[loop_id]:
+            container = await self.find(loop_id)
+            if container is not None and container.status == "running":
+                await self.call(container.stop, timeout=2)
+
+    async def remove(self, loop_id: str) -> None:
+        async with self.locks[loop_id]:
+            container = await self.find(loop_id)
+            if container is not None:
+                await self.call(container.remove, force=True)
+
+    def agent_host(self, spec: SandboxSpec, route: ModelRoute) -> AgentHost:
+        env = dict(spec.env)
+        if self.settings.sandbox_network == "model":
+            env["ANTHROPIC_BASE_URL"] = route.url_inside
+        env["LOOPBRIDGE_AGENT_ENV"] = " ".join(sorted(env))
+        env["LOOPBRIDGE_CONTAINER"] = self.container_name(spec.loop_id)
+        workdir = self.workdir(spec.loop_id)
+        # The SDK needs a host directory to spawn the launcher in; the CLI's own
+        # working directory is /work inside the container.
+        return AgentHost(cli_path=str(self.launcher), cwd=str(workdir), env=env, workdir=workdir)
+
+    # -- containers ----------------------------------------------------------
+
+    def container_name(self, loop_id: str) -> str:
+        return f"{self.prefix}-{loop_id}"
+
+    def filters(self) -> list[str]:
+        # podman-py turns a dict's list values into one string: only a list of
+        # `key=value` filters keeps one filter per label.
+        return [f"label={SERVER_LABEL}={self.data_dir}"]
+
+    async def find(self, loop_id: str) -> Container | None:
+        try:
+            return await self.call(self.api.containers.get, self.container_name(loop_id))
+        except NotFound:
+            return None
+
+    def agent_user(self) -> str:
+        # As root, the agent gets its own uid; rootless, container root is the
+        # server's own user already.
+        return f"{AGENT_UID}:{AGENT_UID}" if os.geteuid() == 0 else "0:0"
+
+    def container_options(self, loop_id: str, route: ModelRoute) -> dict[str, Any]:
+        s = self.settings
+        options: dict[str, Any] = {
+            "image": self.image_id,
+            "name": self.container_name(loop_id),
+            "user": self.agent_user(),
+            "environment": {"HOME": HOME, "CLAUDE_CONFIG_DIR": f"{HOME}/.claude"},
+            "workdir": WORKDIR,
+            "mounts": [
+                bind(self.workdir(loop_id), WORKDIR),
+                bind(self.home(loop_id), HOME),
+                # The directory, not the file: an upgraded CLI is a new file.
+                bind(self.cli_path.parent, CLI_DIR, read_only=True),
+                # Podman 4.3's API adds no tmpfs to a read-only root by itself.
+                *(tmpfs(path) for path in ("/tmp", "/var/tmp", "/run")),
+            ],
+            "read_only": True,
+            "cap_drop": ["ALL"],
+            "no_new_privileges": True,
+            "init": True,
+            "mem_limit": s.sandbox_memory,
+            "memswap_limit": s.sandbox_memory,
+            "pids_limit": s.sandbox_pids,
+            "cpu_period": 100_000,
+            "cpu_quota": int(s.sandbox_cpus * 100_000),
+            "network_mode": "host" if s.sandbox_network == "host" else "none",
+            "stop_timeout": 2,
+        }
+        if s.sandbox_network == "model":
+            options["mounts"].append(bind(self.forwarder_dir(route), NET_DIR, read_only=True))
+            options |= model_network_options(route)
+        # Containers made with other options (settings, image, model API) are remade.
+        digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+        options["labels"] = {
+            LOOP_LABEL: loop_id,
+            SERVER_LABEL: str(self.data_dir),
+            CONFIG_LABEL: digest.hexdigest()[:16],
+        }
+        return options
+
+    async def create(self, loop_id: str, options: dict[str, Any]) -> Container:
+        if os.geteuid() == 0:
+            await asyncio.to_thread(chown_tree, self.loop_dir(loop_id), AGENT_UID)
+        try:
+            return await self.call(self.api.containers.create, **options)
+        except APIError as exc:
+            raise EngineError("sandbox_spawn_failed", f"cannot create the sandbox: {exc}") from exc
+
+    async def start_container(self, container: Container) -> None:
+        try:
+            await self.call(container.start)
+            await self.call(container.reload)
+        except APIError as exc:
+            raise EngineError("sandbox_spawn_failed", f"cannot start the sandbox: {exc}") from exc
+        if container.status != "running":
+            raise EngineError(
+                "sandbox_spawn_failed", f"the sandbox stopped at once ({container.status})"
+            )
+
+    def forwarder_dir(self, route: ModelRoute) -> Path:
+        return self.data_dir / "sandbox" / "net" / route.key
+
+    async def ensure_forwarder(self, route: ModelRoute) -> None:
+        if route.key in self.forwarders:
+            return
+        forwarder = ModelForwarder(route, self.forwarder_dir(route))
+        await forwarder.start()
+        self.forwarders[route.key] = forwarder
+
+    @property
+    def api(self) -> PodmanClient:
+        if self.client is None:
+            raise EngineError("sandbox_spawn_failed", "the podman sandbox is not started")
+        return self.client
+
+    async def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking podman-py call off the event loop."""
+        return await asyncio.to_thread(func, *args, **kwargs)
+
+
+def model_network_options(route: ModelRoute) -> dict[str, Any]:
+    """socat as the container's main process, listening where the CLI will connect."""
+    listen = f"TCP-LISTEN:{route.port},bind=127.0.0.1,fork,reuseaddr"
+    options: dict[str, Any] = {
+        "command": ["socat", listen, f"UNIX-CONNECT:{NET_DIR}/{MODEL_SOCKET}"],
+        # The agent's uid may listen on 443 inside its own network namespace.
+        "sysctls": {"net.ipv4.ip_unprivileged_port_start": "0"},
+    }
+    if not is_address(route.host):
+        options["extra_hosts"] = {route.host: "127.0.0.1"}
+    return options
+
+
+def bind(source: Path, target: str, read_only: bool = False) -> dict[str, Any]:
+    return {"type": "bind", "source": str(source), "target": target, "read_only": read_only}
+
+
+def tmpfs(target: str) -> dict[str, Any]:
+    return {"type": "tmpfs", "source": "tmpfs", "target": target, "mode": "1777"}
+
+
+def chown_tree(root: Path, uid: int) -> None:
+    """Give the loop's files to the agent's uid (the server, root, can still use them)."""
+    os.chown(root, uid, uid)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.chown(os.path.join(parent, name), uid, uid, follow_symlinks=False)
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), 5)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()

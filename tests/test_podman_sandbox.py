@@ -1,0 +1,166 @@
+"""The podman backend with real podman, the real bundled CLI and the stand-in model."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import claude_agent_sdk
+import pytest
+import pytest_asyncio
+from claude_agent_sdk import (
+    AssistantMessage,
+    ClaudeAgentOptions,
+    ClaudeSDKClient,
+    ResultMessage,
+    TextBlock,
+)
+
+from bridge.standin import StandinModel
+from core.config import Settings
+from core.sandbox.base import AgentHost, SandboxSpec
+from core.sandbox.podman import LOOP_LABEL, SERVER_LABEL, PodmanSandbox, usable
+
+SETTINGS = Settings(
+    sandbox="podman",
+    sandbox_network="model",
+    sandbox_pids=64,
+    sandbox_memory="1g",
+    sandbox_cpus=1.0,
+)
+OK, WHY = asyncio.run(usable(SETTINGS.sandbox_image, SETTINGS.podman_url))
+if not OK:
+    pytest.skip(f"podman cannot run sandboxes here: {WHY}", allow_module_level=True)
+
+CLI = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+TURN_TIMEOUT = 30
+# cgroup v1 has a hierarchy per controller; v2 one for all.
+PIDS_CGROUPS = next(p for p in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")) if p.is_dir())
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def model() -> AsyncIterator[StandinModel]:
+    standin = StandinModel()
+    await standin.start()
+    yield standin
+    await standin.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def sandbox(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PodmanSandbox]:
+    home = tmp_path_factory.mktemp("podman")
+    box = PodmanSandbox(home, CLI, SETTINGS.model_copy(update={"home": home}))
+    await box.start()
+    yield box
+    for loop_id in ("loop_a", "loop_b"):
+        await box.remove(loop_id)
+    await box.close()
+
+
+def spec(model: StandinModel, loop_id: str) -> SandboxSpec:
+    return SandboxSpec(
+        loop_id,
+        {
+            "ANTHROPIC_BASE_URL": model.url,
+            "ANTHROPIC_API_KEY": "sk-standin",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "CLAUDE_CODE_MAX_RETRIES": "0",
+        },
+    )
+
+
+async def turn(host: AgentHost, prompt: str) -> str:
+    """One turn of a fresh agent in the sandbox; the text of its last answer."""
+    options = ClaudeAgentOptions(
+        cli_path=host.cli_path, cwd=host.cwd, env=host.env, permission_mode="bypassPermissions"
+    )
+    texts: list[str] = []
+    async with asyncio.timeout(TURN_TIMEOUT), ClaudeSDKClient(options) as client:
+        await client.query(prompt)
+        async for message in client.receive_response():
+            if isinstance(message, AssistantMessage):
+                texts += [b.text for b in message.content if isinstance(b, TextBlock)]
+            if isinstance(message, ResultMessage):
+                assert not message.is_error, message.result
+    return texts[-1]
+
+
+async def test_bash_writes_into_the_host_workdir(
+    sandbox: PodmanSandbox, model: StandinModel
+) -> None:
+    host, cold = await sandbox.acquire(spec(model, "loop_a"))
+    assert cold
+    text = await turn(host, "[[bash: echo made > made.txt && id -u && pwd]]")
+    assert text == "Tool ok: 1000\n/work"
+    assert (host.workdir / "made.txt").read_text() == "made\n"
+    _, cold = await sandbox.acquire(spec(model, "loop_a"))
+    assert not cold
+
+
+async def test_loops_cannot_see_each_other(sandbox: PodmanSandbox, model: StandinModel) -> None:
+    host_b, _ = await sandbox.acquire(spec(model, "loop_b"))
+    command = f"find / -name made.txt 2>/dev/null | wc -l; ls {sandbox.data_dir} 2>&1 | wc -l"
+    assert await turn(host_b, f"[[bash: echo b > b.txt; {command}]]") == "Tool ok: 0\n1"
+    assert not (sandbox.workdir("loop_a") / "b.txt").exists()
+
+
+async def test_root_is_read_only_without_capabilities(
+    sandbox: PodmanSandbox, model: StandinModel
+) -> None:
+    host, _ = await sandbox.acquire(spec(model, "loop_a"))
+    command = "touch /usr/x 2>&1 | grep -c Read-only; grep CapEff /proc/self/status"
+    assert await turn(host, f"[[bash: {command}]]") == "Tool ok: 1\nCapEff:\t0000000000000000"
+
+
+async def test_network_reaches_the_model_only(sandbox: PodmanSandbox, model: StandinModel) -> None:
+    host, _ = await sandbox.acquire(spec(model, "loop_a"))
+    # Something else listening on the host's loopback, which the agent must not reach.
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        port = other.getsockname()[1]
+        probes = [f"/dev/tcp/127.0.0.1/{port}", "/dev/tcp/1.1.1.1/80"]
+        command = "; ".join(f"(exec 3<>{probe}) 2>/dev/null || echo refused" for probe in probes)
+        assert await turn(host, f"[[bash: {command}]]") == "Tool ok: refused\nrefused"
+
+
+async def test_pids_limit_stops_a_fork_bomb(sandbox: PodmanSandbox, model: StandinModel) -> None:
+    host, _ = await sandbox.acquire(spec(model, "loop_a"))
+    bomb = "sh -c 'f(){ f|f& }; f' 2>/dev/null; sleep 2; echo survived"
+    assert await turn(host, f"[[bash: {bomb}]]") == "Tool ok: survived"
+    container = await sandbox.find("loop_a")
+    assert container is not None
+    cgroup = PIDS_CGROUPS / container.attrs["State"]["CgroupPath"].lstrip("/")
+    events = dict(line.split() for line in (cgroup / "pids.events").read_text().splitlines())
+    assert int(events["max"]) > 0, "the bomb never reached the pids limit"
+    assert int((cgroup / "pids.current").read_text()) < 64
+
+
+async def test_release_then_acquire_is_cold_and_keeps_files(
+    sandbox: PodmanSandbox, model: StandinModel
+) -> None:
+    await sandbox.release("loop_a")
+    container = await sandbox.find("loop_a")
+    assert container is not None and container.status != "running"
+    host, cold = await sandbox.acquire(spec(model, "loop_a"))
+    assert cold
+    assert await turn(host, "[[bash: cat made.txt]]") == "Tool ok: made"
+
+
+async def test_restart_adopts_and_remove_leaves_nothing(
+    sandbox: PodmanSandbox, model: StandinModel
+) -> None:
+    # A second server on the same data dir (same podman service) stops, but keeps,
+    # the containers an earlier run left.
+    again = PodmanSandbox(
+        sandbox.data_dir, CLI, sandbox.settings.model_copy(update={"podman_url": sandbox.url})
+    )
+    await again.start()
+    for loop_id in ("loop_a", "loop_b"):
+        container = await again.find(loop_id)
+        assert container is not None and container.status != "running"
+        await again.remove(loop_id)
+    filters = [f"label={SERVER_LABEL}={sandbox.data_dir}", f"label={LOOP_LABEL}"]
+    assert await again.call(again.api.containers.list, all=True, filters=filters) == []
+    assert (sandbox.workdir("loop_a") / "made.txt").exists()
+    await again.close()
