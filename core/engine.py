@@ -22,7 +22,7 @@ from core.errors import EngineError
 from core.events import Event, EventStream, Overflow, Subscription
 from core.ids import aware, loop_id, new_id, utcnow
 from core.runtime import SERVER_STOPPED, Context, LoopRuntime, LoopSpec, Turn, agent_env_from
-from core.sandbox import Sandbox, make_sandbox
+from core.sandbox import LocalSandbox, Sandbox, choose_sandbox
 from core.storage import Database, EventWriter
 from core.tables import events, idempotency, loops, turns
 
@@ -89,16 +89,22 @@ class Engine:
         self.db = Database(settings.resolved_database_url)
         self.accounts = Accounts(self.db)
         self.writer = EventWriter(self.db)
-        cli = settings.cli_path or bundled_cli()
-        self.sandbox = sandbox or make_sandbox(settings.sandbox, settings.data_dir, cli)
+        self.sandbox: Sandbox = sandbox or LocalSandbox(settings.data_dir, self.cli_path)
+        self._choose_sandbox = sandbox is None
         self._runtimes: dict[str, LoopRuntime] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self.ready = False
+
+    @property
+    def cli_path(self) -> Path:
+        return self.settings.cli_path or bundled_cli()
 
     # ---- life cycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._choose_sandbox:
+            self.sandbox = await choose_sandbox(self.settings, self.cli_path)
         await self.db.migrate()
         self.writer.start()
         await self.sandbox.start()

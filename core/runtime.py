@@ -109,11 +109,12 @@ class LoopRuntime:
         self.agent: sdk.AgentSession | None = None
         self._changed = asyncio.Condition()
         self._worker = asyncio.create_task(self._work(), name=f"loop-{spec.id}")
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_timers: list[asyncio.TimerHandle] = []
         self._evict_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[Any]] = set()
         # Ended turns whose final row is still being written: history reads them from here.
         self.unsaved: dict[str, Turn] = {}
+        self.sandbox_held = False
         self.closed = False
 
     # ---- what the engine calls -------------------------------------------------
@@ -198,6 +199,7 @@ class LoopRuntime:
         """Nothing runs, nobody listens, nothing is being written: safe to drop from memory."""
         return (
             self.agent is None
+            and not self.sandbox_held
             and not self.busy
             and not self._background
             and self.channel.subscriber_count == 0
@@ -321,6 +323,7 @@ class LoopRuntime:
             return False
         spec = SandboxSpec(self.id, self._agent_env(), self._repo_url())
         host, _ = await self.ctx.sandbox.acquire(spec)
+        self.sandbox_held = True
         for resume in dict.fromkeys([self.spec.session_id, None]):
             session = sdk.AgentSession(
                 self._options(host, permission_mode, resume), self._on_message, self._on_exit
@@ -472,25 +475,32 @@ class LoopRuntime:
     # ---- idle agent and idle sandbox ----------------------------------------------------
 
     def _arm_idle(self) -> None:
+        """After the last turn: stop the agent after a while, and later the sandbox too
+        (a sandbox may outlive its agent, e.g. for background processes)."""
         self._cancel_idle()
         loop = asyncio.get_running_loop()
-        delay = self.ctx.settings.agent_idle_seconds
-        self._idle_timer = loop.call_later(delay, lambda: self._later(self._idle()))
+        settings = self.ctx.settings
+        self._idle_timers = [
+            loop.call_later(settings.agent_idle_seconds, self._when_idle, self._stop_agent),
+            loop.call_later(settings.sandbox_idle_seconds, self._when_idle, self._reclaim),
+        ]
 
     def _cancel_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        for timer in self._idle_timers:
+            timer.cancel()
+        self._idle_timers = []
 
-    async def _idle(self) -> None:
-        if self.busy or self.closed:
-            return
-        await self._reclaim()
+    def _when_idle(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        if not self.busy and not self.closed:
+            self._later(work())
 
     async def _reclaim(self) -> None:
         await self._stop_agent()
-        with contextlib.suppress(Exception):
+        try:
             await self.ctx.sandbox.release(self.id)
+        except Exception:
+            log.exception("loop %s: releasing the sandbox failed", self.id)
+        self.sandbox_held = False
         self.ctx.forget(self)
 
     def _arm_evict(self, turn: Turn) -> None:

@@ -1,14 +1,30 @@
 """Where a loop's agent runs: its working directory, home and process."""
 
+from __future__ import annotations
+
+import logging
 from pathlib import Path
 
+from core.config import Settings
+from core.errors import SettingsError
 from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
 from core.sandbox.local import LocalSandbox
 
-__all__ = ["AgentHost", "LocalSandbox", "Sandbox", "SandboxSpec", "make_sandbox"]
+__all__ = ["AgentHost", "LocalSandbox", "Sandbox", "SandboxSpec", "choose_sandbox"]
+
+log = logging.getLogger(__name__)
 
 
-def make_sandbox(kind: str, data_dir: Path, cli_path: Path) -> Sandbox:
-    if kind == "local":
-        return LocalSandbox(data_dir, cli_path)
-    raise ValueError(f"unknown sandbox backend {kind!r}")
+async def choose_sandbox(settings: Settings, cli_path: Path) -> Sandbox:
+    """The backend the settings ask for: `auto` takes podman when it works here."""
+    if settings.sandbox == "local":
+        return LocalSandbox(settings.data_dir, cli_path)
+    from core.sandbox.podman import PodmanSandbox, usable  # podman-py only when asked for
+
+    ok, why = await usable(settings.sandbox_image, settings.podman_url)
+    if ok:
+        return PodmanSandbox(settings.data_dir, cli_path, settings)
+    if settings.sandbox == "podman":
+        raise SettingsError(f"LOOPBRIDGE_SANDBOX=podman, but podman cannot run here: {why}")
+    log.warning("podman is not usable (%s): agents run as local processes", why)
+    return LocalSandbox(settings.data_dir, cli_path)
