@@ -93,6 +93,7 @@ class Engine:
         self._choose_sandbox = sandbox is None
         self._runtimes: dict[str, LoopRuntime] = {}
         self._opening: dict[str, asyncio.Lock] = {}
+        self._purger: asyncio.Task[None] | None = None
         self.ready = False
 
     @property
@@ -109,16 +110,27 @@ class Engine:
         self.writer.start()
         await self.sandbox.start()
         await self._recover()
+        self._purger = asyncio.create_task(self._purge_idempotency(), name="idempotency-purge")
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
+        if self._purger is not None:
+            self._purger.cancel()
         for runtime in list(self._runtimes.values()):
             await runtime.close(archived=False)
         self._runtimes.clear()
         await self.writer.close()
         await self.sandbox.close()
         await self.db.close()
+
+    async def _purge_idempotency(self) -> None:
+        """Drop idempotency records past their window, now and then every hour."""
+        while True:
+            async with self.db.engine.begin() as conn:
+                cutoff = utcnow() - IDEMPOTENCY_WINDOW
+                await conn.execute(delete(idempotency).where(idempotency.c.created_at < cutoff))
+            await asyncio.sleep(3600)
 
     async def _recover(self) -> None:
         """Turns a stopped server left open end with an `error` event, in the log too."""
@@ -366,18 +378,14 @@ class Engine:
     async def _idempotent_turn(
         self, user: str, key: str, request_hash: str
     ) -> tuple[str, str] | None:
-        async with self.db.engine.begin() as conn:
-            await conn.execute(
-                delete(idempotency).where(idempotency.c.created_at < utcnow() - IDEMPOTENCY_WINDOW)
-            )
-            row = (
-                await conn.execute(
-                    select(idempotency).where(
-                        idempotency.c.user_id == user, idempotency.c.key == key
-                    )
-                )
-            ).first()
+        mine = (idempotency.c.user_id == user) & (idempotency.c.key == key)
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(select(idempotency).where(mine))).first()
         if row is None:
+            return None
+        if aware(row.created_at) < utcnow() - IDEMPOTENCY_WINDOW:
+            async with self.db.engine.begin() as conn:
+                await conn.execute(delete(idempotency).where(mine))
             return None
         if row.request_hash != request_hash:
             raise EngineError(

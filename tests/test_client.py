@@ -336,19 +336,24 @@ class _CutStream(httpx.AsyncByteStream):
         self._after = after
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        # The server may send several events in one chunk: cut between events.
         count = 0
+        pending = b""
         async for chunk in self._inner:
-            if count == self._after:
-                raise httpx.ReadError("connection cut")
-            count += 1
-            yield chunk
+            pending += chunk
+            *frames, pending = pending.split(b"\r\n\r\n")
+            for frame in frames:
+                if count == self._after:
+                    raise httpx.ReadError("connection cut")
+                count += 1
+                yield frame + b"\r\n\r\n"
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
 class CuttingTransport(httpx.AsyncBaseTransport):
-    """A dropped connection: the first event stream of `method` breaks after `after` chunks."""
+    """A dropped connection: the first event stream of `method` breaks after `after` frames."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport, method: str, after: int) -> None:
         self.inner = inner

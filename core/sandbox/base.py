@@ -89,8 +89,13 @@ async def clone(url: str, dest: Path) -> None:
     if git is None:
         raise EngineError("sandbox_spawn_failed", "git is not installed: cannot clone the repo")
     proc = await asyncio.create_subprocess_exec(
-        git, "clone", "--quiet", url, str(dest),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        git,
+        "clone",
+        "--quiet",
+        url,
+        str(dest),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await proc.communicate()
     if proc.returncode != 0:

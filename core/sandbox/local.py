@@ -10,14 +10,14 @@ from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
 
 # The SDK hands the CLI its whole environment; this launcher drops everything the
 # engine did not choose, so the server's own secrets never reach the agent.
-LAUNCHER = '''\
+LAUNCHER = """\
 import os, sys
 keep = set(os.environ.get("LOOPBRIDGE_AGENT_ENV", "").split())
 prefixes = ("CLAUDE_CODE_", "CLAUDE_AGENT_SDK_", "ANTHROPIC_")
 env = {k: v for k, v in os.environ.items() if k in keep or k.startswith(prefixes)}
 cli = os.environ["LOOPBRIDGE_AGENT_CLI"]
 os.execve(cli, [cli, *sys.argv[1:]], env)
-'''
+"""
 
 
 class LocalSandbox(Sandbox):

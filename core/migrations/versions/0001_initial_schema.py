@@ -131,7 +131,6 @@ def upgrade() -> None:
         batch_op.create_index("ix_turns_loop_number", ["loop_id", "number"], unique=True)
 
 
-
 def downgrade() -> None:
     with op.batch_alter_table("turns", schema=None) as batch_op:
         batch_op.drop_index("ix_turns_loop_number")
