@@ -81,12 +81,17 @@ class PartSplitter:
     # The code block open at the start of the tail (reopened there).
     _tail_fence: Fence | None = None
 
-    def feed(self, text: str) -> list[str]:
-        """Add text; returns the parts this sealed (possibly none)."""
+    def feed(self, text: str, keep: int = 0) -> list[str]:
+        """Add text; returns the parts this sealed (possibly none).
+
+        `keep` is how much of the tail is already shown where text can only be
+        appended (a native stream): a cut then falls at or after it.
+        """
         self.tail += text
         sealed: list[str] = []
         while self.measure(self.show_tail()) > self.limit:
-            sealed.append(self._cut())
+            sealed.append(self._cut(keep))
+            keep = 0
         return sealed
 
     def seal(self) -> str | None:
@@ -102,15 +107,19 @@ class PartSplitter:
 
     def show_tail(self) -> str:
         """The tail as a message shows it now: an open code block is closed."""
-        return closed(self.tail, open_fence(self.tail, self._tail_fence))
+        return self.tail + self.tail_closing()
+
+    def tail_closing(self) -> str:
+        """What closes the tail's open code block for now ("" when none is open)."""
+        return closed(self.tail, open_fence(self.tail, self._tail_fence))[len(self.tail):]
 
     @property
     def text(self) -> str:
         """Every part and the tail, as shown."""
         return "".join(self.parts) + self.show_tail()
 
-    def _cut(self) -> str:
-        head, rest = self._best_cut(self.tail)
+    def _cut(self, keep: int = 0) -> str:
+        head, rest = self._best_cut(self.tail, keep)
         fence = open_fence(head, self._tail_fence)
         part = closed(head, fence)
         if fence is None:
@@ -123,7 +132,7 @@ class PartSplitter:
     def _fits(self, head: str) -> bool:
         return self.measure(closed(head, open_fence(head, self._tail_fence))) <= self.limit
 
-    def _best_cut(self, text: str) -> tuple[str, str]:
+    def _best_cut(self, text: str, keep: int = 0) -> tuple[str, str]:
         # The longest prefix that fits (sizes grow with the prefix, near enough).
         low, high = 1, len(text)
         while low < high:
@@ -132,14 +141,13 @@ class PartSplitter:
                 low = middle
             else:
                 high = middle - 1
-        longest = low
-        floor = int(longest * MIN_SHARE)
+        longest = max(low, keep)
+        floor = max(int(longest * MIN_SHARE), keep)
         window = text[:longest]
         for boundary in ("\n\n", "\n", " "):
             at = window.rfind(boundary)
-            # Keep what a cut would leave as an opening of the tail to a minimum.
-            if at >= floor and at > 0 and self._fits(text[: at + len(boundary)]):
-                end = at + len(boundary)
+            end = at + len(boundary)
+            if at > 0 and end >= floor and self._fits(text[:end]):
                 return text[:end], text[end:]
         return text[:longest], text[longest:]
 

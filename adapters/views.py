@@ -21,7 +21,9 @@ ACTIVITY_LINES = 3
 class MessageView:
     """One message of a turn's answer.
 
-    `text` is one part of the answer (balanced code fences). `activity` holds
+    `text` is one part of the answer; `closing` closes a code block that is still
+    open in the live message (a message shows `text + closing`, which has balanced
+    fences; an append-only stream sends `text` alone). `activity` holds
     compact tool lines ("running `pytest -q`"). `state` is the turn's state when
     this message is its live one; a sealed part carries the state it ended in.
     `stop` asks for a Stop button; `note` is a short status line (queue position,
@@ -30,11 +32,16 @@ class MessageView:
 
     loop_id: str
     text: str = ""
+    closing: str = ""
     activity: tuple[str, ...] = ()
     hidden_activity: int = 0
     state: TurnState = "running"
     stop: bool = False
     note: str | None = None
+
+    @property
+    def shown_text(self) -> str:
+        return self.text + self.closing
 
     @property
     def live(self) -> bool:

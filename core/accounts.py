@@ -62,7 +62,7 @@ class Accounts:
             raise EngineError("invalid_user_name", "a user name is 1-64 letters, digits, . _ @ -")
         password_hash = await asyncio.to_thread(_hash_password, password) if password else None
         try:
-            async with self.db.engine.begin() as conn:
+            async with self.db.write() as conn:
                 await conn.execute(
                     insert(users).values(id=name, password_hash=password_hash, created_at=utcnow())
                 )
@@ -71,7 +71,7 @@ class Accounts:
 
     async def set_password(self, name: str, password: str) -> None:
         password_hash = await asyncio.to_thread(_hash_password, password)
-        async with self.db.engine.begin() as conn:
+        async with self.db.write() as conn:
             await conn.execute(
                 update(users).where(users.c.id == name).values(password_hash=password_hash)
             )
@@ -103,7 +103,7 @@ class Accounts:
     async def create_token(self, user: str, label: str = "") -> tuple[TokenInfo, str]:
         token = "la_" + secrets.token_hex(24)
         info = TokenInfo("tok_" + secrets.token_hex(6), label, utcnow(), None)
-        async with self.db.engine.begin() as conn:
+        async with self.db.write() as conn:
             await conn.execute(
                 insert(tokens).values(
                     id=info.token_id,
@@ -129,7 +129,7 @@ class Accounts:
         query = update(tokens).where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
         if user is not None:
             query = query.where(tokens.c.user_id == user)
-        async with self.db.engine.begin() as conn:
+        async with self.db.write() as conn:
             result = await conn.execute(query.values(revoked_at=utcnow()))
         return result.rowcount > 0
 
@@ -154,7 +154,7 @@ class Accounts:
         ):
             return
         self._last_used[token_id] = now
-        async with self.db.engine.begin() as conn:
+        async with self.db.write() as conn:
             await conn.execute(
                 update(tokens).where(tokens.c.id == token_id).values(last_used_at=now)
             )
@@ -164,7 +164,7 @@ class Accounts:
     async def create_session(self, user: str) -> str:
         secret = secrets.token_urlsafe(32)
         now = utcnow()
-        async with self.db.engine.begin() as conn:
+        async with self.db.write() as conn:
             await conn.execute(
                 insert(web_sessions).values(
                     hash=sha256(secret),
@@ -186,5 +186,5 @@ class Accounts:
         return row.user_id if aware(row.expires_at) > utcnow() else None
 
     async def end_session(self, secret: str) -> None:
-        async with self.db.engine.begin() as conn:
+        async with self.db.write() as conn:
             await conn.execute(delete(web_sessions).where(web_sessions.c.hash == sha256(secret)))

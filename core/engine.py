@@ -127,14 +127,14 @@ class Engine:
     async def _purge_idempotency(self) -> None:
         """Drop idempotency records past their window, now and then every hour."""
         while True:
-            async with self.db.engine.begin() as conn:
+            async with self.db.write() as conn:
                 cutoff = utcnow() - IDEMPOTENCY_WINDOW
                 await conn.execute(delete(idempotency).where(idempotency.c.created_at < cutoff))
             await asyncio.sleep(3600)
 
     async def _recover(self) -> None:
         """Turns a stopped server left open end with an `error` event, in the log too."""
-        async with self.db.engine.begin() as conn:
+        async with self.db.write() as conn:
             rows = (
                 await conn.execute(
                     select(turns.c.id, turns.c.loop_id)
@@ -191,7 +191,7 @@ class Engine:
         loop = Loop(
             new_id("loop"), title, now, user, False, None, metadata or {}, profiles, vault, repo
         )
-        async with self.db.engine.begin() as conn:
+        async with self.db.write() as conn:
             await conn.execute(
                 insert(loops).values(
                     id=loop.id,
@@ -275,7 +275,7 @@ class Engine:
         row = await self._owned_row(user, raw_id)
         if row.archived:
             return
-        async with self.db.engine.begin() as conn:
+        async with self.db.write() as conn:
             await conn.execute(
                 update(loops)
                 .where(loops.c.id == row.id)
@@ -283,6 +283,7 @@ class Engine:
             )
         runtime = self._runtimes.pop(row.id, None)
         if runtime is not None:
+            runtime.spec.archived = True
             await runtime.close(archived=True)
         await self.sandbox.remove(row.id)
 
@@ -313,6 +314,8 @@ class Engine:
                     fresh = (await conn.execute(select(loops).where(loops.c.id == row.id))).first()
                 spec = LoopSpec(
                     fresh.id,
+                    fresh.created_by,
+                    fresh.archived,
                     fresh.session_id,
                     fresh.turn_count,
                     list(fresh.profiles),
@@ -349,61 +352,58 @@ class Engine:
         permission_mode: str | None = None,
         idempotency_key: str | None = None,
     ) -> TurnStream:
-        row = await self._owned_row(user, raw_id)
-        if row.archived:
+        runtime = await self._owned_runtime(user, raw_id)
+        if runtime.spec.archived:
             raise EngineError("loop_archived", "loop is archived")
         mode = permission_mode or self.settings.default_permission_mode
         request_hash = hashlib.sha256(
-            json.dumps([row.id, content, permission_mode]).encode()
+            json.dumps([runtime.id, content, permission_mode]).encode()
         ).hexdigest()
-        if idempotency_key is not None:
-            earlier = await self._idempotent_turn(user, idempotency_key, request_hash)
-            if earlier is not None:
-                return await self._replay_turn(*earlier)
-        runtime = await self._runtime(row)
-        turn = runtime.new_turn(content, mode)
         try:
-            await self._record_turn(user, row.id, turn, idempotency_key, request_hash)
+            turn, earlier = await self._record_turn(
+                user, runtime, content, mode, idempotency_key, request_hash
+            )
         except IntegrityError:
             # The same key raced in from another request: answer like the replay it is.
-            runtime.spec.turn_count -= 1
-            earlier = await self._idempotent_turn(user, idempotency_key or "", request_hash)
-            if earlier is None:
-                raise
+            turn, earlier = None, await self._idempotent_turn(user, idempotency_key, request_hash)
+        if earlier is not None:
             return await self._replay_turn(*earlier)
+        assert turn is not None
         subscription = runtime.channel.subscribe(lambda e: e.turn_id == turn.id)
         runtime.enqueue(turn)
         return TurnStream(turn.id, EventStream(self._until_terminal(runtime, subscription)))
 
-    async def _idempotent_turn(
-        self, user: str, key: str, request_hash: str
-    ) -> tuple[str, str] | None:
-        mine = (idempotency.c.user_id == user) & (idempotency.c.key == key)
-        async with self.db.engine.connect() as conn:
-            row = (await conn.execute(select(idempotency).where(mine))).first()
-        if row is None:
-            return None
-        if aware(row.created_at) < utcnow() - IDEMPOTENCY_WINDOW:
-            async with self.db.engine.begin() as conn:
-                await conn.execute(delete(idempotency).where(mine))
-            return None
-        if row.request_hash != request_hash:
-            raise EngineError(
-                "idempotency_key_reused", "this Idempotency-Key was used with another request"
-            )
-        return row.loop_id, row.turn_id
+    async def _owned_runtime(self, user: str, raw_id: str) -> LoopRuntime:
+        """The loop's runtime, after the owner check (from memory when the loop is active)."""
+        runtime = self._runtimes.get(loop_id(raw_id))
+        if runtime is not None and runtime.spec.owner == user:
+            return runtime
+        return await self._runtime(await self._owned_row(user, raw_id))
 
     async def _record_turn(
-        self, user: str, loop: str, turn: Turn, key: str | None, request_hash: str
-    ) -> None:
-        async with self.db.engine.begin() as conn:
+        self,
+        user: str,
+        runtime: LoopRuntime,
+        content: str,
+        mode: str,
+        key: str | None,
+        request_hash: str,
+    ) -> tuple[Turn | None, tuple[str, str] | None]:
+        """Store a new turn with its idempotency record, in one transaction; or, when the key
+        was seen before, the (loop, turn) it ran."""
+        async with self.db.write() as conn:
+            if key is not None:
+                earlier = await self._earlier_turn(conn, user, key, request_hash)
+                if earlier is not None:
+                    return None, earlier
+            turn = runtime.new_turn(content, mode)
             if key is not None:
                 await conn.execute(
                     insert(idempotency).values(
                         user_id=user,
                         key=key,
                         request_hash=request_hash,
-                        loop_id=loop,
+                        loop_id=runtime.id,
                         turn_id=turn.id,
                         created_at=utcnow(),
                     )
@@ -411,7 +411,7 @@ class Engine:
             await conn.execute(
                 insert(turns).values(
                     id=turn.id,
-                    loop_id=loop,
+                    loop_id=runtime.id,
                     number=turn.number,
                     trigger=turn.trigger,
                     user_text=turn.user_text,
@@ -422,6 +422,30 @@ class Engine:
                     ended="queued",
                 )
             )
+        return turn, None
+
+    async def _idempotent_turn(
+        self, user: str, key: str | None, request_hash: str
+    ) -> tuple[str, str] | None:
+        async with self.db.write() as conn:
+            return await self._earlier_turn(conn, user, key or "", request_hash)
+
+    @staticmethod
+    async def _earlier_turn(
+        conn: Any, user: str, key: str, request_hash: str
+    ) -> tuple[str, str] | None:
+        mine = (idempotency.c.user_id == user) & (idempotency.c.key == key)
+        row = (await conn.execute(select(idempotency).where(mine))).first()
+        if row is None:
+            return None
+        if aware(row.created_at) < utcnow() - IDEMPOTENCY_WINDOW:
+            await conn.execute(delete(idempotency).where(mine))
+            return None
+        if row.request_hash != request_hash:
+            raise EngineError(
+                "idempotency_key_reused", "this Idempotency-Key was used with another request"
+            )
+        return row.loop_id, row.turn_id
 
     async def _replay_turn(self, loop: str, turn_id: str) -> TurnStream:
         runtime = self._runtimes.get(loop)

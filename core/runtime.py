@@ -90,6 +90,8 @@ class LoopSpec:
     """The stored facts of a loop that its runtime needs."""
 
     id: str
+    owner: str
+    archived: bool
     session_id: str | None
     turn_count: int
     profiles: list[str]
@@ -257,7 +259,7 @@ class LoopRuntime:
         turn.start_saved = self._later(self._save_turn_start(turn, values))
 
     async def _save_turn_start(self, turn: Turn, values: dict[str, Any]) -> None:
-        async with self.ctx.db.engine.begin() as conn:
+        async with self.ctx.db.write() as conn:
             if turn.trigger == "background":
                 await conn.execute(
                     turns.insert().values(
@@ -303,7 +305,7 @@ class LoopRuntime:
         # The start row must exist before the end updates it (background turns insert it).
         if turn.start_saved is not None:
             await turn.start_saved
-        async with self.ctx.db.engine.begin() as conn:
+        async with self.ctx.db.write() as conn:
             await conn.execute(
                 turns.update()
                 .where(turns.c.id == turn.id)
@@ -531,7 +533,7 @@ class LoopRuntime:
         return task
 
     async def _save_session_id(self, session_id: str) -> None:
-        async with self.ctx.db.engine.begin() as conn:
+        async with self.ctx.db.write() as conn:
             query = update(loops).where(loops.c.id == self.id).values(session_id=session_id)
             await conn.execute(query)
 

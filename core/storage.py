@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, insert
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from core.errors import SettingsError
 from core.tables import events
@@ -33,6 +34,14 @@ class Database:
             raise SettingsError(f"LOOPBRIDGE_DATABASE_URL is not usable: {exc}") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self._write_lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction. Writers take turns here rather than in SQLite's busy
+        handler, which sleeps in steps of milliseconds while another writer holds the lock."""
+        async with self._write_lock, self.engine.begin() as conn:
+            yield conn
 
     async def migrate(self) -> None:
         """Bring the schema to the newest migration."""
@@ -117,7 +126,7 @@ class EventWriter:
     async def _write(self, batch: list[dict]) -> None:
         for attempt in range(5):
             try:
-                async with self.db.engine.begin() as conn:
+                async with self.db.write() as conn:
                     await conn.execute(insert(events), batch)
                 return
             except Exception as exc:

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from core.config import Settings
-from core.errors import SettingsError
+from core.errors import EngineError, SettingsError
 from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
 from core.sandbox.local import LocalSandbox
 
@@ -23,8 +23,16 @@ async def choose_sandbox(settings: Settings, cli_path: Path) -> Sandbox:
 
     ok, why = await usable(settings.sandbox_image, settings.podman_url)
     if ok:
-        return PodmanSandbox(settings.data_dir, cli_path, settings)
+        sandbox = PodmanSandbox(settings.data_dir, cli_path, settings)
+        # Started here, not only in `Engine.start`: podman may look usable and still fail
+        # (no package lists to build the image from, a broken service), and `auto` must
+        # then fall back rather than refuse to start.
+        try:
+            await sandbox.start()
+            return sandbox
+        except EngineError as exc:
+            why = exc.message
     if settings.sandbox == "podman":
         raise SettingsError(f"LOOPBRIDGE_SANDBOX=podman, but podman cannot run here: {why}")
-    log.warning("podman is not usable (%s): agents run as local processes", why)
+    log.warning("agents run as local processes, without a sandbox: %s", why)
     return LocalSandbox(settings.data_dir, cli_path)

@@ -71,12 +71,11 @@ class Sandbox(abc.ABC):
 
     async def prepare_dirs(self, spec: SandboxSpec) -> bool:
         """Create the loop's directories (cloning its repo); True when they were new."""
+        # The home first: a workdir seeded from the host before the first turn has none yet.
+        (self.home(spec.loop_id) / ".claude").mkdir(parents=True, exist_ok=True)
         workdir = self.workdir(spec.loop_id)
         if workdir.exists():
             return False
-        home = self.home(spec.loop_id)
-        home.mkdir(parents=True, exist_ok=True)
-        (home / ".claude").mkdir(exist_ok=True)
         if spec.repo_url is None:
             workdir.mkdir(parents=True)
             return True

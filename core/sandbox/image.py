@@ -262,6 +262,7 @@ async def build_image(
             progress(apply_step(root, step))
         tarball = Path(scratch) / "root.tar"
         await run("tar", "-C", str(root), "-cf", str(tarball), ".")
+        previous = await image_id(tag, url)
         await run(
             *podman_argv(url),
             "import",
@@ -272,3 +273,24 @@ async def build_image(
             env=podman_env(),
         )
     progress(f"imported {tag} in {time.monotonic() - started:.1f} s")
+    if previous is not None and previous != await image_id(tag, url):
+        await drop_image(previous, url)
+
+
+async def image_id(tag: str, url: str | None) -> str | None:
+    try:
+        out = await run(
+            *podman_argv(url), "image", "inspect", "--format", "{{.Id}}", tag, env=podman_env()
+        )
+    except EngineError:
+        return None
+    return out.strip()
+
+
+async def drop_image(image: str, url: str | None) -> None:
+    """Remove a replaced image, unless containers still use it (they are remade later)."""
+    proc = await asyncio.create_subprocess_exec(
+        *podman_argv(url), "rmi", image,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=podman_env(),
+    )
+    await proc.wait()

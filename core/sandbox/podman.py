@@ -21,12 +21,14 @@ count are capped. Networks (`sandbox_network`):
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import ipaddress
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections import defaultdict
 from collections.abc import Callable
@@ -67,7 +69,10 @@ MODEL_SOCKET = "model.sock"
 AGENT_UID = 1000
 # Unix socket paths are limited to 108 bytes.
 MAX_SOCKET_PATH = 107
+PR_SET_PDEATHSIG = 1
 DEFAULT_MODEL_URL = "https://api.anthropic.com"
+# crun fails on these machines (containers.conf picks runc); `init` needs catatonit.
+INSTALL = "apt-get install --no-install-recommends podman runc catatonit"
 
 # The SDK hands the launcher its whole environment; only what the engine chose
 # (and the CLI's own prefixes, as in the local backend) goes into the container,
@@ -122,7 +127,7 @@ def is_address(host: str) -> bool:
 async def usable(image: str, podman_url: str | None = None) -> tuple[bool, str]:
     """Whether this backend can work here; the one-line reason either way."""
     if shutil.which("podman") is None:
-        return False, "podman is not installed (apt-get install podman runc)"
+        return False, f"podman is not installed: {INSTALL}"
     podman = podman_argv(podman_url)
     try:
         info = await run(
@@ -214,13 +219,20 @@ class PodmanSandbox(Sandbox):
     # -- server life ---------------------------------------------------------
 
     async def start(self) -> None:
-        if self.url is None:
-            self.url = await self.start_service()
-        self.client = PodmanClient(base_url=self.url)
+        # `choose_sandbox` starts it to know whether it works; the engine starts it again.
+        if self.client is not None:
+            return
         try:
+            if self.url is None:
+                self.url = await self.start_service()
+            self.client = PodmanClient(base_url=self.url)
             self.write_launcher()
             self.image_id = await self.ensure_image()
             await self.tidy_leftovers()
+            await self.tidy_abandoned()
+        except (APIError, OSError) as exc:  # requests' errors are OSErrors
+            await self.close()
+            raise EngineError("sandbox_spawn_failed", f"the podman API failed: {exc}") from exc
         except BaseException:
             await self.close()
             raise
@@ -262,6 +274,11 @@ class PodmanSandbox(Sandbox):
                 stdout=log_file,
                 stderr=log_file,
                 env=podman_env(),
+                # Its own session, so a Ctrl-C in the terminal does not stop it before
+                # `close` has stopped the containers through it; and it ends with this
+                # process even when `close` never runs (SIGKILL).
+                start_new_session=True,
+                preexec_fn=die_with(os.getpid()),
             )
         for _ in range(200):
             if self.service.returncode is not None:
@@ -297,7 +314,8 @@ class PodmanSandbox(Sandbox):
                 return str(image.id)
         except ImageNotFound:
             pass
-        log.info("building sandbox image %s", tag)
+        # Shown without any logging set up: the server's first start waits for this.
+        log.warning("building the sandbox image %s (`loopbridge sandbox build` does it ahead)", tag)
         url = None if self.service is not None else self.url
         await build_image(tag, self.data_dir, progress=log.info, url=url)
         image = await self.call(self.api.images.get, tag)
@@ -315,6 +333,16 @@ class PodmanSandbox(Sandbox):
             elif container.attrs.get("State") == "running":
                 # No agent of this server runs in it any more.
                 await self.call(container.stop, timeout=2)
+
+    async def tidy_abandoned(self) -> None:
+        """Remove the sandboxes of any server whose data dir is gone: nobody can adopt them."""
+        if urlsplit(self.url or "").scheme != "unix":
+            return  # a remote service's data dirs are on another machine
+        containers = await self.call(
+            self.api.containers.list, all=True, filters=[f"label={SERVER_LABEL}"]
+        )
+        for container in abandoned(containers):
+            await self.call(container.remove, force=True)
 
     # -- loops ---------------------------------------------------------------
 
@@ -352,6 +380,7 @@ class PodmanSandbox(Sandbox):
             container = await self.find(loop_id)
             if container is not None:
                 await self.call(container.remove, force=True)
+        self.locks.pop(loop_id, None)
 
     def agent_host(self, spec: SandboxSpec, route: ModelRoute) -> AgentHost:
         env = dict(spec.env)
@@ -492,6 +521,22 @@ def chown_tree(root: Path, uid: int) -> None:
     for parent, dirs, files in os.walk(root):
         for name in dirs + files:
             os.chown(os.path.join(parent, name), uid, uid, follow_symlinks=False)
+
+
+def abandoned(containers: list[Container]) -> list[Container]:
+    return [c for c in containers if not Path(c.labels.get(SERVER_LABEL) or "/").is_dir()]
+
+
+def die_with(parent: int) -> Callable[[], None]:
+    """A `preexec_fn` that has the kernel end the child when `parent` ends."""
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork, not in the child
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent ended before the line above
+            os._exit(1)
+
+    return preexec
 
 
 async def stop_process(proc: asyncio.subprocess.Process) -> None:

@@ -1,0 +1,226 @@
+"""The platform-neutral heart of an adapter: messages in, turns out, clicks decided.
+
+A platform adapter turns its events into `IncomingMessage`s and clicks into
+`Action`s, and gives a `Surface` to show a turn on. Everything else — who may
+write, which loop a conversation is bound to, the Idempotency-Key, streaming
+the turn into live messages, answering choices — happens here, through the
+Loop API client only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from adapters.actions import Action
+from adapters.binding import Binding, ConversationKey, ThreadBindings
+from adapters.dedupe import RecentKeys
+from adapters.policy import Actor, Policy
+from adapters.render import RenderStats, TurnRenderer
+from adapters.surface import Surface
+from adapters.views import TurnState, choice_view
+from bridge.client import LoopApiError, LoopClient
+from bridge.schemas import PermissionMode, StreamEventModel
+
+log = logging.getLogger(__name__)
+
+# Tools whose call is already shown another way (the question's buttons).
+QUIET_TOOLS = frozenset({"AskUserQuestion"})
+
+SurfaceFactory = Callable[[Binding, "IncomingMessage"], Surface]
+Answers = dict[str, str | list[str]]
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """A person's message, as every platform describes it."""
+
+    key: ConversationKey
+    message_id: str
+    author: Actor
+    # What to send to the loop: the platform's mention of the bot is removed.
+    text: str
+    # The bot was mentioned: the message may start a loop.
+    mentioned: bool = False
+    # A direct message: every message is for the bot.
+    direct: bool = False
+
+
+Handled = Literal["turn", "duplicate", "ignored", "not_allowed", "empty"]
+
+
+@dataclass
+class TurnResult:
+    handled: Handled
+    binding: Binding | None = None
+    created: bool = False
+    state: TurnState | None = None
+    text: str = ""
+    stats: RenderStats | None = None
+
+
+Decided = Literal["answered", "stopped", "not_allowed", "gone", "failed"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Decided
+    message: str = ""
+
+
+class Conversations:
+    """One per adapter process; `source` names the platform in `choice_resolved`."""
+
+    def __init__(
+        self,
+        client: LoopClient,
+        policy: Policy,
+        *,
+        platform: str,
+        permission_mode: PermissionMode | None = None,
+    ) -> None:
+        self.client = client
+        self.policy = policy
+        self.platform = platform
+        self.permission_mode = permission_mode
+        self.bindings = ThreadBindings(client)
+        self.recent = RecentKeys()
+
+    def source(self, actor: Actor) -> str:
+        """How an answer given here is named in the loop's history: `slack:U123`."""
+        return f"{self.platform}:{actor.user_id}"
+
+    # ---- messages ---------------------------------------------------------------------
+
+    async def handle(self, message: IncomingMessage, surface_for: SurfaceFactory) -> TurnResult:
+        """Send a person's message to its conversation's loop and show the turn."""
+        if not self.recent.first_time(message.key.message_key(message.message_id)):
+            return TurnResult("duplicate")
+        if not message.text.strip():
+            return TurnResult("empty")
+        order = _Turnstile(self.bindings.lock(message.key))
+        await order.enter()
+        try:
+            binding, created = await self._binding(message)
+            if binding is None:
+                return TurnResult("ignored")
+            if not self.policy.may_send(message.author, message.key.channel):
+                return TurnResult("not_allowed", binding)
+            events = self.client.send(
+                binding.loop_id,
+                message.text,
+                permission_mode=self.permission_mode,
+                idempotency_key=message.key.message_key(message.message_id),
+            )
+            renderer = TurnRenderer(
+                surface_for(binding, message),
+                binding.loop_id,
+                own_source_prefix=f"{self.platform}:",
+            )
+            async with contextlib.aclosing(events), renderer.running():
+                # The lock keeps messages of one thread in order until the server has
+                # this one (its first event, `started` or `queued`).
+                async for event in events:
+                    order.leave()
+                    apply_event(renderer, binding.loop_id, event)
+            return TurnResult(
+                "turn", binding, created, renderer.state, renderer.text, renderer.stats
+            )
+        finally:
+            order.leave()
+
+    async def _binding(self, message: IncomingMessage) -> tuple[Binding | None, bool]:
+        if message.mentioned or message.direct:
+            if not self.policy.may_send(message.author, message.key.channel):
+                return await self.bindings.find(message.key), False
+            return await self.bindings.find_or_create(
+                message.key, first_text=message.text, started_by=message.author.user_id
+            )
+        return await self.bindings.find(message.key), False
+
+    # ---- clicks -----------------------------------------------------------------------
+
+    async def decide(self, actor: Actor, action: Action, answers: Answers | None = None) -> Decision:
+        """Carry out a click if `actor` may; the platform shows the outcome."""
+        try:
+            loop = await self.client.get_loop(action.loop_id)
+        except LoopApiError as exc:
+            return Decision("gone", f"that loop is not available ({exc.code})")
+        started_by = loop.metadata.get("started_by")
+        if not self.policy.may_decide(actor, str(started_by) if started_by else None):
+            return Decision("not_allowed", "Only the person who started this thread or an admin can do that.")
+        try:
+            if action.verb == "stop":
+                await self.client.interrupt(action.loop_id)
+                return Decision("stopped")
+            if action.verb in ("allow", "deny"):
+                await self.client.answer_choice(
+                    action.loop_id, action.choice_id, allow=action.verb == "allow",
+                    source=self.source(actor),
+                )
+            else:
+                if not answers:
+                    return Decision("failed", "Pick an answer first.")
+                await self.client.answer_choice(
+                    action.loop_id, action.choice_id, answers=answers, source=self.source(actor)
+                )
+        except LoopApiError as exc:
+            if exc.code == "choice_not_found":
+                return Decision("gone", "This was already answered, or the turn has ended.")
+            log.warning("answering %s failed: %s", action, exc)
+            return Decision("failed", f"That did not work: {exc.message}")
+        return Decision("answered")
+
+
+def apply_event(renderer: TurnRenderer, loop_id: str, event: StreamEventModel) -> None:
+    """One Loop API event, applied to the turn's rendering."""
+    data = event.data
+    match event.event:
+        case "queued":
+            renderer.queued(int(data.get("position", 1)))
+        case "started":
+            renderer.started()
+        case "snapshot":
+            renderer.add_text(str(data.get("assistant_text_so_far") or ""))
+        case "assistant_delta":
+            renderer.add_text(str(data.get("text", "")))
+        case "tool_call":
+            if data.get("tool") not in QUIET_TOOLS:
+                renderer.tool_call(
+                    str(data.get("tool_use_id")), str(data.get("tool")), data.get("input_summary")
+                )
+        case "tool_result":
+            renderer.tool_result(str(data.get("tool_use_id")), bool(data.get("ok")))
+        case "requires_choice":
+            renderer.choice(choice_view(loop_id, data))
+        case "choice_resolved":
+            renderer.choice_resolved(str(data.get("choice_id")), str(data.get("source") or "api"))
+        case "done":
+            renderer.finish("done")
+        case "interrupted":
+            renderer.finish("interrupted", "Stopped.")
+        case "error":
+            renderer.finish("error", f"Error: {data.get('message') or data.get('code')}")
+        case _:
+            pass  # thinking is not shown; unknown events are for newer adapters
+
+
+class _Turnstile:
+    """A conversation's lock, left once (by the first event or at the end)."""
+
+    def __init__(self, lock: asyncio.Lock) -> None:
+        self._lock = lock
+        self._held = False
+
+    async def enter(self) -> None:
+        await self._lock.acquire()
+        self._held = True
+
+    def leave(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()

@@ -1,0 +1,33 @@
+"""Settings every adapter shares: where the Loop API is, and id lists from the environment."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, SecretStr
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _id_list(value: Any) -> Any:
+    """`U1,U2` or `U1 U2` (or a JSON list) from an environment variable."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part for part in text.replace(",", " ").split() if part]
+    return value
+
+
+IdList = Annotated[list[str], NoDecode, BeforeValidator(_id_list)]
+
+
+class ApiSettings(BaseSettings):
+    """`LOOPBRIDGE_API_URL` and `LOOPBRIDGE_API_TOKEN`: the server an adapter runs against
+    when it runs alone (`loopbridge slack`), as a user of the Loop API like any bot."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOPBRIDGE_", extra="ignore")
+
+    api_url: str | None = None
+    api_token: SecretStr | None = None
