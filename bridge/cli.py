@@ -25,12 +25,23 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         raise SystemExit(2)
     try:
-        asyncio.run(args.run(args))
+        _run(args.run(args))
     except (SettingsError, EngineError, CommandError) as exc:
         print(f"loopbridge: {_message(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+def _run(work: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (it comes with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(work)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(work)
 
 
 class CommandError(Exception):

@@ -1,0 +1,263 @@
+"""The Slack adapter: a slack-bolt AsyncApp whose events become loop turns.
+
+- A mention in a channel starts (or continues) the loop of that message's
+  thread; later replies in a bound thread go to the loop without a mention; a
+  direct message thread works the same. Bots, this one included, are ignored.
+- Clicks on the adapter's buttons are acknowledged at once and carried out in
+  the background; a click by someone who may not decide gets a private answer.
+
+Everything platform-neutral (binding, policy, rendering, idempotency) lives in
+`adapters.conversations`; this module only translates Slack to and from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Coroutine
+from typing import Any
+
+from aiohttp import web
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.app.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.actions import Action
+from adapters.binding import Binding, ConversationKey
+from adapters.conversations import Conversations, Decision, IncomingMessage, TurnResult
+from adapters.policy import Actor
+from adapters.slack.blocks import resolved_blocks, selected_answers
+from adapters.slack.mrkdwn import escape, from_slack
+from adapters.slack.settings import SlackSettings
+from adapters.slack.thread import NativeStreaming, SlackThread
+from bridge.client import LoopClient
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "slack"
+# Message subtypes that are a person writing; edits, joins and bot posts are not.
+PERSON_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
+ACTION_IDS = re.compile(r"^lb_")
+RATE_LIMIT_RETRIES = 3
+NOT_ALLOWED_TO_WRITE = "You are not allowed to talk to the agent here."
+
+
+class SlackAdapter:
+    """Runs one Slack app against one Loop API client (`start`, then `stop`)."""
+
+    def __init__(
+        self, settings: SlackSettings, client: LoopClient, *, logger: logging.Logger | None = None
+    ) -> None:
+        if settings.bot_token is None:
+            raise ValueError("LOOPBRIDGE_SLACK_BOT_TOKEN is not set")
+        self.settings = settings
+        self.client = client
+        self.web = AsyncWebClient(
+            token=settings.bot_token.get_secret_value(),
+            base_url=settings.api_url or AsyncWebClient.BASE_URL,
+            # slack-sdk waits out a 429's Retry-After and tries again.
+            retry_handlers=[
+                AsyncConnectionErrorRetryHandler(),
+                AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES),
+            ],
+        )
+        http = settings.mode == "http"
+        secret = settings.signing_secret.get_secret_value() if settings.signing_secret else ""
+        if http and not secret:
+            raise ValueError("HTTP mode needs LOOPBRIDGE_SLACK_SIGNING_SECRET")
+        self.app = AsyncApp(
+            client=self.web,
+            signing_secret=secret,
+            request_verification_enabled=http,
+            logger=logger,
+        )
+        self.conversations = Conversations(
+            client, settings.policy(), platform=PLATFORM, permission_mode=settings.permission_mode
+        )
+        self.native = NativeStreaming(settings.streaming == "native")
+        self.bot_user_id = ""
+        self.team_id = ""
+        self.results: list[TurnResult] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._socket: AsyncSocketModeHandler | None = None
+        self._runner: web.AppRunner | None = None
+        self.http_port: int | None = None
+        self._register()
+
+    # ---- running -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        identity = await self.web.auth_test()
+        self.bot_user_id = str(identity["user_id"])
+        self.team_id = str(identity.get("team_id") or "")
+        if self.settings.mode == "socket":
+            if self.settings.app_token is None:
+                raise ValueError("Socket Mode needs LOOPBRIDGE_SLACK_APP_TOKEN")
+            self._socket = AsyncSocketModeHandler(
+                self.app, self.settings.app_token.get_secret_value(), web_client=self.web
+            )
+            await self._socket.connect_async()
+        else:
+            self._runner = web.AppRunner(self.app.web_app(path=self.settings.http_path))
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
+            await site.start()
+            server = getattr(site, "_server", None)
+            sockets = getattr(server, "sockets", None) or []
+            self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
+        log.info("Slack adapter connected as %s (%s mode)", self.bot_user_id, self.settings.mode)
+
+    async def stop(self) -> None:
+        """Disconnect, then let turns in flight finish their last edits (briefly)."""
+        if self._socket is not None:
+            with contextlib.suppress(Exception):
+                await self._socket.close_async()
+            self._socket = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    async def idle(self) -> None:
+        """Wait until no message or click is being handled (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("Slack handler failed", exc_info=task.exception())
+
+    # ---- listeners -----------------------------------------------------------------------
+
+    def _register(self) -> None:
+        async def on_event(body: dict[str, Any], event: dict[str, Any]) -> None:
+            # Bolt has acknowledged the event already; the turn runs on its own.
+            incoming = self.incoming(event, str(body.get("team_id") or self.team_id))
+            if incoming is not None:
+                self._spawn(self._run_turn(incoming, event))
+
+        async def on_action(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+            await ack()
+            self._spawn(self._click(body, action))
+
+        self.app.event("app_mention")(on_event)
+        self.app.event("message")(on_event)
+        self.app.action(ACTION_IDS)(on_action)
+
+    def incoming(self, event: dict[str, Any], team_id: str) -> IncomingMessage | None:
+        """A person's Slack message as the neutral part sees it, or None to ignore it."""
+        user = event.get("user")
+        if (
+            not user
+            or event.get("bot_id")
+            or event.get("subtype") not in PERSON_SUBTYPES
+            or user == self.bot_user_id
+        ):
+            return None
+        channel = str(event["channel"])
+        ts = str(event["ts"])
+        mention = f"<@{self.bot_user_id}>"
+        raw = str(event.get("text") or "")
+        direct = event.get("channel_type") == "im" or channel.startswith("D")
+        key = ConversationKey(PLATFORM, team_id, channel, str(event.get("thread_ts") or ts))
+        text = from_slack(raw.replace(mention, " ")).strip()
+        return IncomingMessage(
+            key, ts, Actor(str(user)), text, mentioned=mention in raw, direct=direct
+        )
+
+    async def _run_turn(self, incoming: IncomingMessage, event: dict[str, Any]) -> None:
+        def surface(binding: Binding, message: IncomingMessage) -> SlackThread:
+            return SlackThread(
+                self.web, self.settings,
+                channel=message.key.channel, thread_ts=message.key.thread,
+                team_id=message.key.workspace or self.team_id, user_id=message.author.user_id,
+                direct=message.direct, native=self.native,
+            )
+
+        result = await self.conversations.handle(incoming, surface)
+        self.results.append(result)
+        if result.handled == "not_allowed" and (incoming.mentioned or incoming.direct):
+            await self._tell(incoming.key.channel, incoming.author.user_id,
+                             incoming.key.thread, NOT_ALLOWED_TO_WRITE)
+
+    # ---- clicks --------------------------------------------------------------------------
+
+    async def _click(self, body: dict[str, Any], element: dict[str, Any]) -> None:
+        value = str(element.get("value") or "")
+        encoded, _, label = value.partition("\n")
+        action = Action.decode(encoded)
+        if action is None:
+            return  # a select menu changing: its value is read on Submit
+        actor = Actor(str(body["user"]["id"]))
+        answers: dict[str, str | list[str]] | None = None
+        if action.verb == "answer":
+            answers = {action.arg: label}
+        elif action.verb == "submit":
+            answers = selected_answers((body.get("state") or {}).get("values") or {})
+        decision = await self.conversations.decide(actor, action, answers)
+        channel = str((body.get("channel") or {}).get("id") or body["container"]["channel_id"])
+        message = body.get("message") or {}
+        thread = str(message.get("thread_ts") or message.get("ts") or "")
+        if decision.outcome in ("not_allowed", "gone", "failed"):
+            await self._tell(channel, actor.user_id, thread, decision.message)
+            return
+        if decision.outcome == "answered":
+            await self._show_outcome(channel, message, _outcome(actor, action, answers))
+
+    async def _show_outcome(self, channel: str, message: dict[str, Any], outcome: str) -> None:
+        blocks = resolved_blocks(list(message.get("blocks") or []), outcome)
+        try:
+            await self.web.chat_update(
+                channel=channel, ts=str(message["ts"]), text=outcome, blocks=blocks
+            )
+        except SlackApiError as exc:
+            log.warning("could not show a choice's outcome: %s", exc.response.get("error"))
+
+    async def _tell(self, channel: str, user: str, thread: str, text: str) -> None:
+        """A private answer that only `user` sees."""
+        try:
+            await self.web.chat_postEphemeral(
+                channel=channel, user=user, text=text, thread_ts=thread or None
+            )
+        except SlackApiError as exc:
+            log.warning("could not answer %s privately: %s", user, exc.response.get("error"))
+
+
+def _outcome(actor: Actor, action: Action, answers: dict[str, str | list[str]] | None) -> str:
+    who = f"<@{actor.user_id}>"
+    if action.verb == "allow":
+        return f":white_check_mark: Allowed by {who}"
+    if action.verb == "deny":
+        return f":no_entry_sign: Denied by {who}"
+    picked = ", ".join(
+        escape(", ".join(value) if isinstance(value, list) else value)
+        for value in (answers or {}).values()
+    )
+    return f":ballot_box_with_check: {who} chose *{picked}*"
+
+
+__all__ = ["Decision", "SlackAdapter"]
