@@ -408,20 +408,7 @@ class Engine:
                         created_at=utcnow(),
                     )
                 )
-            await conn.execute(
-                insert(turns).values(
-                    id=turn.id,
-                    loop_id=runtime.id,
-                    number=turn.number,
-                    trigger=turn.trigger,
-                    user_text=turn.user_text,
-                    permission_mode=turn.permission_mode,
-                    assistant_text="",
-                    tool_calls=[],
-                    choices=[],
-                    ended="queued",
-                )
-            )
+            await conn.execute(insert(turns).values(**turn.new_row(runtime.id, "queued")))
         return turn, None
 
     async def _idempotent_turn(

@@ -77,6 +77,20 @@ class Turn:
     def pending_choice_id(self) -> str | None:
         return next(iter(self.pending), None)
 
+    def new_row(self, loop_id: str, ended: str) -> dict[str, Any]:
+        """The turns-table row of a turn that has just begun or been queued."""
+        return {
+            "id": self.id,
+            "loop_id": loop_id,
+            "number": self.number,
+            "trigger": self.trigger,
+            "user_text": self.user_text,
+            "permission_mode": self.permission_mode,
+            "ended": ended,
+            "started_at": self.started_at,
+            **self.history_fields(),
+        }
+
     def history_fields(self) -> dict[str, Any]:
         return {
             "assistant_text": "".join(self.text),
@@ -255,28 +269,15 @@ class LoopRuntime:
         self.emit(
             "started", {"turn_id": turn.id, "cold_start": cold, "trigger": turn.trigger}, turn.id
         )
-        values = {"ended": "running", "started_at": turn.started_at}
-        turn.start_saved = self._later(self._save_turn_start(turn, values))
+        turn.start_saved = self._later(self._save_turn_start(turn))
 
-    async def _save_turn_start(self, turn: Turn, values: dict[str, Any]) -> None:
+    async def _save_turn_start(self, turn: Turn) -> None:
         async with self.ctx.db.write() as conn:
-            if turn.trigger == "background":
-                await conn.execute(
-                    turns.insert().values(
-                        id=turn.id,
-                        loop_id=self.id,
-                        number=turn.number,
-                        trigger=turn.trigger,
-                        user_text=turn.user_text,
-                        permission_mode=turn.permission_mode,
-                        assistant_text="",
-                        tool_calls=[],
-                        choices=[],
-                        **values,
-                    )
-                )
+            if turn.trigger == "background":  # no request stored it before it began
+                await conn.execute(turns.insert().values(**turn.new_row(self.id, "running")))
             else:
-                await conn.execute(turns.update().where(turns.c.id == turn.id).values(**values))
+                started = {"ended": "running", "started_at": turn.started_at}
+                await conn.execute(turns.update().where(turns.c.id == turn.id).values(**started))
             await conn.execute(
                 update(loops)
                 .where(loops.c.id == self.id)

@@ -139,11 +139,15 @@ async def test_a_background_process_outlives_its_turn(box: Server) -> None:
 async def ticking(ticks: Path) -> int:
     """The number of ticks, once it is seen to grow."""
     deadline = time.monotonic() + WAIT_SECONDS
-    before = ticks.read_text().count("\n") if ticks.exists() else 0
-    while (now := ticks.read_text().count("\n") if ticks.exists() else 0) <= before:
+    before = count_lines(ticks)
+    while (now := count_lines(ticks)) <= before:
         assert time.monotonic() < deadline, "the background process does not run"
         await asyncio.sleep(0.2)
     return now
+
+
+def count_lines(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
 
 
 async def test_two_loops_see_neither_files_nor_processes_of_each_other(box: Server) -> None:
@@ -208,10 +212,9 @@ async def test_a_pending_choice_is_evicted_with_its_sandbox(idle: Server) -> Non
     loop = await new_loop(idle)
     started = time.monotonic()
     seen: list[Ev] = []
-    # Default permission mode: the Bash call waits for a choice nobody makes.
-    async for ev in events(
-        idle.http, "POST", f"/loops/{loop}/messages", json={"content": "[[bash: echo hi]]"}
-    ):
+    # Default permission mode: a Bash call that writes waits for a choice nobody makes.
+    content = "[[bash: echo hi > asked.txt]]"
+    async for ev in events(idle.http, "POST", f"/loops/{loop}/messages", json={"content": content}):
         seen.append(ev)
         if ev.name in TERMINAL:
             break
@@ -230,7 +233,8 @@ async def test_a_pending_choice_is_evicted_with_its_sandbox(idle: Server) -> Non
 async def test_a_restarted_server_adopts_or_removes_what_a_killed_one_left(
     standin, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "LOOPBRIDGE_HOME": str(tmp_path), "LOOPBRIDGE_SANDBOX": "podman"}
+    home = tmp_path.resolve()  # as the server labels its containers
+    env = {**os.environ, "LOOPBRIDGE_HOME": str(home), "LOOPBRIDGE_SANDBOX": "podman"}
     token = await cli_token(env)
     serve = await asyncio.create_subprocess_exec(
         *LOOPBRIDGE, "serve", "--port", "0", env=env, stdout=asyncio.subprocess.PIPE
@@ -249,16 +253,17 @@ async def test_a_restarted_server_adopts_or_removes_what_a_killed_one_left(
         await serve.wait()
     # A container for a loop this data dir no longer has (its directory was deleted).
     await run(
-        *podman_argv(None), "run", "-d", "--label", f"{SERVER_LABEL}={tmp_path.resolve()}",
+        *podman_argv(None), "run", "-d", "--label", f"{SERVER_LABEL}={home}",
         "--label", f"{LOOP_LABEL}=loop_gone", IMAGE, "sleep", "300", env=podman_env(),
     )
-    assert await running_by_label(tmp_path) == {busy, quiet, "loop_gone"}
+    assert await running_by_label(home) == {busy, quiet, "loop_gone"}
 
-    server = await start_server(tmp_path, sandbox="podman")
+    server = await start_server(home, sandbox="podman")
     try:
         # Both loops' containers are adopted, stopped until their next turn; the other is gone.
         assert (await podman_states(server)) == {busy: "exited", quiet: "exited"}
-        assert podman_services(tmp_path) == {server.engine.sandbox.service.pid}
+        # The killed server's podman service ended with it.
+        assert podman_services(home) == {server.engine.sandbox.service.pid}
         http = server.client(token)
         evs = await turn(http, quiet, "after the crash")
         assert evs[0].data["cold_start"] is True
@@ -266,7 +271,7 @@ async def test_a_restarted_server_adopts_or_removes_what_a_killed_one_left(
         await http.aclose()
     finally:
         await stop_server(server)
-    assert await running_by_label(tmp_path) == set()
+    assert await running_by_label(home) == set()
 
 
 async def cli_token(env: dict[str, str]) -> str:
@@ -292,7 +297,7 @@ async def running_by_label(home: Path) -> set[str]:
     """The loop ids of running containers labelled with this data dir (podman's CLI:
     no API service runs while the server is down)."""
     out = await run(
-        *podman_argv(None), "ps", "--filter", f"label={SERVER_LABEL}={home.resolve()}",
+        *podman_argv(None), "ps", "--filter", f"label={SERVER_LABEL}={home}",
         "--format", f'{{{{index .Labels "{LOOP_LABEL}"}}}}', env=podman_env(),
     )
     return set(out.split())
@@ -300,7 +305,7 @@ async def running_by_label(home: Path) -> set[str]:
 
 def podman_services(home: Path) -> set[int]:
     """Pids of `podman system service` processes on this data dir's socket."""
-    socket = f"{home.resolve()}/podman.sock"
+    socket = f"{home}/podman.sock"
     pids = set()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
