@@ -230,10 +230,14 @@ async def test_a_pending_choice_is_evicted_with_its_sandbox(idle: Server) -> Non
 # ---- a server killed while its containers run ------------------------------------------------
 
 
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path.resolve()  # as the server labels its containers
+
+
 async def test_a_restarted_server_adopts_or_removes_what_a_killed_one_left(
-    standin, tmp_path: Path
+    standin, home: Path
 ) -> None:
-    home = tmp_path.resolve()  # as the server labels its containers
     env = {**os.environ, "LOOPBRIDGE_HOME": str(home), "LOOPBRIDGE_SANDBOX": "podman"}
     token = await cli_token(env)
     serve = await asyncio.create_subprocess_exec(

@@ -130,3 +130,267 @@ async def test_mention_starts_a_loop_and_the_reply_streams(slack: Harness) -> No
     assert (await loop_of(slack, root)).id == loop.id
     texts = [m.answer for m in slack.fake.answer_messages(CHANNEL, root)]
     assert texts == ["Echo #1: hello there", "Echo #2: and again"]
+
+
+async def test_thread_reply_without_mention_and_bots_are_ignored(slack: Harness) -> None:
+    await slack.start()
+    # Not bound, no mention: nothing happens.
+    await slack.fake.say(ALICE, "just chatting")
+    root = await slack.fake.say(ALICE, f"{MENTION} first")
+    await slack.turns(1)
+    # Another bot writing in the bound thread is ignored.
+    ts = slack.fake.new_ts()
+    await slack.fake.deliver_event(
+        {"type": "message", "subtype": "bot_message", "bot_id": "B0OTHER", "text": "beep",
+         "ts": ts, "thread_ts": root, "channel": CHANNEL, "channel_type": "channel"},
+        "EvBOT",
+    )
+    await slack.fake.say(BOB, "second, from someone else", thread_ts=root)
+    await slack.turns(2)
+    texts = [m.answer for m in slack.fake.answer_messages(CHANNEL, root)]
+    assert texts == ["Echo #1: first", "Echo #2: second, from someone else"]
+    assert len(slack.server.standin_requests()) >= 2
+
+
+async def test_direct_message_thread_is_a_loop(slack: Harness) -> None:
+    await slack.start()
+    dm = "D0ALICE"
+    root = await slack.fake.say(ALICE, "hi in private", channel=dm)
+    await until(lambda: slack.fake.answer_messages(dm, root), what="a DM answer")
+    await slack.turns(1)
+    await slack.fake.say(ALICE, "more", channel=dm, thread_ts=root)
+    await slack.turns(2)
+    texts = [m.answer for m in slack.fake.answer_messages(dm, root)]
+    assert texts == ["Echo #1: hi in private", "Echo #2: more"]
+    # A DM streams without a recipient.
+    start = slack.fake.methods("chat.startStream")[0]
+    assert "recipient_user_id" not in start.args
+
+
+# ---- choices ---------------------------------------------------------------------------
+
+
+async def choice_message(slack: Harness, root: str) -> Message:
+    found = await until(
+        lambda: [m for m in slack.fake.choice_messages(CHANNEL, root) if m.has_buttons],
+        what="a choice with buttons",
+    )
+    return found[-1]  # type: ignore[index]
+
+
+async def test_permission_refused_for_others_then_approved_by_the_starter(slack: Harness) -> None:
+    await slack.start()
+    root = await slack.fake.say(ALICE, f"{MENTION} [[bash: echo hi > slack-perm.txt]]")
+    choice = await choice_message(slack, root)
+    assert "slack-perm.txt" in choice.block_text("lb_choice")
+
+    await slack.fake.click(BOB, choice, "lb_allow")
+    await until(lambda: slack.fake.ephemerals, what="a private refusal")
+    refusal = slack.fake.ephemerals[-1]
+    assert refusal["user"] == BOB and "Only the person" in refusal["text"]
+    assert slack.fake.thread(CHANNEL, root)[-1].has_buttons  # nothing changed
+
+    await slack.fake.click(ALICE, choice, "lb_allow")
+    await slack.turns(1)
+    choice = slack.fake.choice_messages(CHANNEL, root)[-1]
+    assert not choice.has_buttons
+    assert f"Allowed by <@{ALICE}>" in choice.context_text()
+    assert slack.answer(root).startswith("Tool ok")
+    loop = await loop_of(slack, root)
+    assert (slack.server.engine.sandbox.workdir(loop.id) / "slack-perm.txt").exists()
+    history = await slack.client.history(loop.id)
+    assert history.data[0].choices[0].source == f"slack:{ALICE}"
+    assert history.data[0].choices[0].answer == {"allow": True}
+
+
+async def test_admin_denies_and_the_model_is_told(slack: Harness) -> None:
+    await slack.start()
+    root = await slack.fake.say(ALICE, f"{MENTION} [[bash: echo no > slack-denied.txt]]")
+    choice = await choice_message(slack, root)
+    await slack.fake.click(BOSS, choice, "lb_deny")
+    await slack.turns(1)
+    assert f"Denied by <@{BOSS}>" in slack.fake.choice_messages(CHANNEL, root)[-1].context_text()
+    assert slack.answer(root).startswith("Tool failed")
+    loop = await loop_of(slack, root)
+    assert not (slack.server.engine.sandbox.workdir(loop.id) / "slack-denied.txt").exists()
+
+
+async def test_question_answered_by_button_reaches_the_model(slack: Harness) -> None:
+    await slack.start()
+    root = await slack.fake.say(ALICE, f"{MENTION} [[ask]]")
+    choice = await choice_message(slack, root)
+    assert "Which color?" in choice.block_text("lb_choice")
+    blue = choice.button("lb_answer_1")
+    assert blue["text"]["text"] == "Blue"
+    await slack.fake.click(ALICE, choice, "lb_answer_1")
+    await slack.turns(1)
+    answer = slack.answer(root)
+    assert answer.startswith("You chose:") and "Blue" in answer
+    assert f"<@{ALICE}> chose *Blue*" in slack.fake.choice_messages(CHANNEL, root)[-1].context_text()
+
+
+async def test_choice_answered_elsewhere_disables_the_buttons(slack: Harness) -> None:
+    await slack.start()
+    root = await slack.fake.say(ALICE, f"{MENTION} [[bash: echo api > slack-api.txt]]")
+    choice = await choice_message(slack, root)
+    loop = await loop_of(slack, root)
+    detail = await slack.client.get_loop(loop.id)
+    pending = detail.current_turn.pending_choice_id
+    await slack.client.answer_choice(loop.id, pending, allow=True, source="api")
+    await slack.turns(1)
+    choice = slack.fake.choice_messages(CHANNEL, root)[-1]
+    assert not choice.has_buttons and "Answered via api" in choice.context_text()
+
+
+async def test_stop_interrupts_the_turn(slack: Harness) -> None:
+    await slack.start()
+    root = await slack.fake.say(ALICE, f"{MENTION} [[slow: 8]]")
+
+    def stop_button() -> Message | None:
+        for message in slack.fake.bot_messages(CHANNEL, root):
+            if any(b.get("block_id") == "lb_controls" for b in message.blocks):
+                return message
+        return None
+
+    message = await until(stop_button, what="a Stop button")
+    await until(lambda: slack.answer(root), what="some streamed text")
+    await slack.fake.click(BOB, message, "lb_stop")  # not allowed: nothing happens
+    await until(lambda: slack.fake.ephemerals, what="a private refusal")
+    await slack.fake.click(ALICE, message, "lb_stop")
+    await slack.turns(1, timeout=20)
+    loop = await loop_of(slack, root)
+    history = await slack.client.history(loop.id)
+    assert history.data[0].ended == "interrupted"
+    shown = "\n".join(m.context_text() for m in slack.fake.bot_messages(CHANNEL, root))
+    assert "Stopped." in shown
+    assert not any(m.has_buttons for m in slack.fake.bot_messages(CHANNEL, root))
+    # What was streamed before the stop stays complete.
+    assert slack.answer(root) == history.data[0].assistant_text
+
+
+# ---- long answers, limits, redelivery, restarts ------------------------------------------
+
+
+def unsplit(messages: list[str], whole: str) -> None:
+    """Check that `messages` are `whole`, split, with cut code blocks closed and reopened.
+
+    Whitespace at the cuts is not compared (Slack trims it); every other character is.
+    """
+    expected = "".join(whole.split())
+    position = 0
+    for index, text in enumerate(messages):
+        assert len(FENCE.findall(text)) % 2 == 0, f"unbalanced fences in part {index}"
+        piece = "".join(text.split())
+        if index and piece.startswith("```") and not expected.startswith("```", position):
+            piece = piece[3:]  # a reopened code block
+        if not expected.startswith(piece, position) and piece.endswith("```"):
+            piece = piece[:-3]  # a closed one
+        assert expected.startswith(piece, position), f"part {index} does not continue the text"
+        position += len(piece)
+    assert position == len(expected), "the answer is incomplete"
+
+
+async def test_long_answer_is_split_complete_and_balanced_with_edits(slack: Harness) -> None:
+    slack.fake.update_gap = 0.9
+    await slack.start(streaming="edit")
+    root = await slack.fake.say(ALICE, f"{MENTION} [[long: 450]]")
+    await slack.turns(1, timeout=90)
+    loop = await loop_of(slack, root)
+    whole = (await slack.client.history(loop.id)).data[0].assistant_text
+    assert len(whole) > 10_000 and whole.count("```") >= 10
+    parts = [m.answer for m in slack.fake.answer_messages(CHANNEL, root)]
+    assert len(parts) >= 4
+    unsplit(parts, to_mrkdwn(whole))
+    assert all(len(p.encode()) <= 3000 for p in parts)
+    refused = [c for c in slack.fake.calls if c.error and c.error != "ratelimited"]
+    assert refused == []
+    # No message was edited faster than once a second, and none is left with buttons.
+    for message in slack.fake.bot_messages(CHANNEL, root):
+        gaps = [b - a for a, b in zip(message.updates, message.updates[1:], strict=False)]
+        assert all(gap >= 0.9 for gap in gaps), gaps
+        assert not message.has_buttons
+    assert "```python" not in "".join(parts)  # mrkdwn: no language line in code blocks
+
+
+async def test_long_answer_streams_natively_split_and_balanced(slack: Harness) -> None:
+    await slack.start()
+    root = await slack.fake.say(ALICE, f"{MENTION} [[long: 450]]")
+    await slack.turns(1, timeout=90)
+    loop = await loop_of(slack, root)
+    whole = (await slack.client.history(loop.id)).data[0].assistant_text
+    parts = [m.answer for m in slack.fake.answer_messages(CHANNEL, root)]
+    assert len(parts) >= 4
+    unsplit(parts, whole)
+    assert [c for c in slack.fake.calls if c.error] == []
+
+
+async def test_same_event_delivered_twice_runs_one_turn(slack: Harness) -> None:
+    await slack.start()
+    before = len(slack.server.standin_requests())
+    root = await slack.fake.say(ALICE, f"{MENTION} only once", deliveries=2)
+    await slack.turns(1)
+    await asyncio.sleep(0.5)
+    loop = await loop_of(slack, root)
+    history = await slack.client.history(loop.id)
+    assert len(history.data) == 1
+    assert [m.answer for m in slack.fake.answer_messages(CHANNEL, root)] == ["Echo #1: only once"]
+    assert len(slack.server.standin_requests()) - before == 1
+    # app_mention and message both arrived (twice each); three were dropped as duplicates.
+    assert sum(r.handled == "duplicate" for r in slack.adapter.results) == 3
+
+
+async def test_restarted_adapter_finds_the_same_loop(slack: Harness) -> None:
+    await slack.start()
+    root = await slack.fake.say(ALICE, f"{MENTION} before the restart")
+    await slack.turns(1)
+    first = await loop_of(slack, root)
+    await slack.stop()
+    await slack.start()
+    await slack.fake.say(ALICE, "after the restart", thread_ts=root)
+    await slack.turns(1)
+    assert (await loop_of(slack, root)).id == first.id
+    texts = [m.answer for m in slack.fake.answer_messages(CHANNEL, root)]
+    assert texts == ["Echo #1: before the restart", "Echo #2: after the restart"]
+
+
+async def test_not_allowed_user_cannot_start_a_loop(slack: Harness) -> None:
+    await slack.start(users=[ALICE])
+    root = await slack.fake.say(BOB, f"{MENTION} let me in")
+    await until(lambda: slack.fake.ephemerals, what="a private refusal")
+    assert slack.fake.ephemerals[-1]["user"] == BOB
+    assert await loop_of(slack, root) is None
+    assert slack.fake.bot_messages(CHANNEL, root) == []
+
+
+# ---- fallbacks and the HTTP mode -------------------------------------------------------
+
+
+async def test_without_native_streaming_it_posts_and_edits(slack: Harness) -> None:
+    slack.fake.native_streaming = False
+    await slack.start()
+    root = await slack.fake.say(ALICE, f"{MENTION} **bold** and [a link](https://example.com)")
+    await slack.turns(1)
+    assert slack.answer(root) == "Echo #1: *bold* and <https://example.com|a link>"
+    assert slack.adapter.native.enabled is False  # not tried again
+    root = await slack.fake.say(ALICE, f"{MENTION} second thread")
+    await slack.turns(2)
+    assert len(slack.fake.methods("chat.startStream")) == 1
+
+
+async def test_stale_stream_falls_back_to_edits_without_losing_text(slack: Harness) -> None:
+    slack.fake.stream_ttl = 0.5
+    await slack.start()
+    root = await slack.fake.say(ALICE, f"{MENTION} [[slow: 3]]")
+    await slack.turns(1)
+    loop = await loop_of(slack, root)
+    whole = (await slack.client.history(loop.id)).data[0].assistant_text
+    assert slack.answer(root).strip() == whole.strip()
+    assert any(c.error == "message_not_in_streaming_state" for c in slack.fake.calls)
+
+
+async def test_http_mode_with_signed_requests(slack: Harness) -> None:
+    await slack.start(mode="http")
+    root = await slack.fake.say(ALICE, f"{MENTION} over http")
+    await slack.turns(1)
+    assert slack.answer(root) == "Echo #1: over http"
+    assert slack.fake.acks and all(ack == "http 200" for ack in slack.fake.acks)
