@@ -102,14 +102,14 @@ class Conversations:
             return TurnResult("duplicate")
         if not message.text.strip():
             return TurnResult("empty")
+        if not self.policy.may_send(message.author, message.key.channel):
+            return TurnResult("not_allowed")
         order = _Turnstile(self.bindings.lock(message.key))
         await order.enter()
         try:
             binding, created = await self._binding(message)
             if binding is None:
                 return TurnResult("ignored")
-            if not self.policy.may_send(message.author, message.key.channel):
-                return TurnResult("not_allowed", binding)
             events = self.client.send(
                 binding.loop_id,
                 message.text,
@@ -135,8 +135,6 @@ class Conversations:
 
     async def _binding(self, message: IncomingMessage) -> tuple[Binding | None, bool]:
         if message.mentioned or message.direct:
-            if not self.policy.may_send(message.author, message.key.channel):
-                return await self.bindings.find(message.key), False
             return await self.bindings.find_or_create(
                 message.key, first_text=message.text, started_by=message.author.user_id
             )

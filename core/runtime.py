@@ -243,7 +243,11 @@ class LoopRuntime:
                 await self._changed.wait_for(lambda: bool(self.queue) and self.current is None)
                 turn = self.queue.popleft()
                 self.current = turn
-            await self._run(turn)
+            try:
+                await self._run(turn)
+            except Exception as exc:  # a bug must cost one turn, never the loop's worker
+                log.exception("loop %s: turn %s failed", self.id, turn.id)
+                await self._finish(turn, "error", _error("agent_failed", str(exc), turn.id))
             await turn.finished.wait()
 
     async def _run(self, turn: Turn) -> None:
@@ -325,7 +329,13 @@ class LoopRuntime:
         if self.agent is not None and self.agent.alive:
             return False
         spec = SandboxSpec(self.id, self._agent_env(), self._repo_url())
-        host, _ = await self.ctx.sandbox.acquire(spec)
+        try:
+            host, _ = await self.ctx.sandbox.acquire(spec)
+        except EngineError:
+            raise
+        except Exception as exc:
+            log.exception("loop %s: the sandbox did not start", self.id)
+            raise EngineError("sandbox_spawn_failed", f"the sandbox did not start: {exc}") from exc
         self.sandbox_held = True
         for resume in dict.fromkeys([self.spec.session_id, None]):
             session = sdk.AgentSession(

@@ -38,6 +38,9 @@ env = {{ TEAM_SECRET = "s3cr3t-team" }}
 
 [repos.sample]
 url = "{repo}"
+
+[repos.gone]
+url = "{root / 'no-such-repo'}"
 """
     )
     with pytest.MonkeyPatch.context() as patch:
@@ -102,3 +105,14 @@ async def test_agent_sees_only_its_own_environment_and_never_the_metadata(config
     assert "TEAM_SECRET" not in env  # another vault's variable
     assert "METADATA-MARKER" not in env
     assert all("METADATA-MARKER" not in json.dumps(r) for r in configured.standin_requests())
+
+
+async def test_a_repo_that_cannot_be_cloned_fails_the_turn_not_the_loop(configured):
+    loop = await _create(configured, repo="gone")
+    evs = await turn(configured.http, loop["id"], "hello")
+    assert [e.name for e in evs] == ["error"]
+    assert evs[0].data["code"] == "sandbox_spawn_failed"
+    assert "cannot clone" in evs[0].data["message"]
+    history = (await configured.http.get(f"/loops/{loop['id']}/messages")).json()["data"]
+    assert history[0]["ended"] == "error"
+    assert history[0]["error"]["code"] == "sandbox_spawn_failed"
