@@ -190,13 +190,16 @@ class TurnRenderer:
 
     async def _flush_loop(self) -> None:
         while True:
-            self._sync()
-            next_due = await self._flush_once()
-            if self._finished and all(slot.settled for slot in self._slots):
-                await self._close()
-                return
+            # Cleared before looking, so a change during the calls below is not missed.
             self._changed.clear()
             self._urgent.clear()
+            # Read before syncing: once the views include the end, settled means final.
+            finished = self._finished
+            self._sync()
+            next_due = await self._flush_once()
+            if finished and all(slot.settled for slot in self._slots):
+                await self._close()
+                return
             if next_due is None:
                 await self._changed.wait()
             else:

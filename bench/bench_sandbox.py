@@ -1,45 +1,53 @@
-"""Measure the podman sandbox: image build, container start, and a turn's overhead.
+"""Measure the podman sandbox: image build, cold start and warm turns through Loop API v1.
 
-    python -m bench.bench_sandbox [--turns 100] [--starts 10]
+    python -m bench.bench_sandbox [--turns 40] [--colds 8]
 
-Builds the image under its own tag into a fresh data dir (so "from nothing"
-includes downloading the .debs), then compares a trivial echo turn of the real
-bundled CLI against the stand-in model, run through `podman exec` and as a local
-process. Needs root and podman, like the sandbox itself.
+1. Builds the image under its own tag into a fresh data dir, so "from nothing"
+   includes resolving and downloading the .debs; then again with them cached.
+2. Starts two loop servers (`python -m bench.bench_engine --serve`, each in its own
+   process), one with `LOOPBRIDGE_SANDBOX=podman` on that image and one `local`,
+   both on the stand-in model (its own process too).
+3. Cold start: create a loop and send its first message; the time from the
+   create request to the first `assistant_delta` (a container is created and
+   started, and the agent CLI starts inside it).
+4. Warm turns: the same echo turn on a warm loop of each server, interleaved
+   (and which goes first alternates), so machine noise hits both alike; the
+   overhead is the difference of the medians.
+
+Needs root and podman, like the sandbox. The tables go to stdout, progress to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
-import claude_agent_sdk
-from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, ResultMessage
+import httpx
 
-from bridge.standin import StandinModel
-from core.config import Settings
-from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
+from bench.bench_engine import (
+    TurnTiming,
+    create_loop,
+    log,
+    running_server,
+    running_standin,
+    server_turn,
+    table,
+)
 from core.sandbox.image import build_image, podman_argv, podman_env, run
-from core.sandbox.local import LocalSandbox
-from core.sandbox.podman import PodmanSandbox
+from core.sandbox.podman import SERVER_LABEL
 
-CLI = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
 TAG = "localhost/loopbridge-sandbox-bench:latest"
-
-
-def agent_env(url: str) -> dict[str, str]:
-    return {
-        "ANTHROPIC_BASE_URL": url,
-        "ANTHROPIC_API_KEY": "sk-standin",
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "CLAUDE_CODE_MAX_RETRIES": "0",
-        "IS_SANDBOX": "1",
-    }
+BUILD_TARGET_S = 60.0
+COLD_TARGET_S = 1.5
+OVERHEAD_TARGET_MS = 20.0
+WARM_UP_TURNS = 2
 
 
 async def timed(step: Callable[[], Awaitable[object]]) -> float:
@@ -48,97 +56,142 @@ async def timed(step: Callable[[], Awaitable[object]]) -> float:
     return time.perf_counter() - started
 
 
-async def turn(client: ClaudeSDKClient, prompt: str) -> None:
-    await client.query(prompt)
-    async for message in client.receive_response():
-        if isinstance(message, ResultMessage) and message.is_error:
-            raise RuntimeError(f"turn failed: {message.result}")
-
-
-async def turns(host: AgentHost, count: int) -> tuple[float, list[float]]:
-    """Connect time and the time of each of `count` echo turns of one agent."""
-    options = ClaudeAgentOptions(
-        cli_path=host.cli_path, cwd=host.cwd, env=host.env, permission_mode="bypassPermissions"
-    )
-    client = ClaudeSDKClient(options)
-    connect = await timed(client.connect)
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """Variables a server process started inside the block inherits."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
-        await turn(client, "warm up")
-        samples = [await timed(lambda i=i: turn(client, f"hello {i}")) for i in range(count)]
+        yield
     finally:
-        await client.disconnect()
-    return connect, samples
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-async def acquire_times(sandbox: Sandbox, url: str, count: int) -> list[float]:
-    """Time of a first acquire (create + start) for `count` new loops."""
-    samples = []
-    for index in range(count):
-        spec = SandboxSpec(f"loop_start{index}", agent_env(url))
-        samples.append(await timed(lambda spec=spec: sandbox.acquire(spec)))
-    for index in range(count):
-        await sandbox.remove(f"loop_start{index}")
-    return samples
+@contextlib.asynccontextmanager
+async def sandbox_server(
+    home: Path, sandbox: str, standin: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A loop server on `sandbox` in its own process; a client for its user."""
+    try:
+        with environ(LOOPBRIDGE_SANDBOX=sandbox, LOOPBRIDGE_SANDBOX_IMAGE=TAG):
+            async with running_server(home, standin) as server, server.client() as http:
+                yield http
+    finally:
+        # The bench server ends on SIGTERM without closing its engine: its containers
+        # would outlive the data dir.
+        await remove_containers(home)
 
 
-def p99(samples: list[float]) -> float:
-    return statistics.quantiles(samples, n=100)[98]
+async def remove_containers(home: Path) -> None:
+    podman = podman_argv(None)
+    ids = await run(*podman, "ps", "-aq", "--filter", server_label(home), env=podman_env())
+    if ids.split():
+        await run(*podman, "rm", "-f", "-t", "0", *ids.split(), env=podman_env())
 
 
-def row(name: str, value: str) -> None:
-    print(f"| {name:<44} | {value:>22} |")
+def server_label(home: Path) -> str:
+    return f"label={SERVER_LABEL}={home.resolve()}"  # as the server labels its containers
 
 
-async def bench(turn_count: int, start_count: int) -> None:
-    model = StandinModel()
-    url = await model.start()
+async def cold_start(http: httpx.AsyncClient, number: int) -> float:
+    """Create a loop and send its first message: seconds to the first `assistant_delta`."""
+    started = time.perf_counter()
+    loop = await create_loop(http, f"cold {number}")
+    created = time.perf_counter() - started
+    return created + (await server_turn(http, loop, "hello")).first_delta
+
+
+async def warm_turns(
+    podman: httpx.AsyncClient, local: httpx.AsyncClient, count: int
+) -> tuple[list[TurnTiming], list[TurnTiming]]:
+    loops = [(podman, await create_loop(podman, "warm")), (local, await create_loop(local, "warm"))]
+    results: tuple[list[TurnTiming], list[TurnTiming]] = ([], [])
+    for number in range(WARM_UP_TURNS + count):
+        order = [0, 1] if number % 2 else [1, 0]
+        for index in order:
+            http, loop = loops[index]
+            timing = await server_turn(http, loop, f"warm turn {number}")
+            if number >= WARM_UP_TURNS:
+                results[index].append(timing)
+    return results
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def verdict(ok: bool) -> str:
+    return "yes" if ok else "**NO**"
+
+
+def median_of(timings: list[TurnTiming], field: str) -> float:
+    return statistics.median(getattr(t, field) for t in timings)
+
+
+def render(
+    build: float,
+    cached: float,
+    colds: dict[str, list[float]],
+    warm: tuple[list[TurnTiming], list[TurnTiming]],
+) -> str:
+    podman, local = warm
+    cold = statistics.median(colds["podman"])
+    rows = [
+        ["image build from nothing", f"{build:.1f} s", f"< {BUILD_TARGET_S:.0f} s",
+         verdict(build < BUILD_TARGET_S)],
+        ["image build, .debs cached", f"{cached:.1f} s", "", ""],
+        [f"cold start to first delta, podman (median of {len(colds['podman'])})", ms(cold),
+         f"< {COLD_TARGET_S} s", verdict(cold < COLD_TARGET_S)],
+        ["cold start to first delta, podman (worst)", ms(max(colds["podman"])), "", ""],
+        [f"cold start to first delta, local (median of {len(colds['local'])})",
+         ms(statistics.median(colds["local"])), "", ""],
+    ]
+    for field, name in (("first_delta", "first delta"), ("done", "done")):
+        overhead = median_of(podman, field) - median_of(local, field)
+        rows += [
+            [f"warm turn to {name}, podman / local (median of {len(podman)})",
+             f"{ms(median_of(podman, field))} / {ms(median_of(local, field))}", "", ""],
+            [f"warm turn overhead to {name}, podman - local", ms(overhead),
+             f"< {OVERHEAD_TARGET_MS:.0f} ms", verdict(overhead * 1000 < OVERHEAD_TARGET_MS)],
+        ]
+    return table(["measure", "value", "target", "met"], rows)
+
+
+async def bench(turn_count: int, cold_count: int) -> None:
     with tempfile.TemporaryDirectory(prefix="lb-bench-") as scratch:
         data = Path(scratch)
-        build = await timed(lambda: build_image(TAG, data / "podman", progress=lambda _: None))
-        cached = await timed(lambda: build_image(TAG, data / "podman", progress=lambda _: None))
-        settings = Settings(home=data / "podman", sandbox="podman", sandbox_image=TAG)
-        podman = PodmanSandbox(data / "podman", CLI, settings)
-        local = LocalSandbox(data / "local", CLI)
-        await podman.start()
-        await local.start()
+        log("building the image from nothing")
+        build = await timed(lambda: build_image(TAG, data / "podman", progress=log))
+        log("building it again, .debs cached")
+        cached = await timed(lambda: build_image(TAG, data / "podman", progress=log))
         try:
-            starts = await acquire_times(podman, url, start_count)
-            spec = SandboxSpec("loop_turns", agent_env(url))
-            podman_connect, podman_turns = await turns((await podman.acquire(spec))[0], turn_count)
-            local_connect, local_turns = await turns((await local.acquire(spec))[0], turn_count)
-            await podman.remove("loop_turns")
+            async with (
+                running_standin() as standin,
+                sandbox_server(data / "podman", "podman", standin) as podman,
+                sandbox_server(data / "local", "local", standin) as local,
+            ):
+                colds: dict[str, list[float]] = {"podman": [], "local": []}
+                for number in range(cold_count):
+                    colds["podman"].append(await cold_start(podman, number))
+                    colds["local"].append(await cold_start(local, number))
+                log(f"{cold_count} cold starts each")
+                warm = await warm_turns(podman, local, turn_count)
+                log(f"{turn_count} warm turns each")
         finally:
-            await podman.close()
-            await run(*podman_argv(None), "rmi", TAG, env=podman_env())
-    await model.stop()
-
-    ms = 1000
-    print(f"| {'measure':<44} | {'value':>22} |\n|{'-' * 46}|{'-' * 24}|")
-    row("image build from nothing (s)", f"{build:.1f}")
-    row("image build, .debs cached (s)", f"{cached:.1f}")
-    row(
-        f"container create+start, median of {start_count} (ms)",
-        f"{statistics.median(starts) * ms:.0f}",
-    )
-    row(
-        "agent connect, podman / local (ms)",
-        f"{podman_connect * ms:.0f} / {local_connect * ms:.0f}",
-    )
-    for name, samples in (("podman", podman_turns), ("local", local_turns)):
-        row(
-            f"echo turn via {name}, median / p99 (ms)",
-            f"{statistics.median(samples) * ms:.0f} / {p99(samples) * ms:.0f}",
-        )
-    ratio = statistics.median(podman_turns) / statistics.median(local_turns)
-    row("turn overhead, podman / local (median)", f"{ratio:.2f}x")
+            await run(*podman_argv(None), "rmi", "-f", TAG, env=podman_env())
+    print(render(build, cached, colds, warm))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--turns", type=int, default=100)
-    parser.add_argument("--starts", type=int, default=10)
+    parser.add_argument("--turns", type=int, default=40)
+    parser.add_argument("--colds", type=int, default=8)
     arguments = parser.parse_args()
-    asyncio.run(bench(arguments.turns, arguments.starts))
+    asyncio.run(bench(arguments.turns, arguments.colds))
 
 
 if __name__ == "__main__":

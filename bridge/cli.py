@@ -83,6 +83,17 @@ def _parser() -> argparse.ArgumentParser:
     revoke = tokens.add_parser("revoke", help="revoke a token")
     revoke.add_argument("token_id")
     revoke.set_defaults(run=_tokens_revoke)
+
+    sandbox = commands.add_parser("sandbox", help="the podman sandbox").add_subparsers(
+        title="sandbox"
+    )
+    build = sandbox.add_parser("build", help="build the sandbox image from Debian packages")
+    build.set_defaults(run=_sandbox_build)
+
+    doctor = commands.add_parser(
+        "doctor", help="check podman, the image, the agent CLI, the model API and the database"
+    )
+    doctor.set_defaults(run=_doctor)
     return parser
 
 
@@ -158,6 +169,33 @@ async def _tokens_revoke(args: argparse.Namespace) -> None:
         print(f"revoked {args.token_id}")
 
     await _with_accounts(work)
+
+
+# ---- the sandbox and the doctor -----------------------------------------------------------
+
+
+async def _sandbox_build(args: argparse.Namespace) -> None:
+    from core.config import load_settings
+    from core.sandbox.image import build_image, recipe_path
+
+    settings = load_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    recipe = recipe_path(settings.data_dir)
+    print(f"building {settings.sandbox_image} from {recipe}", flush=True)
+    await build_image(
+        settings.sandbox_image,
+        settings.data_dir,
+        progress=lambda line: print(line, flush=True),
+        url=settings.podman_url,
+    )
+
+
+async def _doctor(args: argparse.Namespace) -> None:
+    from bridge.doctor import doctor
+    from core.config import load_settings
+
+    if not await doctor(load_settings()):
+        raise SystemExit(1)
 
 
 # ---- the server ------------------------------------------------------------------------

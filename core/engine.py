@@ -221,6 +221,8 @@ class Engine:
     ) -> Page:
         query = select(loops).where(loops.c.created_by == user, loops.c.archived == archived)
         for key, value in (metadata or {}).items():
+            if not key or any(c in key for c in '"\\\x00'):
+                raise EngineError("invalid_request", f"metadata filter key {key!r} is not usable")
             query = query.where(loops.c.metadata[key].as_string() == value)
         cursor_id = after or before
         async with self.db.engine.connect() as conn:

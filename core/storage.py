@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         try:
-            self.engine: AsyncEngine = create_async_engine(url)
+            self.engine: AsyncEngine = create_async_engine(url, json_serializer=_strict_json)
         except ModuleNotFoundError as exc:
             raise SettingsError(
                 f"LOOPBRIDGE_DATABASE_URL needs the driver {exc.name!r}: "
@@ -50,6 +51,11 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _strict_json(value: object) -> str:
+    # NaN and Infinity are not JSON: stored, they would break every later read.
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
 
 def _upgrade(conn: Connection) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from claude_agent_sdk import (
 from bridge.standin import StandinModel
 from core.config import Settings
 from core.sandbox.base import AgentHost, SandboxSpec
+from core.sandbox.image import RECIPE, RECIPE_LABEL, load_recipe, podman_argv, podman_env, run
 from core.sandbox.podman import LOOP_LABEL, SERVER_LABEL, PodmanSandbox, usable
 
 SETTINGS = Settings(
@@ -164,3 +167,49 @@ async def test_restart_adopts_and_remove_leaves_nothing(
     assert await again.call(again.api.containers.list, all=True, filters=filters) == []
     assert (sandbox.workdir("loop_a") / "made.txt").exists()
     await again.close()
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+
+async def loopbridge(home: Path, *args: str, **env: str) -> tuple[int, str]:
+    """Run `loopbridge ARGS` (without blocking the stand-in's event loop): exit code, stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge.cli", *args,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "LOOPBRIDGE_HOME": str(home), **env},
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+async def test_doctor_passes_here_and_names_the_fix_for_what_fails(
+    sandbox: PodmanSandbox, model: StandinModel, tmp_path: Path
+) -> None:
+    code, out = await loopbridge(tmp_path, "doctor", ANTHROPIC_BASE_URL=model.url)
+    assert code == 0, out
+    checks = ["podman", "image", "cli", "model", "database"]
+    assert [line.split()[:2] for line in out.splitlines()] == [["ok", name] for name in checks]
+
+    code, out = await loopbridge(tmp_path, "doctor", ANTHROPIC_BASE_URL="http://127.0.0.1:9")
+    assert code == 1
+    failed = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1 and failed[0].split()[1] == "model"
+    assert "fix: " in failed[0]
+
+
+async def test_sandbox_build_prints_its_progress(tmp_path: Path) -> None:
+    tag = "localhost/loopbridge-sandbox-test:latest"
+    code, out = await loopbridge(tmp_path, "sandbox", "build", LOOPBRIDGE_SANDBOX_IMAGE=tag)
+    try:
+        assert code == 0, out
+        lines = out.splitlines()
+        assert lines[0] == f"building {tag} from {RECIPE}"
+        assert lines[1].startswith("resolved ") and lines[-1].startswith(f"imported {tag} in ")
+        label = f'{{{{index .Labels "{RECIPE_LABEL}"}}}}'
+        built_from = await run(
+            *podman_argv(None), "image", "inspect", "--format", label, tag, env=podman_env()
+        )
+        assert built_from.strip() == load_recipe(RECIPE).digest
+    finally:
+        await run(*podman_argv(None), "rmi", "-f", tag, env=podman_env())

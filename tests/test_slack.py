@@ -280,9 +280,10 @@ def unsplit(messages: list[str], whole: str) -> None:
     position = 0
     for index, text in enumerate(messages):
         assert len(FENCE.findall(text)) % 2 == 0, f"unbalanced fences in part {index}"
-        piece = "".join(text.split())
-        if index and piece.startswith("```") and not expected.startswith("```", position):
-            piece = piece[3:]  # a reopened code block
+        lines = text.strip().split("\n")
+        if index and lines[0].startswith("```") and not expected.startswith("```", position):
+            lines = lines[1:]  # a reopened code block (```python on a stream)
+        piece = "".join("".join(lines).split())
         if not expected.startswith(piece, position) and piece.endswith("```"):
             piece = piece[:-3]  # a closed one
         assert expected.startswith(piece, position), f"part {index} does not continue the text"
@@ -394,3 +395,16 @@ async def test_http_mode_with_signed_requests(slack: Harness) -> None:
     await slack.turns(1)
     assert slack.answer(root) == "Echo #1: over http"
     assert slack.fake.acks and all(ack == "http 200" for ack in slack.fake.acks)
+
+
+async def test_rate_limits_are_waited_out_and_the_final_text_arrives(slack: Harness) -> None:
+    # A stricter Slack than the adapter's pace: chat.update gets 429s, which are retried.
+    slack.fake.update_gap = 1.6
+    await slack.start(streaming="edit")
+    root = await slack.fake.say(ALICE, f"{MENTION} [[slow: 4]]")
+    await slack.turns(1, timeout=60)
+    assert any(c.status == 429 for c in slack.fake.calls)
+    loop = await loop_of(slack, root)
+    whole = (await slack.client.history(loop.id)).data[0].assistant_text
+    assert slack.answer(root) == to_mrkdwn(whole).strip()
+    assert not any(m.has_buttons for m in slack.fake.bot_messages(CHANNEL, root))

@@ -107,6 +107,7 @@ class SlackThread:
         self._control_shown: tuple[str, bool] | None = None
         self._control_at = 0.0
         self._last_live: MessageView | None = None
+        self._activity: tuple[str, ...] = ()
         self._final: MessageView | None = None
 
     @property
@@ -216,6 +217,9 @@ class SlackThread:
     # ---- the control message of a native turn ------------------------------------------
 
     def _remember(self, view: MessageView) -> None:
+        # A sealed part still reports how its tools ended; the live one has the Stop state.
+        if view.activity:
+            self._activity = view.activity
         if view.live:
             self._last_live = view
         elif view.state in ("interrupted", "error"):
@@ -225,7 +229,7 @@ class SlackThread:
         view = self._last_live
         if view is None:
             return None
-        lines = [to_mrkdwn(line) for line in view.activity]
+        lines = [to_mrkdwn(line) for line in self._activity]
         if view.state == "queued":
             lines.append(status_line(view))
         text = "\n".join(lines) or ":hourglass_flowing_sand: working…"
@@ -258,8 +262,7 @@ class SlackThread:
             await self._stop_stream(ts)
         if self._control_ts is None:
             return
-        last = self._last_live
-        lines = [to_mrkdwn(line) for line in last.activity] if last is not None else []
+        lines = [to_mrkdwn(line) for line in self._activity]
         if self._final is not None:
             lines.append(status_line(self._final))
         if not lines:

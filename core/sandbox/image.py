@@ -244,6 +244,7 @@ async def build_image(
 ) -> None:
     """Build image `tag` from the recipe; .debs are cached under `data_dir`."""
     started = time.monotonic()
+    podman = podman_argv(url)  # before any download: without podman there is no point
     recipe = load_recipe(recipe_path(data_dir))
     cache = data_dir / "sandbox" / "debs"
     cache.mkdir(parents=True, exist_ok=True)
@@ -264,7 +265,7 @@ async def build_image(
         await run("tar", "-C", str(root), "-cf", str(tarball), ".")
         previous = await image_id(tag, url)
         await run(
-            *podman_argv(url),
+            *podman,
             "import",
             "-q",
             *import_changes(recipe),

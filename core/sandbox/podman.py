@@ -21,6 +21,7 @@ count are capped. Networks (`sandbox_network`):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import hashlib
 import ipaddress
@@ -228,6 +229,7 @@ class PodmanSandbox(Sandbox):
             self.client = PodmanClient(base_url=self.url)
             self.write_launcher()
             self.image_id = await self.ensure_image()
+            await self.try_container()
             await self.tidy_leftovers()
             await self.tidy_abandoned()
         except (APIError, OSError) as exc:  # requests' errors are OSErrors
@@ -291,8 +293,13 @@ class PodmanSandbox(Sandbox):
             await asyncio.sleep(0.05)
         raise EngineError("sandbox_spawn_failed", "podman service did not open its socket in 10 s")
 
+    @property
+    def cli_url(self) -> str | None:
+        """The podman command's `--url`: none for the service this server runs itself."""
+        return None if self.service is not None else self.url
+
     def write_launcher(self) -> None:
-        podman = podman_argv(None if self.service is not None else self.url)
+        podman = podman_argv(self.cli_url)
         text = LAUNCHER.format(
             path=os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             conf=podman_env()["CONTAINERS_CONF"],
@@ -316,10 +323,30 @@ class PodmanSandbox(Sandbox):
             pass
         # Shown without any logging set up: the server's first start waits for this.
         log.warning("building the sandbox image %s (`loopbridge sandbox build` does it ahead)", tag)
-        url = None if self.service is not None else self.url
-        await build_image(tag, self.data_dir, progress=log.info, url=url)
+        await build_image(tag, self.data_dir, progress=log.info, url=self.cli_url)
         image = await self.call(self.api.images.get, tag)
         return str(image.id)
+
+    async def try_container(self) -> None:
+        """Run `true` in a container limited like a loop's: podman can be installed and
+        answer, yet not run containers here (no cgroup controllers, in an unprivileged
+        container); better to know at start than at every loop's first turn."""
+        s = self.settings
+        limits = [
+            f"--memory={s.sandbox_memory}",
+            f"--pids-limit={s.sandbox_pids}",
+            f"--cpus={s.sandbox_cpus}",
+        ]
+        try:
+            await run(
+                *podman_argv(self.cli_url), "run", "--rm", "--network=none", "--read-only",
+                "--cap-drop=ALL", "--security-opt=no-new-privileges", *limits,
+                self.image_id, "true",
+                env=podman_env(),
+            )
+        except EngineError as exc:
+            message = f"podman cannot run a container here: {exc.message}"
+            raise EngineError(exc.code, message) from None
 
     async def tidy_leftovers(self) -> None:
         """Keep an earlier run's containers for their loops, stopped; remove stale ones."""
@@ -328,7 +355,7 @@ class PodmanSandbox(Sandbox):
             loop_id = container.labels.get(LOOP_LABEL, "")
             stale = container.attrs.get("ImageID") != self.image_id
             if stale or not self.loop_dir(loop_id).is_dir():
-                await self.call(container.remove, force=True)
+                await self.discard(container)
             # A listed container's State is a word, not the inspected structure.
             elif container.attrs.get("State") == "running":
                 # No agent of this server runs in it any more.
@@ -342,7 +369,7 @@ class PodmanSandbox(Sandbox):
             self.api.containers.list, all=True, filters=[f"label={SERVER_LABEL}"]
         )
         for container in abandoned(containers):
-            await self.call(container.remove, force=True)
+            await self.discard(container)
 
     # -- loops ---------------------------------------------------------------
 
@@ -358,7 +385,7 @@ class PodmanSandbox(Sandbox):
             container = await self.find(spec.loop_id)
             wanted = options["labels"][CONFIG_LABEL]
             if container is not None and container.labels.get(CONFIG_LABEL) != wanted:
-                await self.call(container.remove, force=True)
+                await self.discard(container)
                 container = None
             cold = container is None or container.status != "running"
             if self.settings.sandbox_network == "model":
@@ -379,7 +406,7 @@ class PodmanSandbox(Sandbox):
         async with self.locks[loop_id]:
             container = await self.find(loop_id)
             if container is not None:
-                await self.call(container.remove, force=True)
+                await self.discard(container)
         self.locks.pop(loop_id, None)
 
     def agent_host(self, spec: SandboxSpec, route: ModelRoute) -> AgentHost:
@@ -482,6 +509,12 @@ class PodmanSandbox(Sandbox):
         forwarder = ModelForwarder(route, self.forwarder_dir(route))
         await forwarder.start()
         self.forwarders[route.key] = forwarder
+
+    async def discard(self, container: Container) -> None:
+        """Remove a container at once: `force` alone waits out a graceful stop first."""
+        with contextlib.suppress(APIError):  # it was not running
+            await self.call(container.kill)
+        await self.call(container.remove, force=True)
 
     @property
     def api(self) -> PodmanClient:

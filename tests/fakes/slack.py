@@ -64,6 +64,8 @@ class Message:
     stream_started: float = 0.0
     deleted: bool = False
     updates: list[float] = field(default_factory=list)
+    # When what a person sees of it last changed (monotonic clock).
+    changed: float = field(default_factory=time.monotonic)
 
     def as_event_message(self) -> dict[str, Any]:
         body: dict[str, Any] = {"type": "message", "ts": self.ts, "text": self.text,
@@ -386,6 +388,7 @@ class FakeSlack:
             raise _Refused("ratelimited", status=429, retry_after=1)
         message.updates.append(now)
         message.text, message.blocks, message.markdown = text, blocks, None
+        message.changed = now
         return {"channel": message.channel, "ts": message.ts, "text": text}
 
     def _m_chat_delete(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
@@ -419,6 +422,7 @@ class FakeSlack:
     def _m_chat_appendStream(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
         message = self._streaming(args)
         message.markdown = (message.markdown or "") + _stream_text(args, required=True)
+        message.changed = time.monotonic()
         return {"channel": message.channel, "ts": message.ts}
 
     def _m_chat_stopStream(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
@@ -427,6 +431,7 @@ class FakeSlack:
         if args.get("blocks"):
             message.blocks = _blocks(args)
         message.streaming = False
+        message.changed = time.monotonic()
         return {"channel": message.channel, "ts": message.ts}
 
     def _message(self, args: dict[str, Any]) -> Message:
