@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,15 +23,32 @@ import pytest_asyncio
 from podman import PodmanClient
 
 from core.config import Settings
+from core.engine import bundled_cli
+from core.errors import SettingsError
+from core.sandbox import choose_sandbox
 from core.sandbox.image import podman_argv, podman_env, run
-from core.sandbox.podman import LOOP_LABEL, SERVER_LABEL, usable
+from core.sandbox.podman import LOOP_LABEL, SERVER_LABEL
 from tests.conftest import Server, start_server, stop_server
 from tests.sse import TERMINAL, Ev, events, names, text_of, turn
 
 IMAGE = Settings().sandbox_image
-OK, WHY = asyncio.run(usable(IMAGE))
-if not OK:
-    pytest.skip(f"podman cannot run sandboxes here: {WHY}", allow_module_level=True)
+CLI = bundled_cli()
+
+
+async def podman_problem() -> str | None:
+    """Why the podman sandbox cannot run here, as `loopbridge serve` says it; None if it can."""
+    with tempfile.TemporaryDirectory(prefix="lb-probe-") as home:
+        try:
+            sandbox = await choose_sandbox(Settings(sandbox="podman", home=Path(home)), CLI)
+        except SettingsError as exc:
+            return str(exc)
+        await sandbox.close()
+    return None
+
+
+PROBLEM = asyncio.run(podman_problem())
+if PROBLEM is not None:
+    pytest.skip(PROBLEM, allow_module_level=True)
 
 BYPASS = {"permission_mode": "bypassPermissions"}
 LOOPBRIDGE = [sys.executable, "-m", "bridge.cli"]

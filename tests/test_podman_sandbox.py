@@ -6,10 +6,10 @@ import asyncio
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import claude_agent_sdk
 import pytest
 import pytest_asyncio
 from claude_agent_sdk import (
@@ -22,9 +22,12 @@ from claude_agent_sdk import (
 
 from bridge.standin import StandinModel
 from core.config import Settings
+from core.engine import bundled_cli
+from core.errors import SettingsError
+from core.sandbox import choose_sandbox
 from core.sandbox.base import AgentHost, SandboxSpec
 from core.sandbox.image import RECIPE, RECIPE_LABEL, load_recipe, podman_argv, podman_env, run
-from core.sandbox.podman import LOOP_LABEL, SERVER_LABEL, PodmanSandbox, usable
+from core.sandbox.podman import LOOP_LABEL, SERVER_LABEL, PodmanSandbox
 
 SETTINGS = Settings(
     sandbox="podman",
@@ -33,11 +36,24 @@ SETTINGS = Settings(
     sandbox_memory="1g",
     sandbox_cpus=1.0,
 )
-OK, WHY = asyncio.run(usable(SETTINGS.sandbox_image, SETTINGS.podman_url))
-if not OK:
-    pytest.skip(f"podman cannot run sandboxes here: {WHY}", allow_module_level=True)
+CLI = bundled_cli()
 
-CLI = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+
+async def podman_problem() -> str | None:
+    """Why the podman sandbox cannot run here, as `loopbridge serve` says it; None if it can."""
+    with tempfile.TemporaryDirectory(prefix="lb-probe-") as home:
+        try:
+            sandbox = await choose_sandbox(Settings(sandbox="podman", home=Path(home)), CLI)
+        except SettingsError as exc:
+            return str(exc)
+        await sandbox.close()
+    return None
+
+
+PROBLEM = asyncio.run(podman_problem())
+if PROBLEM is not None:
+    pytest.skip(PROBLEM, allow_module_level=True)
+
 TURN_TIMEOUT = 30
 # cgroup v1 has a hierarchy per controller; v2 one for all.
 PIDS_CGROUPS = next(p for p in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")) if p.is_dir())

@@ -1,0 +1,62 @@
+"""Discord settings: `LOOPBRIDGE_DISCORD_*` environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from adapters.policy import Policy
+from adapters.settings import IdList
+from bridge.schemas import PermissionMode
+
+# Discord's limit on a message's content.
+CONTENT_LIMIT = 2000
+
+
+class DiscordSettings(BaseSettings):
+    """`token` is the bot token of the application (Developer Portal → Bot)."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOPBRIDGE_DISCORD_", extra="ignore")
+
+    token: SecretStr | None = None
+    # The REST base with its version, e.g. http://127.0.0.1:9000/api/v10 (a fake, or the
+    # REST proxy a large bot runs), and the gateway's websocket URL. Both are class
+    # attributes of discord.py, so they hold for every Discord client in the process.
+    api_url: str | None = None
+    gateway_url: str | None = None
+    # For the invite URL; by default read from the token (a bot's user id is its app's id).
+    application_id: str | None = None
+    # Channels bound whole to one loop each: every message there goes to it, no mention.
+    bound_channels: IdList = Field(default_factory=list)
+    # Guilds to register the slash commands in (at once); empty registers them globally
+    # (Discord may take up to an hour to show global commands).
+    command_guilds: IdList = Field(default_factory=list)
+    sync_commands: bool = True
+    # Seconds between two edits of one message, and what one message of the answer holds.
+    edit_interval: float = Field(1.0, ge=0.2)
+    part_limit: int = Field(CONTENT_LIMIT, ge=200, le=CONTENT_LIMIT)
+    # The budget of messages written (posted or edited) per channel: `budget` per `window` s.
+    budget: int = Field(5, ge=1)
+    window: float = Field(5.0, gt=0)
+    thread_archive_minutes: Literal[60, 1440, 4320, 10080] = 1440
+    # How long discord.py waits for the guilds of READY before it calls itself ready.
+    guild_ready_timeout: float = Field(2.0, ge=0)
+    # Who may do what (empty: everyone). Ids are Discord user or role ids; `channels` are
+    # the channels where loops may be started (a thread counts as its parent channel).
+    channels: IdList = Field(default_factory=list)
+    users: IdList = Field(default_factory=list)
+    admins: IdList = Field(default_factory=list)
+    approvers: IdList = Field(default_factory=list)
+    permission_mode: PermissionMode | None = None
+
+    @property
+    def configured(self) -> bool:
+        """Enough is set to connect (what `loopbridge serve` may check)."""
+        return self.token is not None
+
+    def policy(self) -> Policy:
+        return Policy(
+            channels=self.channels, users=self.users, admins=self.admins, approvers=self.approvers
+        )
