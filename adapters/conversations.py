@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from adapters.actions import Action
-from adapters.binding import Binding, ConversationKey, ThreadBindings
+from adapters.binding import STARTED_BY, Binding, ConversationKey, ThreadBindings
 from adapters.dedupe import RecentKeys
 from adapters.policy import Actor, Policy
 from adapters.render import RenderStats, TurnRenderer
@@ -28,6 +28,7 @@ from bridge.schemas import PermissionMode, StreamEventModel
 
 log = logging.getLogger(__name__)
 
+NOT_YOURS = "Only the person who started this thread or an admin can do that."
 # Tools whose call is already shown another way (the question's buttons).
 QUIET_TOOLS = frozenset({"AskUserQuestion"})
 
@@ -142,15 +143,17 @@ class Conversations:
 
     # ---- clicks -----------------------------------------------------------------------
 
-    async def decide(self, actor: Actor, action: Action, answers: Answers | None = None) -> Decision:
+    async def decide(
+        self, actor: Actor, action: Action, answers: Answers | None = None
+    ) -> Decision:
         """Carry out a click if `actor` may; the platform shows the outcome."""
         try:
             loop = await self.client.get_loop(action.loop_id)
         except LoopApiError as exc:
             return Decision("gone", f"that loop is not available ({exc.code})")
-        started_by = loop.metadata.get("started_by")
+        started_by = loop.metadata.get(STARTED_BY)
         if not self.policy.may_decide(actor, str(started_by) if started_by else None):
-            return Decision("not_allowed", "Only the person who started this thread or an admin can do that.")
+            return Decision("not_allowed", NOT_YOURS)
         try:
             if action.verb == "stop":
                 await self.client.interrupt(action.loop_id)

@@ -289,7 +289,7 @@ class TurnRenderer:
     def _kept(self) -> int:
         """How much of the tail an append-only surface already shows."""
         tail = self._tail
-        if not getattr(self.surface, "append_only", False) or tail is None:
+        if not self.surface.append_only or tail is None:
             return 0
         return len(tail.shown.text) if isinstance(tail.shown, MessageView) else 0
 
@@ -311,7 +311,8 @@ class TurnRenderer:
             else:
                 text, closing = self._splitter.tail, self._splitter.tail_closing()
             # The last message carries how the turn ended; sealed ones are complete.
-            state: TurnState = self.state if (is_tail or (slot is last and self._finished)) else "done"
+            ends_turn = is_tail or (slot is last and self._finished)
+            state: TurnState = self.state if ends_turn else "done"
             if state == "waiting":
                 state = "running"
             activity, hidden = slot.activity.shown()

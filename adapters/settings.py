@@ -31,3 +31,17 @@ class ApiSettings(BaseSettings):
 
     api_url: str | None = None
     api_token: SecretStr | None = None
+
+
+class AdapterSettingsError(Exception):
+    """A setting is missing or wrong; the message says which and how to fix it."""
+
+
+def settings_error(exc: Exception, prefix: str) -> AdapterSettingsError:
+    """One line out of a pydantic ValidationError (or any other mistake)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(part) for part in first["loc"]).upper()
+        return AdapterSettingsError(f"bad setting {prefix}{where}: {first['msg']}")
+    return AdapterSettingsError(str(exc))

@@ -100,7 +100,8 @@ def choice_view(loop_id: str, data: dict[str, Any]) -> ChoiceView:
             detail=str(payload.get("input_summary") or ""),
             tool=tool,
         )
-    questions = tuple(_question(index, raw) for index, raw in enumerate(payload.get("questions", [])))
+    raw_questions = payload.get("questions", [])
+    questions = tuple(_question(index, raw) for index, raw in enumerate(raw_questions))
     title = questions[0].text if len(questions) == 1 else "The agent has questions"
     return ChoiceView(loop_id, data["choice_id"], kind, title=title, questions=questions)
 

@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8642)
     demo.set_defaults(run=_demo)
 
+    slack = commands.add_parser(
+        "slack", help="run the Slack adapter against LOOPBRIDGE_API_URL (see docs/slack.md)"
+    )
+    slack.set_defaults(run=_slack)
+
     users = commands.add_parser("users", help="manage users").add_subparsers(title="users")
     add = users.add_parser("add", help="add a user")
     add.add_argument("name")
@@ -196,6 +201,19 @@ async def _doctor(args: argparse.Namespace) -> None:
 
     if not await doctor(load_settings()):
         raise SystemExit(1)
+
+
+# ---- adapters --------------------------------------------------------------------------
+
+
+async def _slack(args: argparse.Namespace) -> None:
+    from adapters.settings import AdapterSettingsError
+    from adapters.slack.runner import run_slack
+
+    try:
+        await run_slack()
+    except AdapterSettingsError as exc:
+        raise CommandError(str(exc)) from None
 
 
 # ---- the server ------------------------------------------------------------------------

@@ -58,7 +58,7 @@ SessionUser = Annotated[str, Depends(_session_user)]
 async def _owner(loop_id: str, request: Request, user: User) -> str:
     """The caller, once the loop exists and is theirs: checked before anything else
     about the request (its body, query or headers)."""
-    await request.app.state.engine.get_loop(user, loop_id)
+    await request.app.state.engine.check_owner(user, loop_id)
     return user
 
 

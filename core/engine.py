@@ -375,6 +375,12 @@ class Engine:
         runtime.enqueue(turn)
         return TurnStream(turn.id, EventStream(self._until_terminal(runtime, subscription)))
 
+    async def check_owner(self, user: str, raw_id: str) -> None:
+        """`loop_not_found` or `not_loop_owner`, answered from memory when the loop is active."""
+        runtime = self._runtimes.get(loop_id(raw_id))
+        if runtime is None or runtime.spec.owner != user:
+            await self._owned_row(user, raw_id)
+
     async def _owned_runtime(self, user: str, raw_id: str) -> LoopRuntime:
         """The loop's runtime, after the owner check (from memory when the loop is active)."""
         runtime = self._runtimes.get(loop_id(raw_id))

@@ -12,6 +12,9 @@ TERMINAL = frozenset({"done", "interrupted", "error"})
 
 # A watcher further behind than this is cut off; it resumes with Last-Event-ID.
 SUBSCRIBER_BACKLOG = 20_000
+# Deltas that follow a batch within this window are sent together (see Subscription).
+BATCH_WINDOW = 0.025
+STREAMING = frozenset({"assistant_delta", "thinking_delta"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +57,19 @@ class Overflow(Exception):
 
 
 class Subscription:
+    """One reader's queue of a channel's events, read in batches.
+
+    Streaming text is coalesced: after a batch, deltas that follow within
+    `BATCH_WINDOW` wait for the window to pass and go out together, so a fast
+    stream costs each reader one write per window instead of one per delta. Any
+    other event (a tool call, a choice, the end of the turn) ends the wait at once.
+    """
+
     def __init__(self, channel: Channel, accept: Callable[[Event], bool]) -> None:
         self._channel = channel
         self._accept = accept
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._lingering: asyncio.Future[None] | None = None
         self.overflowed = False
 
     def offer(self, event: Event) -> None:
@@ -69,6 +81,8 @@ class Subscription:
             self._channel.unsubscribe(self)
             return
         self._queue.put_nowait(event)
+        if event.name not in STREAMING:
+            self._stop_lingering()
 
     async def get(self) -> Event:
         event = await self._queue.get()
@@ -76,22 +90,38 @@ class Subscription:
             raise Overflow
         return event
 
-    async def get_batch(self) -> list[Event]:
-        """The next event and every one already waiting behind it."""
-        batch = [await self.get()]
-        while not self._queue.empty():
-            event = self._queue.get_nowait()
-            if event is None:
-                raise Overflow
-            batch.append(event)
-        return batch
-
     def close(self) -> None:
         self._channel.unsubscribe(self)
 
     async def batches(self) -> AsyncIterator[list[Event]]:
+        loop = asyncio.get_running_loop()
+        last_batch = -BATCH_WINDOW
         while True:
-            yield await self.get_batch()
+            first = await self.get()
+            wait = last_batch + BATCH_WINDOW - loop.time()
+            if wait > 0 and first.name in STREAMING:
+                await self._linger(loop, wait)
+            batch = [first]
+            while not self._queue.empty():
+                event = self._queue.get_nowait()
+                if event is None:
+                    raise Overflow
+                batch.append(event)
+            last_batch = loop.time()
+            yield batch
+
+    async def _linger(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        self._lingering = loop.create_future()
+        timer = loop.call_later(seconds, self._stop_lingering)
+        try:
+            await self._lingering
+        finally:
+            timer.cancel()
+            self._lingering = None
+
+    def _stop_lingering(self) -> None:
+        if self._lingering is not None and not self._lingering.done():
+            self._lingering.set_result(None)
 
 
 class EventStream:

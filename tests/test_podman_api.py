@@ -27,12 +27,13 @@ from core.engine import bundled_cli
 from core.errors import SettingsError
 from core.sandbox import choose_sandbox
 from core.sandbox.image import podman_argv, podman_env, run
-from core.sandbox.podman import LOOP_LABEL, SERVER_LABEL
+from core.sandbox.podman import CLI_DIR, LOOP_LABEL, SERVER_LABEL
 from tests.conftest import Server, start_server, stop_server
 from tests.sse import TERMINAL, Ev, events, names, text_of, turn
 
 IMAGE = Settings().sandbox_image
 CLI = bundled_cli()
+CLI_INSIDE = f"{CLI_DIR}/{CLI.name}"
 
 
 async def podman_problem() -> str | None:
@@ -143,7 +144,8 @@ async def test_a_file_seeded_from_the_host_is_read_by_the_agent(box: Server) -> 
 
 async def test_a_background_process_outlives_its_turn(box: Server) -> None:
     loop = await new_loop(box)
-    ticker = "while :; do echo tick >> ticks.txt; sleep 0.1; done"
+    # It ends (~10 s) before the module does: an agent waiting for it stops slowly.
+    ticker = "for i in $(seq 100); do echo tick >> ticks.txt; sleep 0.1; done"
     evs = await turn(box.http, loop, f"[[bashbg: {ticker}]]", **BYPASS)
     assert names(evs)[-1] == "done" and text_of(evs) == "Started in background."
     ticks = box.engine.sandbox.workdir(loop) / "ticks.txt"
@@ -171,7 +173,7 @@ def count_lines(path: Path) -> int:
 async def test_two_loops_see_neither_files_nor_processes_of_each_other(box: Server) -> None:
     a, b = await new_loop(box), await new_loop(box)
     # `exec -a` names the process; `marke[r]` matches it but not the shell that searches.
-    make = "echo secret > mine.txt; exec -a lb-loop-a-marker sleep 300"
+    make = "echo secret > mine.txt; exec -a lb-loop-a-marker sleep 15"
     await turn(box.http, a, f"[[bashbg: {make}]]", **BYPASS)
     look = "pgrep -c -f lb-loop-a-marke[r]; true"
     assert text_of(await turn(box.http, a, f"[[bash: {look}]]", **BYPASS)) == "Tool ok: 1"
@@ -243,6 +245,33 @@ async def test_a_pending_choice_is_evicted_with_its_sandbox(idle: Server) -> Non
 
     evs = await turn(idle.http, loop, "back")
     assert evs[0].data["cold_start"] is True and names(evs)[-1] == "done"
+
+
+async def test_an_agent_stopped_while_its_background_command_runs_leaves_the_container(
+    standin, tmp_path: Path
+) -> None:
+    # `podman exec` does not pass the SDK's SIGTERM on; a CLI left running would wake
+    # up when its command ends and call the model with nobody listening.
+    server = await start_server(tmp_path, sandbox="podman", agent_idle_seconds=0.5)
+    try:
+        loop = await new_loop(server)
+        await turn(server.http, loop, "[[bashbg: sleep 120]]", **BYPASS)
+        name = server.engine.sandbox.container_name(loop)
+        deadline = time.monotonic() + WAIT_SECONDS
+        # The SDK waits 5 s for the CLI to end after closing its input, then sends SIGTERM.
+        while CLI_INSIDE in await asyncio.to_thread(commands_in, server, name):
+            assert time.monotonic() < deadline, "the agent CLI still runs in the container"
+            await asyncio.sleep(0.5)
+        assert (await podman_states(server, loop)) == {loop: "running"}
+    finally:
+        await stop_server(server)
+
+
+def commands_in(server: Server, name: str) -> str:
+    """The command lines running in a container, via podman-py."""
+    with PodmanClient(base_url=server.engine.sandbox.url) as client:
+        top = client.containers.get(name).top(ps_args="args")
+    return "\n".join(" ".join(process) for process in top["Processes"])
 
 
 # ---- a server killed while its containers run ------------------------------------------------

@@ -28,8 +28,8 @@ MENTION = f"<@{FakeSlack.bot_user_id}>"
 FENCE = re.compile(r"^```", re.MULTILINE)
 
 
-async def until(check: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def until(check: Callable[[], object], within: float = 30.0, what: str = "") -> object:
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         value = check()
         if value:
@@ -76,7 +76,7 @@ class Harness:
             self.client = None
         self.fake.http_target = None
 
-    async def turns(self, count: int, timeout: float = 60.0) -> None:
+    async def turns(self, count: int, within: float = 60.0) -> None:
         """Wait until the adapter has finished `count` turns (since it started)."""
         adapter = self.adapter
         assert adapter is not None
@@ -86,7 +86,7 @@ class Harness:
                 not t.done() for t in adapter._tasks
             )
 
-        await until(done, timeout, f"{count} turns")
+        await until(done, within, f"{count} turns")
 
     def answer(self, thread_ts: str) -> str:
         return "".join(m.answer for m in self.fake.answer_messages(CHANNEL, thread_ts))
@@ -226,7 +226,8 @@ async def test_question_answered_by_button_reaches_the_model(slack: Harness) -> 
     await slack.turns(1)
     answer = slack.answer(root)
     assert answer.startswith("You chose:") and "Blue" in answer
-    assert f"<@{ALICE}> chose *Blue*" in slack.fake.choice_messages(CHANNEL, root)[-1].context_text()
+    outcome = slack.fake.choice_messages(CHANNEL, root)[-1].context_text()
+    assert f"<@{ALICE}> chose *Blue*" in outcome
 
 
 async def test_choice_answered_elsewhere_disables_the_buttons(slack: Harness) -> None:
@@ -257,7 +258,7 @@ async def test_stop_interrupts_the_turn(slack: Harness) -> None:
     await slack.fake.click(BOB, message, "lb_stop")  # not allowed: nothing happens
     await until(lambda: slack.fake.ephemerals, what="a private refusal")
     await slack.fake.click(ALICE, message, "lb_stop")
-    await slack.turns(1, timeout=20)
+    await slack.turns(1, within=20)
     loop = await loop_of(slack, root)
     history = await slack.client.history(loop.id)
     assert history.data[0].ended == "interrupted"
@@ -295,7 +296,7 @@ async def test_long_answer_is_split_complete_and_balanced_with_edits(slack: Harn
     slack.fake.update_gap = 0.9
     await slack.start(streaming="edit")
     root = await slack.fake.say(ALICE, f"{MENTION} [[long: 450]]")
-    await slack.turns(1, timeout=90)
+    await slack.turns(1, within=90)
     loop = await loop_of(slack, root)
     whole = (await slack.client.history(loop.id)).data[0].assistant_text
     assert len(whole) > 10_000 and whole.count("```") >= 10
@@ -316,7 +317,7 @@ async def test_long_answer_is_split_complete_and_balanced_with_edits(slack: Harn
 async def test_long_answer_streams_natively_split_and_balanced(slack: Harness) -> None:
     await slack.start()
     root = await slack.fake.say(ALICE, f"{MENTION} [[long: 450]]")
-    await slack.turns(1, timeout=90)
+    await slack.turns(1, within=90)
     loop = await loop_of(slack, root)
     whole = (await slack.client.history(loop.id)).data[0].assistant_text
     parts = [m.answer for m in slack.fake.answer_messages(CHANNEL, root)]
@@ -402,9 +403,63 @@ async def test_rate_limits_are_waited_out_and_the_final_text_arrives(slack: Harn
     slack.fake.update_gap = 1.6
     await slack.start(streaming="edit")
     root = await slack.fake.say(ALICE, f"{MENTION} [[slow: 4]]")
-    await slack.turns(1, timeout=60)
+    await slack.turns(1, within=60)
     assert any(c.status == 429 for c in slack.fake.calls)
     loop = await loop_of(slack, root)
     whole = (await slack.client.history(loop.id)).data[0].assistant_text
     assert slack.answer(root) == to_mrkdwn(whole).strip()
     assert not any(m.has_buttons for m in slack.fake.bot_messages(CHANNEL, root))
+
+
+async def test_loopbridge_slack_command_runs_against_a_remote_server(slack: Harness) -> None:
+    import os
+    import sys
+
+    env = {
+        **os.environ,
+        "LOOPBRIDGE_API_URL": slack.server.url,
+        "LOOPBRIDGE_API_TOKEN": slack.token,
+        "LOOPBRIDGE_SLACK_BOT_TOKEN": FakeSlack.bot_token,
+        "LOOPBRIDGE_SLACK_APP_TOKEN": FakeSlack.app_token,
+        "LOOPBRIDGE_SLACK_API_URL": slack.fake.api_url,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge.cli", "slack", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await slack.fake.wait_connected(30)
+        root = await slack.fake.say(ALICE, f"{MENTION} from the command")
+        await until(
+            lambda: slack.answer(root) == "Echo #1: from the command"
+            and not any(m.streaming for m in slack.fake.bot_messages(CHANNEL, root)),
+            what="the command's answer",
+        )
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 15)
+
+
+async def test_embedded_adapter_uses_an_in_process_client(slack: Harness) -> None:
+    from adapters.slack.runner import start_embedded
+    from bridge.server import create_app
+
+    app = create_app(slack.server.engine, manage_engine=False)
+    env = {
+        "LOOPBRIDGE_SLACK_BOT_TOKEN": FakeSlack.bot_token,
+        "LOOPBRIDGE_SLACK_APP_TOKEN": FakeSlack.app_token,
+        "LOOPBRIDGE_SLACK_API_URL": slack.fake.api_url,
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        adapter = await start_embedded(app, slack.token)
+    assert adapter is not None
+    try:
+        await slack.fake.wait_connected()
+        root = await slack.fake.say(ALICE, f"{MENTION} in process")
+        await until(lambda: any(r.handled == "turn" for r in adapter.results), what="a turn")
+        assert slack.answer(root) == "Echo #1: in process"
+    finally:
+        await adapter.stop()
+        await adapter.client.aclose()

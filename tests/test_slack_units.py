@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
 
@@ -12,10 +13,10 @@ from adapters.actions import Action
 from adapters.dedupe import RecentKeys
 from adapters.policy import Actor, Policy
 from adapters.render import TurnRenderer
-from adapters.split import PartSplitter, split_markdown
-from adapters.views import ChoiceView, MessageView, choice_view
 from adapters.slack.blocks import choice_blocks, message_blocks, selected_answers
 from adapters.slack.mrkdwn import from_slack, to_mrkdwn
+from adapters.split import PartSplitter, split_markdown
+from adapters.views import ChoiceView, MessageView, choice_view
 from bridge.standin.scenarios import long_chunks
 
 FENCE = re.compile(r"^ {0,3}```", re.MULTILINE)
@@ -201,7 +202,7 @@ async def test_renderer_throttles_edits_splits_and_finishes_complete() -> None:
     for at, _, message_id in surface.calls:
         by_message.setdefault(message_id, []).append(at)
     for times in by_message.values():
-        assert all(b - a >= 0.19 for a, b in zip(times, times[1:], strict=False))
+        assert all(b - a >= 0.19 for a, b in itertools.pairwise(times))
 
 
 async def test_renderer_puts_a_choice_between_parts_and_cancels_it_at_the_end() -> None:

@@ -41,6 +41,9 @@ class DiscordSettings(BaseSettings):
     budget: int = Field(5, ge=1)
     window: float = Field(5.0, gt=0)
     thread_archive_minutes: Literal[60, 1440, 4320, 10080] = 1440
+    # A question of at most this many short options gets a button each, else a select
+    # menu (Discord fits 5 buttons in a row; 0 always uses a menu).
+    option_buttons: int = Field(5, ge=0, le=5)
     # How long discord.py waits for the guilds of READY before it calls itself ready.
     guild_ready_timeout: float = Field(2.0, ge=0)
     # Who may do what (empty: everyone). Ids are Discord user or role ids; `channels` are

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
@@ -46,6 +47,7 @@ PLATFORM = "slack"
 PERSON_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
 ACTION_IDS = re.compile(r"^lb_")
 RATE_LIMIT_RETRIES = 3
+RESULTS_KEPT = 1000
 NOT_ALLOWED_TO_WRITE = "You are not allowed to talk to the agent here."
 
 
@@ -84,7 +86,8 @@ class SlackAdapter:
         self.native = NativeStreaming(settings.streaming == "native")
         self.bot_user_id = ""
         self.team_id = ""
-        self.results: list[TurnResult] = []
+        # The latest outcomes, for tests and status; bounded so a long run does not grow.
+        self.results: deque[TurnResult] = deque(maxlen=RESULTS_KEPT)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None

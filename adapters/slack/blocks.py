@@ -154,7 +154,8 @@ def _select_block(index: int, question: Question) -> Block:
         "placeholder": _plain(placeholder, OPTION_TEXT),
         "options": options,
     }
-    return {"type": "actions", "block_id": f"{QUESTION_BLOCK_PREFIX}{question.id}", "elements": [element]}
+    block_id = f"{QUESTION_BLOCK_PREFIX}{question.id}"
+    return {"type": "actions", "block_id": block_id, "elements": [element]}
 
 
 def selected_answers(state_values: dict[str, Any]) -> dict[str, str | list[str]]:

@@ -79,16 +79,53 @@ INSTALL = "apt-get install --no-install-recommends podman runc catatonit"
 # (and the CLI's own prefixes, as in the local backend) goes into the container,
 # by name, so values never appear on a command line. The two names podman itself
 # needs (PATH, CONTAINERS_CONF) go by value and keep the server's values for podman.
+#
+# `podman exec` does not pass signals on: when the SDK stops an agent that does not
+# end by itself (it waits for a background command), a SIGTERM would end the exec
+# client and leave the CLI running in the container, free to wake up later and call
+# the model. So the launcher stays, as the exec's parent: the CLI writes its pid to a
+# file in the container's /tmp, and a signal for the launcher is sent to that pid.
 LAUNCHER = """\
-import os, sys
+import os, signal, sys
 keep = set(os.environ.get("LOOPBRIDGE_AGENT_ENV", "").split())
 prefixes = ("CLAUDE_CODE_", "CLAUDE_AGENT_SDK_", "ANTHROPIC_")
 names = sorted(k for k in os.environ if k in keep or k.startswith(prefixes))
 own = {{"PATH": {path!r}, "CONTAINERS_CONF": {conf!r}}}
+env = {{**os.environ, **own}}
 flags = [f"--env={{k}}={{os.environ[k]}}" if k in own else f"--env={{k}}" for k in names]
+container = os.environ["LOOPBRIDGE_CONTAINER"]
+pidfile = f"/tmp/agent-{{os.getpid()}}.pid"
+record = 'echo $$ > "$0" && exec "$@"'
 argv = [*{podman!r}, "exec", "-i", "--detach-keys=", "--workdir={workdir}", *flags,
-        os.environ["LOOPBRIDGE_CONTAINER"], {cli!r}, *sys.argv[1:]]
-os.execve(argv[0], argv, {{**os.environ, **own}})
+        container, "/bin/sh", "-c", record, pidfile, {cli!r}, *sys.argv[1:]]
+
+
+def spawn(argv, quiet=False):
+    pid = os.fork()
+    if pid == 0:
+        if quiet:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+        os.execve(argv[0], argv, env)
+    return pid
+
+
+def forward(signum, frame):
+    kill = ["/bin/sh", "-c", f'kill -{{signum}} "$(cat {{pidfile}})"']
+    os.waitpid(spawn([*{podman!r}, "exec", container, *kill], quiet=True), 0)
+
+
+signal.signal(signal.SIGTERM, forward)
+signal.signal(signal.SIGINT, forward)
+agent = spawn(argv)
+# Only the exec holds the SDK's pipes now: their ends are its ends.
+null = os.open(os.devnull, os.O_RDWR)
+os.dup2(null, 0)
+os.dup2(null, 1)
+_, status = os.waitpid(agent, 0)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
 """
 
 

@@ -47,6 +47,7 @@ BUTTON_LABEL_LIMIT = 80
 SELECT_OPTIONS_LIMIT = 25
 SELECT_TEXT_LIMIT = 100
 INTERACTION_DEADLINE = 3.0
+READY_WAIT = 10.0
 EPHEMERAL = 1 << 6
 # Gateway intents (the bits Discord defines).
 GUILDS = 1 << 0
@@ -61,6 +62,8 @@ APPLICATION_COMMAND, MESSAGE_COMPONENT = 2, 3
 MESSAGE_WITH_SOURCE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE = 4, 5, 6, 7
 
 Json = dict[str, Any]
+# Shared by every fake of a test run, so loops bound in one test never match the next's.
+_IDS = itertools.count(1_400_000_000_000_000_000)
 
 
 def _now_iso() -> str:
@@ -241,7 +244,7 @@ class FakeDiscord:
         self.intents = 0
         self.identified = 0
         self.url = ""
-        self._ids = itertools.count(1_400_000_000_000_000_000)
+        self._ids = _IDS
         self._writes: dict[str, deque[float]] = {}
         self._sockets: list[web.WebSocketResponse] = []
         self._ready = asyncio.Event()
@@ -278,8 +281,9 @@ class FakeDiscord:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def wait_ready(self, timeout: float = 10) -> None:
-        await asyncio.wait_for(self._ready.wait(), timeout)
+    async def wait_ready(self) -> None:
+        async with asyncio.timeout(READY_WAIT):
+            await self._ready.wait()
 
     def new_id(self) -> str:
         return str(next(self._ids))
@@ -393,7 +397,8 @@ class FakeDiscord:
                 if m.channel_id == channel and m.only_for is None and not m.loading]
 
     def bot_messages(self, channel: str) -> list[Message]:
-        return [m for m in self.visible(channel) if m.bot]
+        """What the adapter's bot shows in a channel."""
+        return [m for m in self.visible(channel) if m.author == self.bot]
 
     def threads_of(self, channel: str) -> list[Channel]:
         return [c for c in self.channels.values() if c.parent_id == channel]
@@ -669,7 +674,8 @@ class FakeDiscord:
         parent = self._channel(channel_id)
         name = str(body.get("name") or "")
         if not 1 <= len(name) <= 100:
-            raise _form_error("name", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length.")
+            raise _form_error("name", "BASE_TYPE_BAD_LENGTH",
+                              "Must be between 1 and 100 in length.")
         if parent.type != TEXT_CHANNEL:
             raise _Refused(400, {"message": "Cannot execute action on this channel type",
                                  "code": 50024})
@@ -786,11 +792,11 @@ def _is_message_write(call: Call) -> bool:
 
 def _checked(body: Json, current: Message | None) -> tuple[str, list[Json], list[Json]]:
     """Content, components and embeds of a create or edit, as Discord would refuse them."""
-    content = body["content"] if "content" in body else (current.content if current else "")
+    # An edit leaves what it does not name as it was.
+    content = body.get("content", current.content if current else "")
     content = "" if content is None else str(content)
-    components = body["components"] if "components" in body else (
-        current.components if current else [])
-    embeds = body["embeds"] if "embeds" in body else (current.embeds if current else [])
+    components = body.get("components", current.components if current else [])
+    embeds = body.get("embeds", current.embeds if current else [])
     components, embeds = components or [], embeds or []
     if len(content) > CONTENT_LIMIT:
         raise _form_error("content", "BASE_TYPE_MAX_LENGTH",
@@ -807,7 +813,8 @@ def _checked(body: Json, current: Message | None) -> tuple[str, list[Json], list
 
 def _check_components(rows: list[Json]) -> None:
     if len(rows) > ROWS_LIMIT:
-        raise _form_error("components", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 5 in length.")
+        raise _form_error("components", "BASE_TYPE_BAD_LENGTH",
+                          "Must be between 1 and 5 in length.")
     seen: set[str] = set()
     for r, row in enumerate(rows):
         items = row.get("components") or []
@@ -827,7 +834,8 @@ def _check_components(rows: list[Json]) -> None:
                 raise _form_error(f"{where}.custom_id", "COMPONENT_CUSTOM_ID_DUPLICATED",
                                   "Component custom id cannot be duplicated")
             seen.add(custom_id)
-            if item.get("type") == BUTTON and len(str(item.get("label") or "")) > BUTTON_LABEL_LIMIT:
+            label = str(item.get("label") or "")
+            if item.get("type") == BUTTON and len(label) > BUTTON_LABEL_LIMIT:
                 raise _form_error(f"{where}.label", "BASE_TYPE_MAX_LENGTH",
                                   f"Must be {BUTTON_LABEL_LIMIT} or fewer in length.")
             if item.get("type") == STRING_SELECT:

@@ -173,8 +173,8 @@ class FakeSlack:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def wait_connected(self, timeout: float = 10) -> None:
-        await asyncio.wait_for(self._connected.wait(), timeout)
+    async def wait_connected(self, seconds: float = 10) -> None:
+        await asyncio.wait_for(self._connected.wait(), seconds)
 
     async def drop_socket(self) -> None:
         """Close every Socket Mode connection (the app is expected to reconnect)."""

@@ -1,0 +1,180 @@
+"""The Discord adapter: a discord.py client whose messages become loop turns.
+
+- A mention in a text channel starts a thread on that message and a loop bound
+  to it; messages in a bound thread go to the loop without a mention; a DM
+  channel is one loop; settings may bind a whole channel to one loop. Bots, this
+  one included, are ignored.
+- Clicks on the adapter's controls are answered at once and carried out after;
+  slash commands are `/loop new|stop|status`.
+
+Everything platform-neutral (binding, policy, rendering, idempotency) lives in
+`adapters.conversations`; this module only wires Discord to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+
+from adapters.actions import Action
+from adapters.binding import Binding
+from adapters.conversations import Conversations, IncomingMessage, TurnResult
+from adapters.discord.access import INTENTS
+from adapters.discord.clicks import Clicks
+from adapters.discord.commands import LoopCommands
+from adapters.discord.follow import Followers
+from adapters.discord.incoming import PLATFORM, Incoming, incoming
+from adapters.discord.pacing import ChannelBudget
+from adapters.discord.settings import DiscordSettings
+from adapters.discord.thread import DiscordThread, ThreadStart
+from bridge.client import LoopClient
+
+log = logging.getLogger(__name__)
+
+NOT_ALLOWED_REACTION = "🚫"
+STOP_GRACE = 5.0
+
+
+class DiscordAdapter:
+    """Runs one Discord bot against one Loop API client (`start`, then `stop`)."""
+
+    def __init__(self, settings: DiscordSettings, client: LoopClient) -> None:
+        if settings.token is None:
+            raise ValueError("LOOPBRIDGE_DISCORD_TOKEN is not set")
+        self.settings = settings
+        self.client = client
+        self.bot = discord.Client(
+            intents=INTENTS,
+            guild_ready_timeout=settings.guild_ready_timeout,
+            # Nothing here reads old messages back from discord.py's cache.
+            max_messages=None,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+        self.tree = app_commands.CommandTree(self.bot)
+        self.conversations = Conversations(
+            client, settings.policy(), platform=PLATFORM, permission_mode=settings.permission_mode
+        )
+        self.budget = ChannelBudget(settings.budget, settings.window)
+        self.followers = Followers(client, PLATFORM)
+        self.clicks = Clicks(self.conversations, self.followers, self.surface)
+        self.tree.add_command(LoopCommands(self.conversations, settings, self.budget))
+        self.bound_channels = frozenset(settings.bound_channels)
+        self.results: list[TurnResult] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._connection: asyncio.Task[None] | None = None
+        self.bot.event(self.on_message)
+        self.bot.event(self.on_interaction)
+
+    # ---- running -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Log in, register the slash commands, connect, and wait until the guilds are in."""
+        if self.settings.api_url:
+            discord.http.Route.BASE = self.settings.api_url.rstrip("/")
+        if self.settings.gateway_url:
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.settings.gateway_url)
+        assert self.settings.token is not None
+        await self.bot.login(self.settings.token.get_secret_value())
+        if self.settings.sync_commands:
+            await self._sync_commands()
+        self._connection = asyncio.create_task(self.bot.connect(reconnect=True))
+        ready = asyncio.create_task(self.bot.wait_until_ready())
+        await asyncio.wait({self._connection, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            await self._connection  # it ended before ready: raise why
+        assert self.bot.user is not None
+        log.info("Discord adapter connected as %s (%s)", self.bot.user, self.bot.user.id)
+
+    async def _sync_commands(self) -> None:
+        guilds = [discord.Object(int(guild)) for guild in self.settings.command_guilds]
+        if not guilds:
+            await self.tree.sync()
+        for guild in guilds:
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync(guild=guild)
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop taking events, let turns in flight finish (up to `grace` s), disconnect."""
+        self._stopping = True
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.bot.close()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection
+            self._connection = None
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            assert self._connection is not None
+            await self._connection
+        finally:
+            await self.stop()
+
+    async def idle(self) -> None:
+        """Wait until no message or click is being handled (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("Discord handler failed", exc_info=task.exception())
+
+    # ---- events --------------------------------------------------------------------------
+
+    async def on_message(self, message: discord.Message) -> None:
+        if not self._stopping:
+            self._spawn(self._message(message))
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        # Slash commands go to the command tree; components come here.
+        if self._stopping or interaction.type is not discord.InteractionType.component:
+            return
+        action = Action.decode(str((interaction.data or {}).get("custom_id", "")))
+        if action is not None:
+            self._spawn(self.clicks.handle(interaction, action))
+
+    async def _message(self, message: discord.Message) -> None:
+        found = await incoming(self.bot, message, self.bound_channels)
+        if found is None:
+            return
+        result = await self._turn(found)
+        self.results.append(result)
+        person = found.message
+        if result.handled == "not_allowed" and (person.mentioned or person.direct):
+            with contextlib.suppress(discord.HTTPException):
+                await message.add_reaction(NOT_ALLOWED_REACTION)
+
+    async def _turn(self, found: Incoming) -> TurnResult:
+        with contextlib.ExitStack() as showing:
+
+            def surface(binding: Binding, message: IncomingMessage) -> DiscordThread:
+                showing.enter_context(self.followers.showing(binding.loop_id))
+                return self.surface(int(message.key.thread), found.start)
+
+            return await self.conversations.handle(found.message, surface)
+
+    def surface(self, channel_id: int, start: ThreadStart | None = None) -> DiscordThread:
+        """Where a turn is shown: a channel, or a thread still to be started."""
+        return DiscordThread(self.bot, self.budget, self.settings, channel_id=channel_id,
+                             start=start)

@@ -1,0 +1,93 @@
+"""Clicks on the adapter's buttons and select menus.
+
+Discord wants an interaction answered within 3 seconds, so a click is
+acknowledged first (a deferred update: the message stays as it is) and carried
+out after. Who decided what is then shown by editing the clicked message
+through the interaction; a click that changes nothing gets a private answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import discord
+
+from adapters.actions import Action
+from adapters.conversations import Conversations
+from adapters.discord.components import Answers, answers_of, is_pick, picked_view
+from adapters.discord.content import with_outcome
+from adapters.discord.follow import Follow, Followers
+from adapters.discord.incoming import actor_of
+from adapters.policy import Actor
+from adapters.surface import Surface
+
+log = logging.getLogger(__name__)
+
+CHOICE_VERBS = frozenset({"allow", "deny", "answer", "submit"})
+NO_LONGER_PENDING = "-# No longer pending."
+NO_MENTIONS = discord.AllowedMentions.none()
+
+
+class Clicks:
+    def __init__(
+        self,
+        conversations: Conversations,
+        followers: Followers,
+        surface_for: Callable[[int], Surface],
+    ) -> None:
+        self.conversations = conversations
+        self.followers = followers
+        self.surface_for = surface_for
+
+    async def handle(self, interaction: discord.Interaction, action: Action) -> None:
+        if is_pick(interaction, action):
+            await interaction.response.edit_message(view=picked_view(interaction))
+            return
+        await interaction.response.defer()
+        answers = answers_of(interaction, action)
+        follow = await self._follow(action)
+        decision = None
+        try:
+            decision = await self.conversations.decide(actor_of(interaction.user), action, answers)
+        finally:
+            if follow is not None and (decision is None or decision.outcome != "answered"):
+                await follow.close()
+                follow = None
+        if decision.outcome in ("not_allowed", "gone", "failed"):
+            await interaction.followup.send(decision.message, ephemeral=True)
+            if decision.outcome == "gone" and action.verb in CHOICE_VERBS:
+                await self._show(interaction, NO_LONGER_PENDING)
+            return
+        if decision.outcome == "answered":
+            await self._show(interaction, outcome(actor_of(interaction.user), action, answers))
+            if follow is not None:
+                await follow.show(self.surface_for(interaction.channel_id or 0))
+
+    async def _follow(self, action: Action) -> Follow | None:
+        """The turn's events, when no renderer here shows it (the bot restarted meanwhile)."""
+        if action.verb not in CHOICE_VERBS or self.followers.shown(action.loop_id):
+            return None
+        return await self.followers.attach(action.loop_id)
+
+    async def _show(self, interaction: discord.Interaction, line: str) -> None:
+        """The clicked message without its controls, and `line` below its text."""
+        content = interaction.message.content if interaction.message is not None else ""
+        try:
+            await interaction.edit_original_response(
+                content=with_outcome(content, line), view=None, allowed_mentions=NO_MENTIONS
+            )
+        except discord.HTTPException as exc:
+            log.warning("could not show a choice's outcome: %s", exc)
+
+
+def outcome(actor: Actor, action: Action, answers: Answers | None) -> str:
+    who = f"<@{actor.user_id}>"
+    if action.verb == "allow":
+        return f"✅ Allowed by {who}"
+    if action.verb == "deny":
+        return f"🚫 Denied by {who}"
+    picked = ", ".join(
+        ", ".join(value) if isinstance(value, list) else value for value in (answers or {}).values()
+    )
+    return f"☑️ {who} chose **{discord.utils.escape_markdown(picked)}**"

@@ -1,0 +1,61 @@
+"""Starting the Slack adapter: alone (`loopbridge slack`) or beside the server."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from adapters.settings import AdapterSettingsError, ApiSettings, settings_error
+from adapters.slack.app import SlackAdapter
+from adapters.slack.settings import SlackSettings
+from bridge.asgi import ASGIApp
+from bridge.client import LoopClient
+
+ENV_PREFIX = "LOOPBRIDGE_SLACK_"
+
+
+def load_slack_settings() -> SlackSettings:
+    try:
+        return SlackSettings()
+    except ValidationError as exc:
+        raise settings_error(exc, ENV_PREFIX) from None
+
+
+def _check(settings: SlackSettings) -> None:
+    if settings.bot_token is None:
+        raise AdapterSettingsError(f"set {ENV_PREFIX}BOT_TOKEN (the xoxb- bot token)")
+    if settings.mode == "socket" and settings.app_token is None:
+        raise AdapterSettingsError(
+            f"Socket Mode needs {ENV_PREFIX}APP_TOKEN (an xapp- token with connections:write), "
+            f"or set {ENV_PREFIX}MODE=http"
+        )
+    if settings.mode == "http" and settings.signing_secret is None:
+        raise AdapterSettingsError(f"HTTP mode needs {ENV_PREFIX}SIGNING_SECRET")
+
+
+async def run_slack() -> None:
+    """`loopbridge slack`: the adapter alone, against the server at LOOPBRIDGE_API_URL."""
+    settings = load_slack_settings()
+    _check(settings)
+    try:
+        api = ApiSettings()
+    except ValidationError as exc:
+        raise settings_error(exc, "LOOPBRIDGE_") from None
+    if not api.api_url or api.api_token is None:
+        raise AdapterSettingsError(
+            "set LOOPBRIDGE_API_URL (e.g. http://127.0.0.1:8642) and LOOPBRIDGE_API_TOKEN "
+            "(`loopbridge tokens create --user slack`)"
+        )
+    async with LoopClient(api.api_url, api.api_token.get_secret_value()) as client:
+        await SlackAdapter(settings, client).run_forever()
+
+
+async def start_embedded(app: ASGIApp, token: str) -> SlackAdapter | None:
+    """The adapter inside `loopbridge serve`, on an in-process client; None when Slack
+    is not configured. The caller stops it (`await adapter.stop()`, then
+    `await adapter.client.aclose()`)."""
+    settings = load_slack_settings()
+    if not settings.configured:
+        return None
+    adapter = SlackAdapter(settings, LoopClient.in_process(app, token))
+    await adapter.start()
+    return adapter
