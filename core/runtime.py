@@ -70,6 +70,8 @@ class Turn:
     error: dict[str, str] | None = None
     ended_at: datetime | None = None
     interrupt_requested: bool = False
+    # Set when the engine, not the agent, ends the turn: the agent's last words are ignored.
+    ending: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     start_saved: asyncio.Task[None] | None = None
 
@@ -392,7 +394,7 @@ class LoopRuntime:
     async def _on_exit(self, failure: str | None) -> None:
         self.agent = None
         turn = self.current
-        if turn is not None and turn.started_at is not None:
+        if turn is not None and turn.started_at is not None and not turn.ending:
             message = failure or "the agent process ended"
             await self._finish(turn, "error", _error("agent_failed", message, turn.id))
 
@@ -402,6 +404,8 @@ class LoopRuntime:
             self.spec.session_id = session_id
             self._later(self._save_session_id(session_id))
         turn = self.current
+        if turn is not None and turn.ending:
+            return
         if turn is None or turn.started_at is None:
             if turn is not None or not sdk.starts_activity(message):
                 return
@@ -462,13 +466,6 @@ class LoopRuntime:
         )
         self._arm_evict(turn)
         outcome = await choice.future
-        if outcome == EVICTED:
-            await self._finish(
-                turn,
-                "error",
-                _error("sandbox_evicted", "the sandbox was reclaimed while waiting", turn.id),
-            )
-            self._later(self._reclaim())
         return decision(choice, outcome)
 
     def _end_choices(self, turn: Turn, outcome: str) -> None:
@@ -482,8 +479,9 @@ class LoopRuntime:
             await asyncio.wait_for(turn.finished.wait(), INTERRUPT_GRACE_SECONDS)
         except TimeoutError:
             log.warning("loop %s: the agent ignored an interrupt; restarting it", self.id)
-            await self._finish(turn, "interrupted", {"turn_id": turn.id})
+            turn.ending = True
             await self._stop_agent()
+            await self._finish(turn, "interrupted", {"turn_id": turn.id})
 
     # ---- idle agent and idle sandbox ----------------------------------------------------
 
@@ -508,19 +506,31 @@ class LoopRuntime:
             self._later(work())
 
     async def _reclaim(self) -> None:
+        await self._reclaim_sandbox()
+        self.ctx.forget(self)
+
+    async def _reclaim_sandbox(self) -> None:
         await self._stop_agent()
         try:
             await self.ctx.sandbox.release(self.id)
         except Exception:
             log.exception("loop %s: releasing the sandbox failed", self.id)
         self.sandbox_held = False
-        self.ctx.forget(self)
 
     def _arm_evict(self, turn: Turn) -> None:
         self._cancel_evict()
         loop = asyncio.get_running_loop()
         delay = self.ctx.settings.sandbox_idle_seconds
-        self._evict_timer = loop.call_later(delay, self._end_choices, turn, EVICTED)
+        self._evict_timer = loop.call_later(delay, lambda: self._later(self._evict(turn)))
+
+    async def _evict(self, turn: Turn) -> None:
+        """Nobody answered for the sandbox's idle time: reclaim it, then end the turn, so the
+        next turn finds everything stopped and starts afresh."""
+        turn.ending = True
+        self._end_choices(turn, EVICTED)
+        await self._reclaim_sandbox()
+        message = "the sandbox was reclaimed while a choice waited"
+        await self._finish(turn, "error", _error("sandbox_evicted", message, turn.id))
 
     def _cancel_evict(self) -> None:
         if self._evict_timer is not None:

@@ -75,6 +75,8 @@ class Server:
 
 
 async def start_server(home: Path, **settings: object) -> Server:
+    # Engine tests run agents as local processes; the podman tests ask for podman.
+    settings.setdefault("sandbox", "local")
     engine = Engine(load_settings(home=home, **settings))
     await engine.start()
     app = create_app(engine, manage_engine=False)

@@ -76,3 +76,39 @@ async def test_turn_open_when_the_server_stops_ends_with_an_error(standin, tmp_p
         await http.aclose()
     finally:
         await stop_server(server)
+
+
+async def test_idle_agent_is_stopped_and_the_next_turn_resumes_it(standin, tmp_path):
+    server = await start_server(tmp_path, agent_idle_seconds=0.5)
+    try:
+        loop = (await server.http.post("/loops", json={})).json()["id"]
+        first = await turn(server.http, loop, "one")
+        warm = await turn(server.http, loop, "two")
+        assert first[0].data["cold_start"] is True and warm[0].data["cold_start"] is False
+        runtime = server.engine._runtimes[loop]
+        for _ in range(100):
+            if runtime.agent is None:
+                break
+            await asyncio.sleep(0.05)
+        assert runtime.agent is None, "the idle agent was not stopped"
+        resumed = await turn(server.http, loop, "three")
+        assert resumed[0].data["cold_start"] is True
+        assert text_of(resumed) == "Echo #3: three"
+    finally:
+        await stop_server(server)
+
+
+async def test_unanswered_choice_is_evicted_with_the_sandbox(standin, tmp_path):
+    server = await start_server(tmp_path, sandbox_idle_seconds=1)
+    try:
+        loop = (await server.http.post("/loops", json={})).json()["id"]
+        evs = await turn(server.http, loop, "[[bash: echo hi > evicted.txt]]")
+        assert names(evs)[-2:] == ["requires_choice", "error"]
+        assert evs[-1].data["code"] == "sandbox_evicted"
+        assert not (server.engine.sandbox.workdir(loop) / "evicted.txt").exists()
+        after = await turn(server.http, loop, "after")
+        assert names(after)[0] == "started", [(e.name, e.data) for e in after]
+        assert after[0].data["cold_start"] is True
+        assert text_of(after) == "Echo #2: after"
+    finally:
+        await stop_server(server)
