@@ -23,8 +23,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from adapters.split import PartSplitter
-from adapters.surface import Surface
+from adapters.split import PartSplitter, stream_safe
+from adapters.surface import MessageGone, Surface
 from adapters.views import Activity, ChoiceView, MessageView, TurnState
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,10 @@ class TurnRenderer:
                 else:
                     await self._edit(slot.message_id, view)
                     self.stats.edits += 1
+            except MessageGone as exc:
+                log.info("a message of loop %s is gone: %s", self.loop_id, exc)
+                slot.shown = view
+                continue
             except Exception as exc:
                 self._failed(slot, exc)
                 next_due = _earliest(next_due, slot.ready_at)
@@ -315,6 +319,9 @@ class TurnRenderer:
             state: TurnState = self.state if ends_turn else "done"
             if state == "waiting":
                 state = "running"
+            if is_tail and self.surface.append_only and state in ("queued", "running"):
+                # A stream gets only what can never need taking back (see stream_safe).
+                text, closing = stream_safe(text), ""
             activity, hidden = slot.activity.shown()
             slot.view = MessageView(
                 self.loop_id,

@@ -152,6 +152,21 @@ class PartSplitter:
         return text[:longest], text[longest:]
 
 
+def stream_safe(text: str) -> str:
+    """The longest prefix of growing text that is safe to append to a stream now.
+
+    Text appended to a stream cannot be taken back, and a later cut may fall right
+    after it: so it ends after a whole line, or after a word of a line that cannot
+    become a code fence. A half-written fence (`` `` ``) is never sent.
+    """
+    line_start = text.rfind("\n") + 1
+    last_line = text[line_start:]
+    if last_line.lstrip()[:1] in ("", "`", "~"):
+        return text[:line_start]
+    space = last_line.rfind(" ")
+    return text[: line_start + space + 1] if space > 0 else text[:line_start]
+
+
 def split_markdown(text: str, limit: int, measure: Measure = len) -> list[str]:
     """The whole of `text` as parts of at most `limit`, each with balanced fences."""
     splitter = PartSplitter(limit, measure)

@@ -14,6 +14,10 @@ from typing import Protocol
 from adapters.views import ChoiceView, MessageView, TurnState
 
 
+class MessageGone(Exception):
+    """The message is no more (deleted by someone): retrying cannot help."""
+
+
 class Surface(Protocol):
     # The most a part of the answer may measure, as `measure` counts.
     part_limit: int

@@ -463,3 +463,20 @@ async def test_embedded_adapter_uses_an_in_process_client(slack: Harness) -> Non
     finally:
         await adapter.stop()
         await adapter.client.aclose()
+
+
+async def test_a_message_sent_while_busy_waits_its_turn_in_order(slack: Harness) -> None:
+    await slack.start(streaming="edit")
+    root = await slack.fake.say(ALICE, f"{MENTION} [[slow: 2]]")
+    await until(lambda: slack.answer(root), what="the first answer streaming")
+    await slack.fake.say(ALICE, "next", thread_ts=root)
+    await until(
+        lambda: any("queued behind 1 message" in m.context_text()
+                    for m in slack.fake.bot_messages(CHANNEL, root)),
+        what="a queued note",
+    )
+    await slack.turns(2)
+    texts = [m.answer for m in slack.fake.answer_messages(CHANNEL, root)]
+    assert texts[0].startswith("slow 1/10.") and texts[0].endswith("slow 10/10.")
+    assert texts[1] == "Echo #2: next"
+    assert all("queued" not in m.context_text() for m in slack.fake.bot_messages(CHANNEL, root))

@@ -218,3 +218,13 @@ async def test_renderer_puts_a_choice_between_parts_and_cancels_it_at_the_end() 
     assert [type(v).__name__ for v in views] == ["MessageView", "ChoiceView", "MessageView"]
     assert views[0].text == "before" and views[2].text == "after"
     assert views[1].state == "cancelled" and views[2].state == "interrupted"
+
+
+def test_streams_get_whole_lines_or_words_never_half_a_fence() -> None:
+    from adapters.split import stream_safe
+
+    assert stream_safe("one two thr") == "one two "
+    assert stream_safe("line\n``") == "line\n"
+    assert stream_safe("line\n```pyt") == "line\n"
+    assert stream_safe("line\ncode_without_spaces") == "line\n"
+    assert stream_safe("done\n") == "done\n"

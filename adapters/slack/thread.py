@@ -17,11 +17,11 @@ the answer is never lost to the fallback.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -35,6 +35,7 @@ from adapters.slack.blocks import (
 )
 from adapters.slack.mrkdwn import to_mrkdwn
 from adapters.slack.settings import SlackSettings
+from adapters.surface import MessageGone
 from adapters.views import ChoiceView, MessageView, TurnState
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,12 @@ NO_STREAMING = frozenset({
     "invalid_auth", "no_permission", "access_denied", "feature_not_enabled",
     "method_deprecated", "team_access_not_granted",
 })
+# A message someone deleted: editing it again cannot succeed.
+GONE = frozenset({"message_not_found", "cant_update_message", "channel_not_found"})
 # Slack drops a stream after about five minutes; switch to edits before that.
 STREAM_STALE_AFTER = 270.0
 # chat.appendStream takes at most 12,000 characters of markdown_text per call.
 APPEND_LIMIT = 12_000
-PENDING = "pending:"
 
 
 class NativeStreaming:
@@ -99,10 +101,7 @@ class SlackThread:
         self.part_limit = settings.part_limit
         self.edit_interval = settings.edit_interval
         self._streams: dict[str, _Stream] = {}
-        # Native mode posts a message only once it has text; until then its id is a
-        # placeholder, mapped to the real ts once posted.
-        self._posted: dict[str, str | None] = {}
-        self._pending_ids = itertools.count(1)
+        self._deleted: set[str] = set()
         self._control_ts: str | None = None
         self._control_shown: tuple[str, bool] | None = None
         self._control_at = 0.0
@@ -124,10 +123,7 @@ class SlackThread:
         self._remember(view)
         if self.native.enabled:
             await self._sync_control()
-            if not view.text.strip():
-                pending = f"{PENDING}{next(self._pending_ids)}"
-                self._posted[pending] = None
-                return pending
+            # Started at once, even empty, so the thread keeps the order of the parts.
             ts = await self._start_stream(view)
             if ts is not None:
                 return ts
@@ -135,27 +131,32 @@ class SlackThread:
 
     async def edit(self, message_id: str, view: MessageView) -> None:
         self._remember(view)
-        if message_id.startswith(PENDING):
-            ts = self._posted.get(message_id)
-            if ts is None:
-                if not view.text.strip():
-                    await self._sync_control()
-                    return  # nothing to show yet (or ever: an empty part)
-                ts = await self._start_stream(view) if self.native.enabled else None
-                if ts is None:
-                    ts = await self._post_blocks(view)
-                self._posted[message_id] = ts
-                await self._sync_control()
-                return
-            message_id = ts
+        if message_id in self._deleted:
+            await self._sync_control()  # its tool activity still shows there
+            return
         stream = self._streams.get(message_id)
+        if stream is not None and not view.live and not view.shown_text.strip():
+            # A part that ended with no text (a choice came first): nothing to keep.
+            await self._stop_stream(message_id)
+            await self.web.chat_delete(channel=self.channel, ts=message_id)
+            self._deleted.add(message_id)
+            await self._sync_control()
+            return
         if stream is not None and await self._append(message_id, stream, view):
             await self._sync_control()
             return
         text, blocks = message_blocks(view)
-        await self.web.chat_update(channel=self.channel, ts=message_id, text=text, blocks=blocks)
+        await self._update(message_id, text, blocks)
         if self._control_ts is not None:
             await self._sync_control()
+
+    async def _update(self, ts: str, text: str, blocks: list[dict[str, Any]]) -> None:
+        try:
+            await self.web.chat_update(channel=self.channel, ts=ts, text=text, blocks=blocks)
+        except SlackApiError as exc:
+            if exc.response.get("error") in GONE:
+                raise MessageGone(f"{ts}: {exc.response.get('error')}") from exc
+            raise
 
     async def _post_blocks(self, view: MessageView) -> str:
         text, blocks = message_blocks(view)
@@ -172,9 +173,9 @@ class SlackThread:
             "recipient_user_id": self.user_id, "recipient_team_id": self.team_id,
         }
         try:
+            text = {"markdown_text": view.text[:APPEND_LIMIT]} if view.text else {}
             response = await self.web.chat_startStream(
-                channel=self.channel, thread_ts=self.thread_ts,
-                markdown_text=view.text[:APPEND_LIMIT], **recipient,
+                channel=self.channel, thread_ts=self.thread_ts, **text, **recipient,
             )
         except SlackApiError as exc:
             self.native.refused(str(exc.response.get("error", "")))
@@ -269,6 +270,8 @@ class SlackThread:
             await self.web.chat_delete(channel=self.channel, ts=self._control_ts)
             return
         text = "\n".join(lines)
+        if self._control_shown == (text, False):
+            return
         wait = self.edit_interval - (self.clock() - self._control_at)
         if wait > 0:
             await asyncio.sleep(wait)
@@ -288,4 +291,4 @@ class SlackThread:
 
     async def edit_choice(self, message_id: str, view: ChoiceView) -> None:
         text, blocks = choice_blocks(view)
-        await self.web.chat_update(channel=self.channel, ts=message_id, text=text, blocks=blocks)
+        await self._update(message_id, text, blocks)

@@ -11,10 +11,11 @@ It enforces Discord's limits, so that a test fails when the adapter breaks them:
   (more than 5 rows or 5 buttons in a row, a `custom_id` over 100 characters or
   used twice, a label over 80, a select with no or more than 25 options) are a
   400 with Discord's error JSON (code 50035 / 50006);
-- more than `budget` messages created or edited in one channel within `window`
-  seconds is a 429 with `Retry-After`, `X-RateLimit-*` and `Via` headers (the
-  headers discord.py needs to retry it); every answer carries the channel's
-  `X-RateLimit-*` headers, as Discord's do;
+- more than `budget` messages created, or edited, in one channel within `window`
+  seconds (two buckets, as on Discord) is a 429 with `Retry-After`,
+  `X-RateLimit-*` and `Via` headers (the headers discord.py needs to retry it);
+  every answer carries its bucket's `X-RateLimit-*` headers, as Discord's do
+  (unless `announce` is off);
 - an interaction must be answered within 3 s, and once (10062 / 40060);
 - without the MESSAGE_CONTENT intent a guild message arrives with empty content
   unless the bot is mentioned, and events need their intents at all.
@@ -138,6 +139,7 @@ class Message:
     # Every content this message has shown, oldest first, with when it was shown.
     shown: list[tuple[float, str]] = field(default_factory=list)
     edits: list[float] = field(default_factory=list)
+    created: float = field(default_factory=time.monotonic)
     # Every custom_id this message has ever carried (a choice keeps its kind after the edit).
     ever: set[str] = field(default_factory=set)
 
@@ -180,6 +182,11 @@ class Message:
     def selects(self) -> list[Json]:
         return [item for row in self.components for item in row["components"]
                 if item.get("type") == STRING_SELECT]
+
+    @property
+    def last_change(self) -> float:
+        """When this message last changed in any way (text, controls, embeds)."""
+        return self.edits[-1] if self.edits else self.created
 
     @property
     def has_components(self) -> bool:
@@ -226,9 +233,12 @@ class FakeDiscord:
     guild_id = "1200000000000000001"
     general_id = "1300000000000000001"
 
-    def __init__(self, *, budget: int = 5, window: float = 5.0) -> None:
+    def __init__(self, *, budget: int = 5, window: float = 5.0, announce: bool = True) -> None:
         self.budget = budget
         self.window = window
+        # Whether answers tell the budget (X-RateLimit-*); without it only a 429 does, as
+        # with Discord's limits that no header announces.
+        self.announce = announce
         self.bot = Person(self.application_id, "loopbridge", bot=True)
         self.people: dict[str, Person] = {}
         self.roles: dict[str, str] = {}
@@ -245,7 +255,7 @@ class FakeDiscord:
         self.identified = 0
         self.url = ""
         self._ids = _IDS
-        self._writes: dict[str, deque[float]] = {}
+        self._writes: dict[tuple[str, str], deque[float]] = {}
         self._sockets: list[web.WebSocketResponse] = []
         self._ready = asyncio.Event()
         self._sequence = itertools.count(1)
@@ -404,7 +414,8 @@ class FakeDiscord:
         return [c for c in self.channels.values() if c.parent_id == channel]
 
     def ephemerals_for(self, person: Person) -> list[str]:
-        return [m.content for m in self.ephemerals if m.only_for == person.id]
+        """What only this person saw (answers still "thinking" left out)."""
+        return [m.content for m in self.ephemerals if m.only_for == person.id and not m.loading]
 
     def rate_limited(self) -> list[Call]:
         return [call for call in self.calls if call.status == 429]
@@ -612,7 +623,7 @@ class FakeDiscord:
     ) -> tuple[Json, dict[str, str]]:
         channel = self._channel(channel_id)
         content, components, embeds = _checked(body, None)
-        headers = self._take_write(channel_id)
+        headers = self._take_write(channel_id, "post")
         message = Message(self.new_id(), channel_id, self.bot, content, components, embeds)
         self._show(message)
         self.messages[message.id] = message
@@ -628,7 +639,7 @@ class FakeDiscord:
             raise _Refused(403, {"message": "Cannot edit a message authored by another user",
                                  "code": 50005})
         content, components, embeds = _checked(body, message)
-        headers = self._take_write(channel_id)
+        headers = self._take_write(channel_id, "edit")
         message.content, message.components, message.embeds = content, components, embeds
         message.edits.append(time.monotonic())
         self._show(message)
@@ -639,16 +650,16 @@ class FakeDiscord:
         if not message.shown or message.shown[-1][1] != message.content:
             message.shown.append((time.monotonic(), message.content))
 
-    def _take_write(self, channel_id: str) -> dict[str, str]:
-        """Counts a message written in a channel against its budget; refuses a burst."""
+    def _take_write(self, channel_id: str, kind: str) -> dict[str, str]:
+        """Counts a post or an edit in a channel against its budget; refuses a burst."""
         now = time.monotonic()
-        window = self._writes.setdefault(channel_id, deque())
+        window = self._writes.setdefault((channel_id, kind), deque())
         while window and now - window[0] >= self.window:
             window.popleft()
         reset_after = (window[0] + self.window - now) if window else self.window
         headers = {
             "X-RateLimit-Limit": str(self.budget),
-            "X-RateLimit-Bucket": f"messages-{channel_id}",
+            "X-RateLimit-Bucket": f"{kind}-{channel_id}",
             "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}",
             "X-RateLimit-Reset-After": f"{reset_after:.3f}",
         }
@@ -661,6 +672,8 @@ class FakeDiscord:
                            "Retry-After": str(math.ceil(reset_after)), "Via": "1.1 google"},
             )
         window.append(now)
+        if not self.announce:
+            return {}
         return headers | {"X-RateLimit-Remaining": str(self.budget - len(window))}
 
     async def _thread_from_message(self, channel_id: str, message_id: str, body: Json) -> Json:
