@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import os
 import shlex
 import sys
@@ -70,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
         "slack", help="run the Slack adapter against LOOPBRIDGE_API_URL (see docs/slack.md)"
     )
     slack.set_defaults(run=_slack)
+
+    discord = commands.add_parser(
+        "discord", help="run the Discord adapter against LOOPBRIDGE_API_URL"
+    )
+    discord.add_argument(
+        "--invite-url", action="store_true", help="print the URL that adds the bot to a server"
+    )
+    discord.set_defaults(run=_discord)
 
     users = commands.add_parser("users", help="manage users").add_subparsers(title="users")
     add = users.add_parser("add", help="add a user")
@@ -216,58 +223,29 @@ async def _slack(args: argparse.Namespace) -> None:
         raise CommandError(str(exc)) from None
 
 
+async def _discord(args: argparse.Namespace) -> None:
+    from adapters.discord.runner import print_invite_url, run_discord
+    from adapters.settings import AdapterSettingsError
+
+    try:
+        if args.invite_url:
+            print_invite_url()
+        else:
+            await run_discord()
+    except AdapterSettingsError as exc:
+        raise CommandError(str(exc)) from None
+
+
 # ---- the server ------------------------------------------------------------------------
 
 
-async def _serve(args: argparse.Namespace, on_ready: Callable[[], None] | None = None) -> None:
-    import uvicorn
-
-    from bridge.server import create_app
-    from core.config import load_settings
-    from core.engine import Engine, bundled_cli
-
-    settings = load_settings()
-    cli = settings.cli_path or bundled_cli()
-    if not cli.is_file():
-        raise SettingsError(
-            f"the agent CLI is missing at {cli}: "
-            "reinstall claude-agent-sdk or set LOOPBRIDGE_CLI_PATH"
-        )
-    engine = Engine(settings)
-    try:
-        await engine.start()
-    except SettingsError:
-        raise
-    except Exception as exc:
-        raise SettingsError(f"cannot start the engine: {type(exc).__name__}: {exc}") from None
-    try:
-        listener = _listen(args.host, args.port)
-        config = uvicorn.Config(
-            create_app(engine, manage_engine=False), log_level="warning", lifespan="off"
-        )
-        server = uvicorn.Server(config)
-        serving = asyncio.create_task(server.serve(sockets=[listener]))
-        while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has no event
-            await asyncio.sleep(0.02)
-        port = listener.getsockname()[1]
-        print(f"loopbridge serving the Loop API on http://{args.host}:{port}/api/v1", flush=True)
-        if on_ready is not None:
-            args.port = port
-            on_ready()
-        await serving
-    finally:
-        await engine.close()
-
-
-def _listen(host: str, port: int) -> Any:
-    from bridge.net import listen
+async def _serve(args: argparse.Namespace, on_ready: Callable[[int], None] | None = None) -> None:
+    from bridge.serve import ServeError, serve
 
     try:
-        return listen(host, port)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise CommandError(f"port {port} is in use: choose another with --port") from None
-        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        await serve(args.host, args.port, on_ready)
+    except ServeError as exc:
+        raise CommandError(str(exc)) from None
 
 
 async def _demo(args: argparse.Namespace) -> None:
@@ -287,8 +265,8 @@ async def _demo(args: argparse.Namespace) -> None:
     )
     token = await _demo_token()
 
-    def show() -> None:
-        base = f"http://{args.host}:{args.port}/api/v1"
+    def show(port: int) -> None:
+        base = f"http://{args.host}:{port}/api/v1"
         auth = f"Authorization: Bearer {token}"
         print(
             "\nThis demo runs the real Claude Code agent against a SCRIPTED STAND-IN MODEL "

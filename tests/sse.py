@@ -36,7 +36,11 @@ async def turn(http: httpx.AsyncClient, loop_id: str, content: str, **body: Any)
     headers = body.pop("headers", {})
     seen = []
     async for ev in events(
-        http, "POST", f"/loops/{loop_id}/messages", json={"content": content, **body}, headers=headers
+        http,
+        "POST",
+        f"/loops/{loop_id}/messages",
+        json={"content": content, **body},
+        headers=headers,
     ):
         if ev.name == "ping":
             continue

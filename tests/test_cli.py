@@ -106,8 +106,13 @@ def test_no_command_prints_help():
 async def test_demo_prints_a_curl_that_streams_a_turn(tmp_path):
     env = {**os.environ, "LOOPBRIDGE_HOME": str(tmp_path / "demo")}
     demo = await asyncio.create_subprocess_exec(
-        *LOOPBRIDGE, "demo", "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        *LOOPBRIDGE,
+        "demo",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
     )
     try:
         printed = ""
@@ -126,3 +131,20 @@ async def test_demo_prints_a_curl_that_streams_a_turn(tmp_path):
     finally:
         demo.terminate()
         await demo.wait()
+
+
+async def test_serve_stops_cleanly_on_sigterm(tmp_path):
+    env = {**os.environ, "LOOPBRIDGE_HOME": str(tmp_path), "LOOPBRIDGE_SANDBOX": "local"}
+    server = await asyncio.create_subprocess_exec(
+        *LOOPBRIDGE,
+        "serve",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    line = await asyncio.wait_for(server.stdout.readline(), 60)
+    assert b"serving the Loop API" in line, await server.stderr.read()
+    server.terminate()
+    assert await asyncio.wait_for(server.wait(), 30) == 0  # not killed by the signal

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -14,10 +16,7 @@ from tests.sse import text_of, turn
 BYPASS = {"permission_mode": "bypassPermissions"}
 
 
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def configured(standin, tmp_path_factory):
-    root = tmp_path_factory.mktemp("configured")
-    repo = root / "sample-repo"
+def make_repo(repo: Path) -> Path:
     repo.mkdir()
     (repo / "README.txt").write_text("from the repo\n")
     for command in (
@@ -26,6 +25,13 @@ async def configured(standin, tmp_path_factory):
         ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"],
     ):
         subprocess.run(command, cwd=repo, check=True)
+    return repo
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def configured(standin, tmp_path_factory):
+    root = tmp_path_factory.mktemp("configured")
+    repo = await asyncio.to_thread(make_repo, root / "sample-repo")
     config = root / "loopbridge.toml"
     config.write_text(
         f"""
@@ -40,7 +46,7 @@ env = {{ TEAM_SECRET = "s3cr3t-team" }}
 url = "{repo}"
 
 [repos.gone]
-url = "{root / 'no-such-repo'}"
+url = "{root / "no-such-repo"}"
 """
     )
     with pytest.MonkeyPatch.context() as patch:
@@ -62,8 +68,18 @@ async def test_loop_records_its_profile_vault_and_repo(configured):
     loop = await _create(configured, profiles=["reviewer"], vault="team", repo="sample")
     assert (loop["profiles"], loop["vault"], loop["repo"]) == (["reviewer"], "team", "sample")
     fresh = await _create(configured)
-    assert (fresh["title"], fresh["metadata"], fresh["profiles"], fresh["vault"], fresh["repo"]) == (
-        "untitled", {}, [], "default", None,
+    assert (
+        fresh["title"],
+        fresh["metadata"],
+        fresh["profiles"],
+        fresh["vault"],
+        fresh["repo"],
+    ) == (
+        "untitled",
+        {},
+        [],
+        "default",
+        None,
     )
 
 
@@ -79,14 +95,18 @@ async def test_unknown_names_are_refused(configured, body, code):
     r = await configured.http.post("/loops", json=body)
     assert r.status_code == 400
     assert r.json()["error"] == {
-        "type": "invalid_request_error", "code": code, "message": r.json()["error"]["message"],
+        "type": "invalid_request_error",
+        "code": code,
+        "message": r.json()["error"]["message"],
     }
 
 
 async def test_repo_clone_vault_env_and_profile_prompt_reach_the_agent(configured):
     loop = await _create(configured, profiles=["reviewer"], vault="team", repo="sample")
     evs = await turn(
-        configured.http, loop["id"], "[[bash: cat README.txt; echo $TEAM_SECRET > vault.txt]]",
+        configured.http,
+        loop["id"],
+        "[[bash: cat README.txt; echo $TEAM_SECRET > vault.txt]]",
         **BYPASS,
     )
     assert "from the repo" in text_of(evs)

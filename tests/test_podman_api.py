@@ -27,7 +27,7 @@ from core.engine import bundled_cli
 from core.errors import SettingsError
 from core.sandbox import choose_sandbox
 from core.sandbox.image import podman_argv, podman_env, run
-from core.sandbox.podman import CLI_DIR, LOOP_LABEL, SERVER_LABEL
+from core.sandbox.podman import AGENT_UID, CLI_DIR, LOOP_LABEL, SERVER_LABEL
 from tests.conftest import Server, start_server, stop_server
 from tests.sse import TERMINAL, Ev, events, names, text_of, turn
 
@@ -127,8 +127,9 @@ async def test_bash_writes_into_the_loop_workdir_seen_from_the_host(box: Server)
     evs = await turn(box.http, loop, "[[bash: echo made > made.txt && id -u && pwd]]", **BYPASS)
     assert evs[0].name == "started" and evs[0].data["cold_start"] is True
     assert names(evs)[-1] == "done" and result_oks(evs) == [True]
-    # The agent ran as its own uid in /work, inside the container.
-    assert text_of(evs) == "Tool ok: 1000\n/work"
+    # The agent ran in /work inside the container, as its own uid when the server is root.
+    uid = AGENT_UID if os.geteuid() == 0 else 0
+    assert text_of(evs) == f"Tool ok: {uid}\n/work"
     assert (box.engine.sandbox.workdir(loop) / "made.txt").read_text() == "made\n"
     assert (await podman_states(box, loop)) == {loop: "running"}
 
@@ -302,6 +303,11 @@ async def test_a_restarted_server_adopts_or_removes_what_a_killed_one_left(
     finally:
         serve.send_signal(signal.SIGKILL)
         await serve.wait()
+    # The agents die with their server, even the one waiting for its background command.
+    deadline = time.monotonic() + WAIT_SECONDS
+    while await agents_by_label(home):
+        assert time.monotonic() < deadline, "agent CLIs outlived their server"
+        await asyncio.sleep(0.5)
     # A container for a loop this data dir no longer has (its directory was deleted).
     await run(
         *podman_argv(None), "run", "-d", "--label", f"{SERVER_LABEL}={home}",
@@ -352,6 +358,18 @@ async def running_by_label(home: Path) -> set[str]:
         "--format", f'{{{{index .Labels "{LOOP_LABEL}"}}}}', env=podman_env(),
     )
     return set(out.split())
+
+
+async def agents_by_label(home: Path) -> set[str]:
+    """The loop ids of this data dir's running containers with an agent CLI in them."""
+    found = set()
+    for loop_id in await running_by_label(home):
+        label = f"label={LOOP_LABEL}={loop_id}"
+        ids = await run(*podman_argv(None), "ps", "-q", "--filter", label, env=podman_env())
+        top = await run(*podman_argv(None), "top", ids.strip(), "args", env=podman_env())
+        if CLI_INSIDE in top:
+            found.add(loop_id)
+    return found
 
 
 def podman_services(home: Path) -> set[int]:

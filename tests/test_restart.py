@@ -27,9 +27,7 @@ async def test_restart_between_turns_keeps_everything(standin, tmp_path):
 
         calls = len(standin.main_requests())
         replay = await turn(http, loop, "before", headers=key)
-        assert [(e.id, e.name, e.data) for e in replay] == [
-            (e.id, e.name, e.data) for e in before
-        ]
+        assert [(e.id, e.name, e.data) for e in replay] == [(e.id, e.name, e.data) for e in before]
         assert len(standin.main_requests()) == calls
 
         resume_from = before[1].id
@@ -67,7 +65,9 @@ async def test_turn_open_when_the_server_stops_ends_with_an_error(standin, tmp_p
         assert history[0]["ended"] == "error"
         assert history[0]["error"]["code"] == "agent_failed"
         logged = []
-        async for ev in events(http, "GET", f"/loops/{loop}/events", headers={"Last-Event-ID": "0"}):
+        async for ev in events(
+            http, "GET", f"/loops/{loop}/events", headers={"Last-Event-ID": "0"}
+        ):
             logged.append(ev)
             if ev.name == "error":
                 break

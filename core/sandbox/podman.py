@@ -85,8 +85,10 @@ INSTALL = "apt-get install --no-install-recommends podman runc catatonit"
 # client and leave the CLI running in the container, free to wake up later and call
 # the model. So the launcher stays, as the exec's parent: the CLI writes its pid to a
 # file in the container's /tmp, and a signal for the launcher is sent to that pid.
+# The launcher asks for that signal when the server ends too, even by SIGKILL.
 LAUNCHER = """\
-import os, signal, sys
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl({pdeathsig}, signal.SIGTERM)
 keep = set(os.environ.get("LOOPBRIDGE_AGENT_ENV", "").split())
 prefixes = ("CLAUDE_CODE_", "CLAUDE_AGENT_SDK_", "ANTHROPIC_")
 names = sorted(k for k in os.environ if k in keep or k.startswith(prefixes))
@@ -343,6 +345,7 @@ class PodmanSandbox(Sandbox):
             podman=podman,
             workdir=WORKDIR,
             cli=f"{CLI_DIR}/{self.cli_path.name}",
+            pdeathsig=PR_SET_PDEATHSIG,
         )
         self.launcher.parent.mkdir(parents=True, exist_ok=True)
         self.launcher.write_text(f"#!{sys.executable} -S\n{text}")
