@@ -287,7 +287,10 @@ async def serve(home: Path, nagle: bool) -> None:
     from core.config import load_settings
     from core.engine import Engine
 
-    engine = Engine(load_settings(home=home, rate_limit_per_minute=UNLIMITED_RATE))
+    # Agents run as local processes here: the container path is bench_sandbox's subject.
+    engine = Engine(
+        load_settings(home=home, rate_limit_per_minute=UNLIMITED_RATE, sandbox="local")
+    )
     await engine.start()
     listener = listen(nagle)
     config = uvicorn.Config(
