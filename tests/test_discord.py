@@ -7,7 +7,11 @@ message in a thread, its buttons, and the answers only one person saw.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
+import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 
 import discord
@@ -17,6 +21,8 @@ from discord.gateway import DiscordWebSocket
 
 from adapters.actions import Action
 from adapters.discord import DiscordAdapter, DiscordSettings
+from adapters.discord.access import PERMISSIONS
+from adapters.views import choice_view
 from bridge.client import LoopClient
 from tests.fakes.discord import FakeDiscord, Message
 
@@ -27,8 +33,8 @@ FENCE = re.compile(r"^```", re.MULTILINE)
 CHOICE_VERBS = ("allow", "deny", "answer", "submit")
 
 
-async def until(check: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def until(check: Callable[[], object], within: float = 30.0, what: str = "") -> object:
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         value = check()
         if value:
@@ -82,7 +88,7 @@ class Harness:
             await self.client.aclose()
             self.client = None
 
-    async def turns(self, count: int, timeout: float = 60.0) -> None:
+    async def turns(self, count: int, within: float = 60.0) -> None:
         """Wait until the adapter has finished `count` turns (since it started)."""
         adapter = self.adapter
         assert adapter is not None
@@ -91,7 +97,7 @@ class Harness:
             finished = sum(r.handled == "turn" for r in adapter.results)
             return finished >= count and not adapter._tasks
 
-        await until(done, timeout, f"{count} turns")
+        await until(done, within, f"{count} turns")
 
     def answers(self, channel: str) -> list[str]:
         """The content of each answer message in a channel (choices left out)."""
@@ -176,6 +182,20 @@ async def test_bots_and_stray_messages_are_ignored_and_a_dm_is_one_loop(discord_
     assert len(discord_.adapter.results) == 4
 
 
+async def test_a_mention_in_a_thread_people_opened_binds_that_thread(discord_: Harness) -> None:
+    fake = discord_.fake
+    await discord_.start()
+    thread = fake.thread_by(discord_.bob, fake.general_id, "bob's thread")
+    await fake.say(discord_.bob, "not for the bot", channel=thread.id)
+    await fake.say(discord_.bob, "now for the bot", channel=thread.id, mention=True)
+    await discord_.turns(1)
+    assert discord_.answers(thread.id) == ["Echo #1: now for the bot"]
+    assert (await discord_.loop_of(thread.id)).metadata["started_by"] == discord_.bob.id
+    assert fake.threads_of(fake.general_id) == [thread]  # no thread in a thread
+    # discord.py had not seen the thread: the adapter looked it up to find its channel.
+    assert any(c.method == "GET" and c.path == f"/channels/{thread.id}" for c in fake.calls)
+
+
 async def test_a_bound_channel_is_one_loop_without_mentions(discord_: Harness) -> None:
     fake = discord_.fake
     dev = fake.text_channel("dev")
@@ -184,7 +204,8 @@ async def test_a_bound_channel_is_one_loop_without_mentions(discord_: Harness) -
     await discord_.turns(1)
     await fake.say(discord_.bob, "still the same loop", channel=dev.id)
     await discord_.turns(2)
-    assert discord_.answers(dev.id) == ["Echo #1: no mention needed", "Echo #2: still the same loop"]
+    assert discord_.answers(dev.id) == [
+        "Echo #1: no mention needed", "Echo #2: still the same loop"]
     assert fake.threads_of(dev.id) == []
     assert (await discord_.loop_of(dev.id, channel=dev.id)) is not None
 
@@ -295,7 +316,7 @@ async def test_stop_interrupts_the_turn(discord_: Harness) -> None:
     await fake.click(discord_.bob, message, stop)  # not allowed: nothing happens
     await until(lambda: fake.ephemerals_for(discord_.bob), what="a private refusal")
     await fake.click(discord_.alice, message, stop)
-    await discord_.turns(1, timeout=20)
+    await discord_.turns(1, within=20)
     loop = await discord_.loop_of(asked.id)
     history = await discord_.client.history(loop.id)
     assert history.data[0].ended == "interrupted"
@@ -315,11 +336,273 @@ async def test_a_button_clicked_after_a_restart_answers_its_choice(discord_: Har
     await fake.click(discord_.alice, choice, choice.find("Allow")["custom_id"])
     await until(lambda: not choice.has_components, what="the outcome")
     assert f"Allowed by <@{discord_.alice.id}>" in choice.content
-    loop = await discord_.loop_of(asked.id)
-    assert (discord_.server.engine.sandbox.workdir(loop.id) / "discord-restart.txt").exists()
     # The rest of the turn is shown below the choice, not lost with the old process.
     await until(lambda: "Tool ok" in discord_.answer(asked.id), what="the rest of the turn")
     await discord_.adapter.idle()
+    loop = await discord_.loop_of(asked.id)
+    assert (discord_.server.engine.sandbox.workdir(loop.id) / "discord-restart.txt").exists()
     history = await discord_.client.history(loop.id)
     assert history.data[0].ended == "done"
     assert discord_.answers(asked.id)[-1] == history.data[0].assistant_text
+
+
+async def test_several_questions_are_picked_in_menus_then_submitted(discord_: Harness) -> None:
+    """Picks are kept in the message itself (no memory in the bot) until Submit sends them all.
+
+    The stand-in model asks one question at a time, so this choice is shown directly
+    on a loop's thread, and the decision that Submit makes is read on its way to the API.
+    """
+    fake = discord_.fake
+    adapter = await discord_.start()
+    asked = await fake.say(discord_.alice, "set up", mention=True)
+    await discord_.turns(1)
+    loop = await discord_.loop_of(asked.id)
+    view = choice_view(loop.id, {"choice_id": "choice_menus", "kind": "question", "payload": {
+        "questions": [
+            {"id": "q1", "question": "Which color?", "options": [
+                {"label": "Red"}, {"label": "Blue"}]},
+            {"id": "q2", "question": "Which sizes?", "multi_select": True, "options": [
+                {"label": "S"}, {"label": "M"}, {"label": "L"}]},
+        ]}})
+    await adapter.surface(int(asked.id)).post_choice(view)
+    choice = discord_.choices(asked.id)[-1]
+    color, sizes = choice.selects()
+    assert sizes["max_values"] == 3 and choice.find("Submit")
+
+    decided: list[tuple[Action, object]] = []
+    decide = adapter.conversations.decide
+
+    async def recording(actor, action, answers=None):
+        decided.append((action, answers))
+        return await decide(actor, action, answers)
+
+    adapter.conversations.decide = recording  # type: ignore[method-assign]
+    await fake.pick(discord_.alice, choice, color["custom_id"], ["Blue"])
+    await until(lambda: any(o.get("default") for o in choice.selects()[0]["options"]),
+                what="the pick kept in the message")
+    await fake.pick(discord_.alice, choice, sizes["custom_id"], ["S", "L"])
+    await until(lambda: any(o.get("default") for o in choice.selects()[1]["options"]),
+                what="the second pick kept in the message")
+    assert decided == []  # a pick alone decides nothing
+    await fake.click(discord_.alice, choice, choice.find("Submit")["custom_id"])
+    await until(lambda: decided, what="the submitted answers")
+    assert decided[0][1] == {"q1": "Blue", "q2": ["S", "L"]}
+    # No such choice is pending in the loop: the person is told, the menus go away.
+    await until(lambda: fake.ephemerals_for(discord_.alice), what="a private answer")
+    await until(lambda: not choice.has_components, what="the menus removed")
+
+
+# ---- long answers, limits, redelivery -----------------------------------------------------
+
+
+def fence_free(text: str) -> str:
+    """The text without code-fence lines or whitespace: what splitting may not change."""
+    kept = [line for line in text.splitlines() if not FENCE.match(line)]
+    return "".join("".join(kept).split())
+
+
+async def test_a_long_answer_arrives_split_complete_and_balanced(discord_: Harness) -> None:
+    fake = discord_.fake
+    await discord_.start()
+    asked = await fake.say(discord_.alice, "[[long: 450]]", mention=True)
+    await discord_.turns(1, within=90)
+    loop = await discord_.loop_of(asked.id)
+    whole = (await discord_.client.history(loop.id)).data[0].assistant_text
+    assert len(whole) > 10_000 and whole.count("```") >= 10
+    parts = discord_.answers(asked.id)
+    assert len(parts) >= 6
+    assert all(len(part) <= 2000 for part in parts)
+    assert all(len(FENCE.findall(part)) % 2 == 0 for part in parts), "unbalanced fences"
+    assert fence_free("".join(parts)) == fence_free(whole)
+    # A code block cut by a split goes on in the next part, with its language.
+    assert any(part.startswith("```python") for part in parts[1:])
+    assert fake.refused() == [] and fake.rate_limited() == []
+    messages = fake.bot_messages(asked.id)
+    assert not any(m.has_components or m.embeds for m in messages)
+
+
+async def test_rate_limits_are_waited_out_and_nothing_is_lost(discord_: Harness) -> None:
+    """A Discord that allows fewer writes than the bot's budget, and says so only by 429s."""
+    fake = discord_.fake
+    fake.budget, fake.window, fake.announce = 2, 1.0, False
+    await discord_.start()
+    asked = await fake.say(discord_.alice, "[[long: 300]]", mention=True)
+    await discord_.turns(1, within=90)
+    loop = await discord_.loop_of(asked.id)
+    whole = (await discord_.client.history(loop.id)).data[0].assistant_text
+    assert fake.rate_limited(), "the fake should have refused a burst"
+    assert fake.refused() == []
+    assert fence_free(discord_.answer(asked.id)) == fence_free(whole)
+    # discord.py retried every 429 itself: the renderer saw no failed call.
+    assert discord_.adapter.results[0].stats.failures == 0
+
+
+async def test_a_duplicated_gateway_event_runs_one_turn(discord_: Harness) -> None:
+    fake = discord_.fake
+    await discord_.start()
+    before = len(discord_.server.standin_requests())
+    asked = await fake.say(discord_.alice, "only once", mention=True, deliveries=2)
+    await discord_.turns(1)
+    await asyncio.sleep(0.5)
+    loop = await discord_.loop_of(asked.id)
+    assert len((await discord_.client.history(loop.id)).data) == 1
+    assert discord_.answers(asked.id) == ["Echo #1: only once"]
+    assert len(discord_.server.standin_requests()) - before == 1
+    assert [r.handled for r in discord_.adapter.results].count("duplicate") == 1
+    assert len(fake.threads_of(fake.general_id)) == 1
+
+
+# ---- slash commands ------------------------------------------------------------------------
+
+
+async def test_slash_commands_new_status_and_stop(discord_: Harness) -> None:
+    fake = discord_.fake
+    await discord_.start()
+    [registered] = fake.commands[fake.guild_id]
+    assert registered["name"] == "loop"
+    assert {o["name"] for o in registered["options"]} == {"new", "status", "stop"}
+
+    await fake.slash(discord_.bob, fake.general_id, "loop", "status")
+    await until(lambda: fake.ephemerals_for(discord_.bob), what="the status answer")
+    assert "No loop here" in fake.ephemerals_for(discord_.bob)[-1]
+
+    await fake.slash(discord_.alice, fake.general_id, "loop", "new", title="release planning")
+    await until(lambda: fake.ephemerals_for(discord_.alice), what="the new loop")
+    [thread] = fake.threads_of(fake.general_id)
+    assert thread.name == "release planning"
+    loop = await discord_.loop_of(thread.id)
+    assert loop is not None and loop.title == "release planning"
+    assert f"Started loop `{loop.id}` in <#{thread.id}>" in fake.ephemerals_for(discord_.alice)[-1]
+    assert loop.id in fake.bot_messages(thread.id)[0].content  # the thread says what it is
+
+    await fake.say(discord_.alice, "[[slow: 6]]", channel=thread.id)
+    await until(lambda: any(m.content.startswith("slow") for m in fake.bot_messages(thread.id)),
+                what="a turn streaming")
+    await fake.slash(discord_.bob, thread.id, "loop", "status")
+    await until(lambda: len(fake.ephemerals_for(discord_.bob)) == 2, what="the status")
+    assert f"Loop `{loop.id}`" in fake.ephemerals_for(discord_.bob)[-1]
+    assert "busy · 0 queued · 1 turns" in fake.ephemerals_for(discord_.bob)[-1]
+
+    await fake.slash(discord_.bob, thread.id, "loop", "stop")  # not Bob's loop
+    await until(lambda: len(fake.ephemerals_for(discord_.bob)) == 3, what="a refusal")
+    assert "Only the person" in fake.ephemerals_for(discord_.bob)[-1]
+    await fake.slash(discord_.alice, thread.id, "loop", "stop")
+    await discord_.turns(1, within=20)
+    history = await discord_.client.history(loop.id)
+    assert history.data[0].ended == "interrupted"
+    await fake.slash(discord_.alice, thread.id, "loop", "status")
+    await until(lambda: "idle" in fake.ephemerals_for(discord_.alice)[-1], what="idle status")
+    assert all(i.answered_at is not None for i in fake.interactions.values())
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+
+async def run_cli(*args: str, **env: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge.cli", *args, env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode or 0, out.decode(), err.decode()
+
+
+async def test_invite_url_from_the_command_line() -> None:
+    # A bot token's first part is its application's id, base64-encoded.
+    token = "MTEwMDAwMDAwMDAwMDAwMDAwMQ.GfAKEx.fake-signature"
+    code, out, err = await run_cli("discord", "--invite-url", LOOPBRIDGE_DISCORD_TOKEN=token)
+    assert code == 0, err
+    url = urllib.parse.urlsplit(out.strip())
+    query = urllib.parse.parse_qs(url.query)
+    assert url.netloc == "discord.com" and query["client_id"] == ["1100000000000000001"]
+    assert query["scope"] == ["bot applications.commands"]
+    assert discord.Permissions(int(query["permissions"][0])) == PERMISSIONS
+
+    code, out, err = await run_cli("discord", LOOPBRIDGE_DISCORD_TOKEN="")
+    assert code == 2 and err.startswith("loopbridge: ") and "LOOPBRIDGE_DISCORD_TOKEN" in err
+
+
+async def test_loopbridge_discord_runs_the_adapter(discord_: Harness) -> None:
+    fake = discord_.fake
+    env = {
+        "LOOPBRIDGE_DISCORD_TOKEN": fake.token, "LOOPBRIDGE_DISCORD_API_URL": fake.api_url,
+        "LOOPBRIDGE_DISCORD_GATEWAY_URL": fake.gateway_url,
+        "LOOPBRIDGE_DISCORD_COMMAND_GUILDS": fake.guild_id,
+        "LOOPBRIDGE_DISCORD_GUILD_READY_TIMEOUT": "0.1",
+        "LOOPBRIDGE_API_URL": discord_.server.url, "LOOPBRIDGE_API_TOKEN": discord_.token,
+    }
+    code, _, err = await run_cli("discord", **(env | {"LOOPBRIDGE_DISCORD_TOKEN": "wrong"}))
+    assert code == 2 and err.startswith("loopbridge: Discord refused LOOPBRIDGE_DISCORD_TOKEN")
+    assert len(err.strip().splitlines()) == 1, err
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge.cli", "discord", env={**os.environ, **env},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await fake.wait_ready()
+        asked = await fake.say(discord_.alice, "from the command line", mention=True)
+        await until(
+            lambda: discord_.answers(asked.id) == ["Echo #1: from the command line"],
+            what="the answer of `loopbridge discord`",
+        )
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert "Traceback" not in err.decode(), err.decode()
+
+
+async def test_the_bot_comes_back_after_the_gateway_drops(discord_: Harness) -> None:
+    fake = discord_.fake
+    await discord_.start()
+    asked = await fake.say(discord_.alice, "before the drop", mention=True)
+    await discord_.turns(1)
+    await fake.drop_gateway()
+    await fake.wait_ready()  # discord.py reconnects (and identifies: the fake keeps no sessions)
+    assert fake.identified == 2
+    await fake.say(discord_.alice, "after the drop", channel=asked.id)
+    await discord_.turns(2)
+    assert discord_.answers(asked.id) == ["Echo #1: before the drop", "Echo #2: after the drop"]
+
+
+async def test_a_message_sent_while_busy_waits_its_turn_in_order(discord_: Harness) -> None:
+    fake = discord_.fake
+    await discord_.start()
+    asked = await fake.say(discord_.alice, "[[slow: 2]]", mention=True)
+    await until(lambda: discord_.answer(asked.id), what="the first answer streaming")
+    await fake.say(discord_.alice, "next", channel=asked.id)
+    await until(
+        lambda: any("queued behind 1 message" in m.embed_text
+                    for m in fake.bot_messages(asked.id)),
+        what="a queued note",
+    )
+    await discord_.turns(2)
+    first, second = discord_.answers(asked.id)
+    assert first.startswith("slow 1/10.") and first.rstrip().endswith("slow 10/10.")
+    assert second == "Echo #2: next"
+
+
+async def test_the_adapter_inside_the_server_uses_an_in_process_client(discord_: Harness) -> None:
+    from adapters.discord.runner import start_embedded
+    from bridge.server import create_app
+
+    fake = discord_.fake
+    app = create_app(discord_.server.engine, manage_engine=False)
+    env = {
+        "LOOPBRIDGE_DISCORD_TOKEN": fake.token, "LOOPBRIDGE_DISCORD_API_URL": fake.api_url,
+        "LOOPBRIDGE_DISCORD_GATEWAY_URL": fake.gateway_url,
+        "LOOPBRIDGE_DISCORD_GUILD_READY_TIMEOUT": "0.1",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        adapter = await start_embedded(app, discord_.token)
+    assert adapter is not None
+    try:
+        asked = await fake.say(discord_.alice, "in process", mention=True)
+        await until(lambda: any(r.handled == "turn" for r in adapter.results), what="a turn")
+        assert discord_.answers(asked.id) == ["Echo #1: in process"]
+        assert fake.commands[None], "without command guilds the commands are global"
+    finally:
+        await adapter.stop()
+        await adapter.client.aclose()

@@ -118,8 +118,8 @@ class DiscordAdapter:
             self._connection = None
 
     async def run_forever(self) -> None:
-        await self.start()
         try:
+            await self.start()
             assert self._connection is not None
             await self._connection
         finally:
@@ -166,6 +166,8 @@ class DiscordAdapter:
                 await message.add_reaction(NOT_ALLOWED_REACTION)
 
     async def _turn(self, found: Incoming) -> TurnResult:
+        # While the turn renders here, its loop is marked shown: a click on one of its
+        # choices then needs no follower (see follow.py).
         with contextlib.ExitStack() as showing:
 
             def surface(binding: Binding, message: IncomingMessage) -> DiscordThread:

@@ -47,13 +47,15 @@ class Clicks:
         await interaction.response.defer()
         answers = answers_of(interaction, action)
         follow = await self._follow(action)
-        decision = None
         try:
             decision = await self.conversations.decide(actor_of(interaction.user), action, answers)
-        finally:
-            if follow is not None and (decision is None or decision.outcome != "answered"):
+        except BaseException:
+            if follow is not None:
                 await follow.close()
-                follow = None
+            raise
+        if follow is not None and decision.outcome != "answered":
+            await follow.close()
+            follow = None
         if decision.outcome in ("not_allowed", "gone", "failed"):
             await interaction.followup.send(decision.message, ephemeral=True)
             if decision.outcome == "gone" and action.verb in CHOICE_VERBS:
@@ -62,7 +64,8 @@ class Clicks:
         if decision.outcome == "answered":
             await self._show(interaction, outcome(actor_of(interaction.user), action, answers))
             if follow is not None:
-                await follow.show(self.surface_for(interaction.channel_id or 0))
+                assert interaction.channel_id is not None  # a click is always in a channel
+                await follow.show(self.surface_for(interaction.channel_id))
 
     async def _follow(self, action: Action) -> Follow | None:
         """The turn's events, when no renderer here shows it (the bot restarted meanwhile)."""

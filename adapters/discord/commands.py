@@ -70,7 +70,7 @@ class LoopCommands(app_commands.Group):
             )
             return
         if thread is not None:
-            async with self.budget.slot(thread.id, live=False):
+            async with self.budget.slot(thread.id, "post", live=False):
                 await thread.send(
                     f"Loop `{binding.loop_id}` started by <@{actor.user_id}>. "
                     "Write here: every message in this thread goes to the agent.",

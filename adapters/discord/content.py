@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import discord
 
+from adapters.discord.settings import CONTENT_LIMIT
 from adapters.views import ChoiceView, MessageView
 
-CONTENT_LIMIT = 2000
 # What a choice's own text may take, leaving room for the outcome line added below it.
 CHOICE_LIMIT = 1700
 EMBED_LIMIT = 4096

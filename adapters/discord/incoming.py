@@ -12,6 +12,7 @@ Conversations, as `ConversationKey(platform, workspace, channel, thread)`:
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -56,11 +57,13 @@ def conversation_key(channel: object, bound_channels: frozenset[str]) -> Convers
 
 
 async def resolved(bot: discord.Client, channel: Any) -> Any:
-    """A channel discord.py did not have in its cache (an older thread), fetched."""
+    """A channel discord.py did not have in its cache (a thread it was not told of), fetched;
+    as it was when Discord will not show it (then it is no conversation of the bot's)."""
     if isinstance(channel, discord.PartialMessageable):
-        fetched = await bot.fetch_channel(channel.id)
-        if isinstance(fetched, discord.abc.Messageable):
-            return fetched
+        with contextlib.suppress(discord.HTTPException):
+            fetched = await bot.fetch_channel(channel.id)
+            if isinstance(fetched, discord.abc.Messageable):
+                return fetched
     return channel
 
 

@@ -1,16 +1,19 @@
-"""Keeping within Discord's budget of messages written per channel.
+"""Keeping within Discord's budget of messages posted and edited per channel.
 
-Discord publishes no fixed limit for creating and editing messages; in practice
-a channel takes about 5 writes per 5 seconds, and its `X-RateLimit-*` headers
-say so. discord.py already waits when those headers say a bucket is empty and
-retries a 429, but a wait there holds up the turn's renderer behind a stale edit.
-So the adapter keeps the budget itself, before a call is made:
+Discord publishes no fixed limit for creating or editing messages; in practice a
+channel takes about 5 posts and 5 edits per 5 seconds (two rate-limit buckets),
+and its `X-RateLimit-*` headers say so. discord.py obeys those headers, but in
+its own way: the call that empties a bucket does not return until the bucket
+refills (up to the whole window), and a 429 is slept on inside the call. Either
+holds the turn's renderer behind one call. So the adapter keeps the budget
+itself, before a call is made, and keeps one slot in hand so that discord.py
+never sees an empty bucket:
 
-- every post or edit in a channel takes a slot; a slot is counted from when its
-  call *finished*, which is never earlier than when Discord counted it;
-- live edits (the answer still growing) leave `reserve` slots free, so that the
-  calls a person is waiting for — the final text, a new part, a choice — find a
-  slot at once instead of queueing behind an edit that will be replaced anyway.
+- every post, and every edit, in a channel takes a slot of its kind; a slot is
+  counted from when its call *finished*, never earlier than Discord counted it;
+- live calls (the answer still growing) leave `reserve` slots free, so that the
+  calls a person is waiting for — the final text, a sealed part, a choice — find
+  a slot at once instead of queueing behind an edit that will be replaced anyway.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["post", "edit"]
 
 
 @dataclass
@@ -31,7 +37,8 @@ class _Channel:
 
 
 class ChannelBudget:
-    """At most `budget` writes per channel in any `window` seconds, kept by waiting."""
+    """Fewer than `budget` posts, and fewer than `budget` edits, per channel in any `window`
+    seconds (`budget` is what Discord allows; one slot stays in hand)."""
 
     def __init__(
         self,
@@ -41,18 +48,18 @@ class ChannelBudget:
         reserve: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.budget = budget
+        self.budget = max(1, budget - 1)
         self.window = window
         # A budget of one slot cannot hold one back.
-        self.reserve = min(reserve, budget - 1)
+        self.reserve = min(reserve, self.budget - 1)
         self.clock = clock
         self.waited = 0.0
-        self._channels: dict[int, _Channel] = {}
+        self._channels: dict[tuple[int, Kind], _Channel] = {}
 
     @contextlib.asynccontextmanager
-    async def slot(self, channel_id: int, *, live: bool) -> AsyncIterator[None]:
+    async def slot(self, channel_id: int, kind: Kind, *, live: bool) -> AsyncIterator[None]:
         """Held around one post or edit in `channel_id`."""
-        channel = self._channel(channel_id)
+        channel = self._channel((channel_id, kind))
         started = self.clock()
         while (wait := self._wait(channel, live)) > 0:
             channel.changed.clear()
@@ -79,11 +86,11 @@ class ChannelBudget:
             return channel.finished[0] + self.window - now
         return self.window  # only calls in flight: one of them finishing wakes us
 
-    def _channel(self, channel_id: int) -> _Channel:
-        channel = self._channels.get(channel_id)
+    def _channel(self, key: tuple[int, Kind]) -> _Channel:
+        channel = self._channels.get(key)
         if channel is None:
             self._forget_idle()
-            channel = self._channels[channel_id] = _Channel()
+            channel = self._channels[key] = _Channel()
         return channel
 
     def _forget_idle(self) -> None:

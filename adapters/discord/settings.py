@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.policy import Policy
@@ -13,6 +13,8 @@ from bridge.schemas import PermissionMode
 
 # Discord's limit on a message's content.
 CONTENT_LIMIT = 2000
+# The auto-archive durations Discord offers a thread.
+ARCHIVE_MINUTES = (60, 1440, 4320, 10080)
 
 
 class DiscordSettings(BaseSettings):
@@ -37,10 +39,12 @@ class DiscordSettings(BaseSettings):
     # Seconds between two edits of one message, and what one message of the answer holds.
     edit_interval: float = Field(1.0, ge=0.2)
     part_limit: int = Field(CONTENT_LIMIT, ge=200, le=CONTENT_LIMIT)
-    # The budget of messages written (posted or edited) per channel: `budget` per `window` s.
-    budget: int = Field(5, ge=1)
+    # What Discord allows per channel: `budget` posts, and `budget` edits, per `window` s
+    # (the adapter keeps one of each in hand, see pacing.py).
+    budget: int = Field(5, ge=2)
     window: float = Field(5.0, gt=0)
-    thread_archive_minutes: Literal[60, 1440, 4320, 10080] = 1440
+    # Minutes without activity after which Discord hides a thread: 60, 1440, 4320 or 10080.
+    thread_archive_minutes: int = 1440
     # A question of at most this many short options gets a button each, else a select
     # menu (Discord fits 5 buttons in a row; 0 always uses a menu).
     option_buttons: int = Field(5, ge=0, le=5)
@@ -53,6 +57,19 @@ class DiscordSettings(BaseSettings):
     admins: IdList = Field(default_factory=list)
     approvers: IdList = Field(default_factory=list)
     permission_mode: PermissionMode | None = None
+
+    @field_validator("token", "api_url", "gateway_url", "application_id", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # `LOOPBRIDGE_DISCORD_TOKEN=` in a shell or an env file means "not set".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("thread_archive_minutes")
+    @classmethod
+    def _archive_choices(cls, value: int) -> int:
+        if value not in ARCHIVE_MINUTES:
+            raise ValueError(f"must be one of {', '.join(map(str, ARCHIVE_MINUTES))}")
+        return value
 
     @property
     def configured(self) -> bool:

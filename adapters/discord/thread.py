@@ -5,10 +5,19 @@ just before the turn's first message is posted, so a message that never becomes
 a turn (refused, a duplicate, empty) leaves no thread behind. Discord gives a
 thread started from a message the message's id, so the conversation's key is
 known before the thread exists.
+
+Edits of a message that is still live (the answer growing) never hold up the
+turn's renderer: when the channel's budget has no slot for one, it waits in the
+background, and a newer live view replaces it meanwhile, so only the newest is
+sent. Any other call — a final text, a sealed part, a choice — first settles
+the message's live edit (drops it, or lets it finish if already on its way), so
+it always lands last.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 
 import discord
@@ -18,6 +27,8 @@ from adapters.discord.content import answer_content, choice_content, measure, st
 from adapters.discord.pacing import ChannelBudget
 from adapters.discord.settings import DiscordSettings
 from adapters.views import ChoiceView, MessageView, TurnState
+
+log = logging.getLogger(__name__)
 
 # Discord's error code for "a thread has already been created for this message".
 THREAD_EXISTS = 160004
@@ -32,6 +43,15 @@ class ThreadStart:
     parent_id: int
     message_id: int
     name: str
+
+
+@dataclass
+class _LiveEdit:
+    """The newest live view of a message waiting to be sent, and the task sending it."""
+
+    view: MessageView | None
+    task: asyncio.Task[None] | None = None
+    sending: bool = False
 
 
 class DiscordThread:
@@ -56,13 +76,14 @@ class DiscordThread:
         self.option_buttons = settings.option_buttons
         self.channel = bot.get_partial_messageable(channel_id)
         self._start = start
+        self._live: dict[str, _LiveEdit] = {}
 
     def measure(self, markdown: str) -> int:
         return measure(markdown)
 
     async def post(self, view: MessageView) -> str:
         await self._start_thread()
-        async with self.budget.slot(self.channel.id, live=view.live):
+        async with self.budget.slot(self.channel.id, "post", live=view.live):
             message = await self.channel.send(
                 content=answer_content(view) or None, embed=status_embed(view),
                 view=answer_view(view), allowed_mentions=NO_MENTIONS,
@@ -70,15 +91,55 @@ class DiscordThread:
         return str(message.id)
 
     async def edit(self, message_id: str, view: MessageView) -> None:
-        async with self.budget.slot(self.channel.id, live=view.live):
-            await self.channel.get_partial_message(int(message_id)).edit(
-                content=answer_content(view) or None, embed=status_embed(view),
-                view=answer_view(view), allowed_mentions=NO_MENTIONS,
-            )
+        if view.live:
+            self._edit_later(message_id, view)
+            return
+        await self._settle(message_id)
+        async with self.budget.slot(self.channel.id, "edit", live=False):
+            await self._edit_now(message_id, view)
+
+    async def _edit_now(self, message_id: str, view: MessageView) -> None:
+        await self.channel.get_partial_message(int(message_id)).edit(
+            content=answer_content(view) or None, embed=status_embed(view),
+            view=answer_view(view), allowed_mentions=NO_MENTIONS,
+        )
+
+    def _edit_later(self, message_id: str, view: MessageView) -> None:
+        pending = self._live.get(message_id)
+        if pending is not None and pending.task is not None and not pending.task.done():
+            pending.view = view
+            return
+        pending = _LiveEdit(view)
+        pending.task = asyncio.create_task(self._send_live(message_id, pending))
+        self._live[message_id] = pending
+
+    async def _send_live(self, message_id: str, pending: _LiveEdit) -> None:
+        try:
+            while pending.view is not None:
+                async with self.budget.slot(self.channel.id, "edit", live=True):
+                    view, pending.view = pending.view, None
+                    pending.sending = True
+                    try:
+                        await self._edit_now(message_id, view)
+                    finally:
+                        pending.sending = False
+        except Exception as exc:
+            # Nothing is lost: the message's next edit, and its final one, carry the text.
+            log.info("a live edit of %s failed: %s", message_id, exc)
+
+    async def _settle(self, message_id: str) -> None:
+        """No live edit of this message is waiting or on its way after this."""
+        pending = self._live.pop(message_id, None)
+        if pending is None or pending.task is None or pending.task.done():
+            return
+        pending.view = None
+        if not pending.sending:
+            pending.task.cancel()
+        await asyncio.wait([pending.task])
 
     async def post_choice(self, view: ChoiceView) -> str:
         await self._start_thread()
-        async with self.budget.slot(self.channel.id, live=False):
+        async with self.budget.slot(self.channel.id, "post", live=False):
             message = await self.channel.send(
                 content=choice_content(view), view=choice_view(view, self.option_buttons),
                 allowed_mentions=NO_MENTIONS,
@@ -86,14 +147,16 @@ class DiscordThread:
         return str(message.id)
 
     async def edit_choice(self, message_id: str, view: ChoiceView) -> None:
-        async with self.budget.slot(self.channel.id, live=False):
+        async with self.budget.slot(self.channel.id, "edit", live=False):
             await self.channel.get_partial_message(int(message_id)).edit(
                 content=choice_content(view), view=choice_view(view, self.option_buttons),
                 allowed_mentions=NO_MENTIONS,
             )
 
     async def close(self, state: TurnState) -> None:
-        """Nothing to close: every message got its final edit from the renderer."""
+        """Every message has its final edit; a live edit still waiting is not needed."""
+        for message_id in list(self._live):
+            await self._settle(message_id)
 
     async def _start_thread(self) -> None:
         if self._start is None:

@@ -314,6 +314,12 @@ class FakeDiscord:
         self.channels[channel.id] = channel
         return channel
 
+    def thread_by(self, person: Person, parent: str, name: str) -> Channel:
+        """A thread a person opened while the bot was not told (no THREAD_CREATE)."""
+        thread = Channel(self.new_id(), PUBLIC_THREAD, name, self.guild_id, parent, person.id)
+        self.channels[thread.id] = thread
+        return thread
+
     def text_channel(self, name: str) -> Channel:
         channel = Channel(self.new_id(), TEXT_CHANNEL, name, self.guild_id)
         self.channels[channel.id] = channel
