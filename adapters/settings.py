@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, SecretStr
+from pydantic import BeforeValidator, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bridge.client import LoopClient
 
 
 def _id_list(value: Any) -> Any:
@@ -45,3 +47,17 @@ def settings_error(exc: Exception, prefix: str) -> AdapterSettingsError:
         where = ".".join(str(part) for part in first["loc"]).upper()
         return AdapterSettingsError(f"bad setting {prefix}{where}: {first['msg']}")
     return AdapterSettingsError(str(exc))
+
+
+def standalone_client(platform: str) -> LoopClient:
+    """The Loop API client of an adapter running alone (`loopbridge slack`, `… discord`)."""
+    try:
+        api = ApiSettings()
+    except ValidationError as exc:
+        raise settings_error(exc, "LOOPBRIDGE_") from None
+    if not api.api_url or api.api_token is None:
+        raise AdapterSettingsError(
+            "set LOOPBRIDGE_API_URL (e.g. http://127.0.0.1:8642) and LOOPBRIDGE_API_TOKEN "
+            f"(`loopbridge tokens create --user {platform}`)"
+        )
+    return LoopClient(api.api_url, api.api_token.get_secret_value())

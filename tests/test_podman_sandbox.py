@@ -147,7 +147,9 @@ async def test_network_reaches_the_model_only(sandbox: PodmanSandbox, model: Sta
 async def test_pids_limit_stops_a_fork_bomb(sandbox: PodmanSandbox, model: StandinModel) -> None:
     host, _ = await sandbox.acquire(spec(model, "loop_a"))
     bomb = "sh -c 'f(){ f|f& }; f' 2>/dev/null; sleep 2; echo survived"
-    assert await turn(host, f"[[bash: {bomb}]]") == "Tool ok: survived"
+    reply = await turn(host, f"[[bash: {bomb}]]")
+    # bash may also say that a fork of its own had to be retried
+    assert reply.startswith("Tool ok: ") and reply.endswith("survived"), reply
     container = await sandbox.find("loop_a")
     assert container is not None
     cgroup = PIDS_CGROUPS / container.attrs["State"]["CgroupPath"].lstrip("/")

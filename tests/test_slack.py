@@ -51,9 +51,13 @@ class Harness:
 
     def settings(self, **overrides) -> SlackSettings:
         values = dict(
-            bot_token=FakeSlack.bot_token, app_token=FakeSlack.app_token,
-            signing_secret=FakeSlack.signing_secret, api_url=self.fake.api_url,
-            admins=[BOSS], http_host="127.0.0.1", http_port=0,
+            bot_token=FakeSlack.bot_token,
+            app_token=FakeSlack.app_token,
+            signing_secret=FakeSlack.signing_secret,
+            api_url=self.fake.api_url,
+            admins=[BOSS],
+            http_host="127.0.0.1",
+            http_port=0,
         )
         return SlackSettings(**(values | overrides))
 
@@ -82,9 +86,7 @@ class Harness:
         assert adapter is not None
 
         def done() -> bool:
-            return sum(r.handled == "turn" for r in adapter.results) >= count and not any(
-                not t.done() for t in adapter._tasks
-            )
+            return sum(r.handled == "turn" for r in adapter.results) >= count and not adapter._tasks
 
         await until(done, within, f"{count} turns")
 
@@ -141,8 +143,16 @@ async def test_thread_reply_without_mention_and_bots_are_ignored(slack: Harness)
     # Another bot writing in the bound thread is ignored.
     ts = slack.fake.new_ts()
     await slack.fake.deliver_event(
-        {"type": "message", "subtype": "bot_message", "bot_id": "B0OTHER", "text": "beep",
-         "ts": ts, "thread_ts": root, "channel": CHANNEL, "channel_type": "channel"},
+        {
+            "type": "message",
+            "subtype": "bot_message",
+            "bot_id": "B0OTHER",
+            "text": "beep",
+            "ts": ts,
+            "thread_ts": root,
+            "channel": CHANNEL,
+            "channel_type": "channel",
+        },
         "EvBOT",
     )
     await slack.fake.say(BOB, "second, from someone else", thread_ts=root)
@@ -424,15 +434,22 @@ async def test_loopbridge_slack_command_runs_against_a_remote_server(slack: Harn
         "LOOPBRIDGE_SLACK_API_URL": slack.fake.api_url,
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.cli", "slack", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "bridge.cli",
+        "slack",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         await slack.fake.wait_connected(30)
         root = await slack.fake.say(ALICE, f"{MENTION} from the command")
         await until(
-            lambda: slack.answer(root) == "Echo #1: from the command"
-            and not any(m.streaming for m in slack.fake.bot_messages(CHANNEL, root)),
+            lambda: (
+                slack.answer(root) == "Echo #1: from the command"
+                and not any(m.streaming for m in slack.fake.bot_messages(CHANNEL, root))
+            ),
             what="the command's answer",
         )
     finally:
@@ -471,8 +488,10 @@ async def test_a_message_sent_while_busy_waits_its_turn_in_order(slack: Harness)
     await until(lambda: slack.answer(root), what="the first answer streaming")
     await slack.fake.say(ALICE, "next", thread_ts=root)
     await until(
-        lambda: any("queued behind 1 message" in m.context_text()
-                    for m in slack.fake.bot_messages(CHANNEL, root)),
+        lambda: any(
+            "queued behind 1 message" in m.context_text()
+            for m in slack.fake.bot_messages(CHANNEL, root)
+        ),
         what="a queued note",
     )
     await slack.turns(2)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
-from typing import Any
 
 import discord
 import yarl
@@ -35,6 +33,7 @@ from adapters.discord.incoming import PLATFORM, Incoming, incoming
 from adapters.discord.pacing import ChannelBudget
 from adapters.discord.settings import DiscordSettings
 from adapters.discord.thread import DiscordThread, ThreadStart
+from adapters.tasks import HandlerTasks
 from bridge.client import LoopClient
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class DiscordAdapter:
         self.tree.add_command(LoopCommands(self.conversations, settings, self.budget))
         self.bound_channels = frozenset(settings.bound_channels)
         self.results: list[TurnResult] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = HandlerTasks(log, "Discord")
         self._stopping = False
         self._connection: asyncio.Task[None] | None = None
         self.bot.event(self.on_message)
@@ -106,11 +105,7 @@ class DiscordAdapter:
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """Stop taking events, let turns in flight finish (up to `grace` s), disconnect."""
         self._stopping = True
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._tasks.drain(grace)
         await self.bot.close()
         if self._connection is not None:
             with contextlib.suppress(Exception):
@@ -127,24 +122,13 @@ class DiscordAdapter:
 
     async def idle(self) -> None:
         """Wait until no message or click is being handled (tests, shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("Discord handler failed", exc_info=task.exception())
+        await self._tasks.idle()
 
     # ---- events --------------------------------------------------------------------------
 
     async def on_message(self, message: discord.Message) -> None:
         if not self._stopping:
-            self._spawn(self._message(message))
+            self._tasks.spawn(self._message(message))
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         # Slash commands go to the command tree; components come here.
@@ -152,7 +136,7 @@ class DiscordAdapter:
             return
         action = Action.decode(str((interaction.data or {}).get("custom_id", "")))
         if action is not None:
-            self._spawn(self.clicks.handle(interaction, action))
+            self._tasks.spawn(self.clicks.handle(interaction, action))
 
     async def _message(self, message: discord.Message) -> None:
         found = await incoming(self.bot, message, self.bound_channels)
@@ -178,5 +162,6 @@ class DiscordAdapter:
 
     def surface(self, channel_id: int, start: ThreadStart | None = None) -> DiscordThread:
         """Where a turn is shown: a channel, or a thread still to be started."""
-        return DiscordThread(self.bot, self.budget, self.settings, channel_id=channel_id,
-                             start=start)
+        return DiscordThread(
+            self.bot, self.budget, self.settings, channel_id=channel_id, start=start
+        )

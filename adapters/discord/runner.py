@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from adapters.discord.access import invite_url
 from adapters.discord.app import DiscordAdapter
 from adapters.discord.settings import DiscordSettings
-from adapters.settings import AdapterSettingsError, ApiSettings, settings_error
+from adapters.settings import AdapterSettingsError, settings_error, standalone_client
 from bridge.asgi import ASGIApp
 from bridge.client import LoopClient
 
@@ -38,16 +38,7 @@ async def run_discord() -> None:
     settings = load_discord_settings()
     if settings.token is None:
         raise AdapterSettingsError(f"set {ENV_PREFIX}TOKEN (the bot token, Developer Portal → Bot)")
-    try:
-        api = ApiSettings()
-    except ValidationError as exc:
-        raise settings_error(exc, "LOOPBRIDGE_") from None
-    if not api.api_url or api.api_token is None:
-        raise AdapterSettingsError(
-            "set LOOPBRIDGE_API_URL (e.g. http://127.0.0.1:8642) and LOOPBRIDGE_API_TOKEN "
-            "(`loopbridge tokens create --user discord`)"
-        )
-    async with LoopClient(api.api_url, api.api_token.get_secret_value()) as client:
+    async with standalone_client("discord") as client:
         with _refusals():
             await DiscordAdapter(settings, client).run_forever()
 

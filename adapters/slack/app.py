@@ -17,7 +17,6 @@ import contextlib
 import logging
 import re
 from collections import deque
-from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -38,6 +37,7 @@ from adapters.slack.blocks import resolved_blocks, selected_answers
 from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.settings import SlackSettings
 from adapters.slack.thread import NativeStreaming, SlackThread
+from adapters.tasks import HandlerTasks
 from bridge.client import LoopClient
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class SlackAdapter:
         self.team_id = ""
         # The latest outcomes, for tests and status; bounded so a long run does not grow.
         self.results: deque[TurnResult] = deque(maxlen=RESULTS_KEPT)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = HandlerTasks(log, "Slack")
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -126,11 +126,7 @@ class SlackAdapter:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=5)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._tasks.drain(5)
 
     async def run_forever(self) -> None:
         await self.start()
@@ -141,18 +137,7 @@ class SlackAdapter:
 
     async def idle(self) -> None:
         """Wait until no message or click is being handled (tests, shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("Slack handler failed", exc_info=task.exception())
+        await self._tasks.idle()
 
     # ---- listeners -----------------------------------------------------------------------
 
@@ -161,11 +146,11 @@ class SlackAdapter:
             # Bolt has acknowledged the event already; the turn runs on its own.
             incoming = self.incoming(event, str(body.get("team_id") or self.team_id))
             if incoming is not None:
-                self._spawn(self._run_turn(incoming, event))
+                self._tasks.spawn(self._run_turn(incoming, event))
 
         async def on_action(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
             await ack()
-            self._spawn(self._click(body, action))
+            self._tasks.spawn(self._click(body, action))
 
         self.app.event("app_mention")(on_event)
         self.app.event("message")(on_event)
@@ -195,17 +180,25 @@ class SlackAdapter:
     async def _run_turn(self, incoming: IncomingMessage, event: dict[str, Any]) -> None:
         def surface(binding: Binding, message: IncomingMessage) -> SlackThread:
             return SlackThread(
-                self.web, self.settings,
-                channel=message.key.channel, thread_ts=message.key.thread,
-                team_id=message.key.workspace or self.team_id, user_id=message.author.user_id,
-                direct=message.direct, native=self.native,
+                self.web,
+                self.settings,
+                channel=message.key.channel,
+                thread_ts=message.key.thread,
+                team_id=message.key.workspace or self.team_id,
+                user_id=message.author.user_id,
+                direct=message.direct,
+                native=self.native,
             )
 
         result = await self.conversations.handle(incoming, surface)
         self.results.append(result)
         if result.handled == "not_allowed" and (incoming.mentioned or incoming.direct):
-            await self._tell(incoming.key.channel, incoming.author.user_id,
-                             incoming.key.thread, NOT_ALLOWED_TO_WRITE)
+            await self._tell(
+                incoming.key.channel,
+                incoming.author.user_id,
+                incoming.key.thread,
+                NOT_ALLOWED_TO_WRITE,
+            )
 
     # ---- clicks --------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from adapters.settings import AdapterSettingsError, ApiSettings, settings_error
+from adapters.settings import AdapterSettingsError, settings_error, standalone_client
 from adapters.slack.app import SlackAdapter
 from adapters.slack.settings import SlackSettings
 from bridge.asgi import ASGIApp
@@ -36,16 +36,7 @@ async def run_slack() -> None:
     """`loopbridge slack`: the adapter alone, against the server at LOOPBRIDGE_API_URL."""
     settings = load_slack_settings()
     _check(settings)
-    try:
-        api = ApiSettings()
-    except ValidationError as exc:
-        raise settings_error(exc, "LOOPBRIDGE_") from None
-    if not api.api_url or api.api_token is None:
-        raise AdapterSettingsError(
-            "set LOOPBRIDGE_API_URL (e.g. http://127.0.0.1:8642) and LOOPBRIDGE_API_TOKEN "
-            "(`loopbridge tokens create --user slack`)"
-        )
-    async with LoopClient(api.api_url, api.api_token.get_secret_value()) as client:
+    async with standalone_client("slack") as client:
         await SlackAdapter(settings, client).run_forever()
 
 
