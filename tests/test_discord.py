@@ -12,7 +12,7 @@ import re
 import signal
 import sys
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import discord
 import pytest
@@ -25,6 +25,7 @@ from adapters.discord.access import PERMISSIONS
 from adapters.views import choice_view
 from bridge.client import LoopClient
 from tests.fakes.discord import FakeDiscord, Message
+from tests.polling import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -33,15 +34,6 @@ FENCE = re.compile(r"^```", re.MULTILINE)
 CHOICE_VERBS = ("allow", "deny", "answer", "submit")
 
 
-async def until(check: Callable[[], object], within: float = 30.0, what: str = "") -> object:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.05)
 
 
 def is_choice(message: Message) -> bool:

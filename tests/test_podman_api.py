@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,11 +23,10 @@ from podman import PodmanClient
 
 from core.config import Settings
 from core.engine import bundled_cli
-from core.errors import SettingsError
-from core.sandbox import choose_sandbox
 from core.sandbox.image import podman_argv, podman_env, run
 from core.sandbox.podman import AGENT_UID, CLI_DIR, LOOP_LABEL, SERVER_LABEL
 from tests.conftest import Server, start_server, stop_server
+from tests.podman import skip_without_podman
 from tests.sse import TERMINAL, Ev, events, names, text_of, turn
 
 IMAGE = Settings().sandbox_image
@@ -36,20 +34,7 @@ CLI = bundled_cli()
 CLI_INSIDE = f"{CLI_DIR}/{CLI.name}"
 
 
-async def podman_problem() -> str | None:
-    """Why the podman sandbox cannot run here, as `loopbridge serve` says it; None if it can."""
-    with tempfile.TemporaryDirectory(prefix="lb-probe-") as home:
-        try:
-            sandbox = await choose_sandbox(Settings(sandbox="podman", home=Path(home)), CLI)
-        except SettingsError as exc:
-            return str(exc)
-        await sandbox.close()
-    return None
-
-
-PROBLEM = asyncio.run(podman_problem())
-if PROBLEM is not None:
-    pytest.skip(PROBLEM, allow_module_level=True)
+skip_without_podman()
 
 BYPASS = {"permission_mode": "bypassPermissions"}
 LOOPBRIDGE = [sys.executable, "-m", "bridge.cli"]

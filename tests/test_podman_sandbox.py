@@ -6,7 +6,6 @@ import asyncio
 import os
 import socket
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,11 +22,10 @@ from claude_agent_sdk import (
 from bridge.standin import StandinModel
 from core.config import Settings
 from core.engine import bundled_cli
-from core.errors import SettingsError
-from core.sandbox import choose_sandbox
 from core.sandbox.base import AgentHost, SandboxSpec
 from core.sandbox.image import RECIPE, RECIPE_LABEL, load_recipe, podman_argv, podman_env, run
 from core.sandbox.podman import AGENT_UID, LOOP_LABEL, SERVER_LABEL, PodmanSandbox
+from tests.podman import skip_without_podman
 
 SETTINGS = Settings(
     sandbox="podman",
@@ -39,20 +37,7 @@ SETTINGS = Settings(
 CLI = bundled_cli()
 
 
-async def podman_problem() -> str | None:
-    """Why the podman sandbox cannot run here, as `loopbridge serve` says it; None if it can."""
-    with tempfile.TemporaryDirectory(prefix="lb-probe-") as home:
-        try:
-            sandbox = await choose_sandbox(Settings(sandbox="podman", home=Path(home)), CLI)
-        except SettingsError as exc:
-            return str(exc)
-        await sandbox.close()
-    return None
-
-
-PROBLEM = asyncio.run(podman_problem())
-if PROBLEM is not None:
-    pytest.skip(PROBLEM, allow_module_level=True)
+skip_without_podman()
 
 TURN_TIMEOUT = 30
 # cgroup v1 has a hierarchy per controller; v2 one for all.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -17,6 +17,7 @@ from adapters.slack import SlackAdapter, SlackSettings
 from adapters.slack.mrkdwn import to_mrkdwn
 from bridge.client import LoopClient
 from tests.fakes.slack import FakeSlack, Message
+from tests.polling import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -28,15 +29,6 @@ MENTION = f"<@{FakeSlack.bot_user_id}>"
 FENCE = re.compile(r"^```", re.MULTILINE)
 
 
-async def until(check: Callable[[], object], within: float = 30.0, what: str = "") -> object:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.05)
 
 
 class Harness:

@@ -40,6 +40,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.serving import serve
+
 CONTENT_LIMIT = 2000
 ROWS_LIMIT = 5
 ROW_BUTTONS = 5
@@ -268,12 +270,7 @@ class FakeDiscord:
         app = web.Application()
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
         app.router.add_get("/gateway", self._gateway)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve(app)
         return self.url
 
     @property

@@ -33,6 +33,8 @@ from typing import Any
 
 from aiohttp import ClientSession, WSMsgType, web
 
+from tests.fakes.serving import serve
+
 TEXT_LIMIT = 4000
 UPDATE_BYTES_LIMIT = 4000
 SECTION_LIMIT = 3000
@@ -152,12 +154,7 @@ class FakeSlack:
         app = web.Application()
         app.router.add_post("/api/{method}", self._api)
         app.router.add_get("/socket", self._socket)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve(app)
         return self.url
 
     @property
