@@ -43,6 +43,8 @@ from claude_agent_sdk import (
     ToolPermissionContext,
 )
 
+from bridge.serve import run as run_server
+
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ENV = {
     "ANTHROPIC_API_KEY": "sk-standin",
@@ -808,7 +810,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.serve is not None:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(args.serve, args.nagle))
+            run_server(serve(args.serve, args.nagle))  # on uvloop, as `loopbridge serve` runs
         return
     asyncio.run(run(args))
 

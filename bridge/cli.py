@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import shlex
@@ -12,6 +11,7 @@ import tempfile
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from bridge.serve import run
 from core.errors import EngineError, SettingsError
 
 DEMO_USER = "demo"
@@ -24,23 +24,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         raise SystemExit(2)
     try:
-        _run(args.run(args))
+        run(args.run(args))
     except (SettingsError, EngineError, CommandError) as exc:
         print(f"loopbridge: {_message(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-
-
-def _run(work: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop where it is installed (it comes with uvicorn[standard])."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(work)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(work)
 
 
 class CommandError(Exception):

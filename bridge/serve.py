@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Protocol
 
 import uvicorn
@@ -17,6 +18,17 @@ from core.engine import Engine, bundled_cli
 from core.errors import SettingsError
 
 log = logging.getLogger(__name__)
+
+
+def run(work: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (it comes with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(work)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(work)
 
 
 class ServeError(Exception):
