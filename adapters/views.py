@@ -81,8 +81,15 @@ class ChoiceView:
 
     def finished(self, state: ChoiceState, outcome: str) -> ChoiceView:
         return ChoiceView(
-            self.loop_id, self.choice_id, self.kind, self.title, self.detail, self.tool,
-            self.questions, state, outcome,
+            self.loop_id,
+            self.choice_id,
+            self.kind,
+            self.title,
+            self.detail,
+            self.tool,
+            self.questions,
+            state,
+            outcome,
         )
 
 
@@ -154,3 +161,24 @@ def activity_line(tool: str, summary: str | None, ok: bool | None) -> str:
 def _one_line(text: str, limit: int = 80) -> str:
     line = " ".join(text.split()).replace("`", "'")
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a choice was decided, for the platform to show beside the choice."""
+
+    verb: Literal["allowed", "denied", "chose"]
+    user_id: str
+    picked: list[str] = field(default_factory=list)
+
+
+def outcome_of(user_id: str, verb: str, answers: dict[str, str | list[str]] | None) -> Outcome:
+    """A click's verb (`allow`, `deny`, or an answer) and answers, as an outcome."""
+    if verb == "allow":
+        return Outcome("allowed", user_id)
+    if verb == "deny":
+        return Outcome("denied", user_id)
+    picked = [
+        ", ".join(value) if isinstance(value, list) else value for value in (answers or {}).values()
+    ]
+    return Outcome("chose", user_id, picked)

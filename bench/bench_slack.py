@@ -39,23 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from adapters.slack import SlackAdapter, SlackSettings
 from adapters.slack.mrkdwn import to_mrkdwn
 from bridge.client import LoopClient
-from bridge.net import listen
-from bridge.server import create_app
 from bridge.standin import StandinModel
-from core.config import load_settings
-from core.engine import Engine
+from tests.conftest import AGENT_ENV, start_server, stop_server
 from tests.fakes.slack import FakeSlack
 
-AGENT_ENV = {
-    "ANTHROPIC_API_KEY": "sk-standin",
-    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-    "CLAUDE_CODE_MAX_RETRIES": "0",
-}
 CHANNEL = "C0BENCH"
 USER = "U0BENCH"
 LAG_TARGET = 1.5
@@ -212,29 +202,16 @@ async def main(args: argparse.Namespace) -> None:
     url = await model.start()
     os.environ.update({**AGENT_ENV, "ANTHROPIC_BASE_URL": url})
     home = Path(tempfile.mkdtemp(prefix="bench-slack-"))
-    engine = Engine(load_settings(home=home, rate_limit_per_minute=1_000_000))
-    await engine.start()
-    listener = listen("127.0.0.1", 0)
-    config = uvicorn.Config(
-        create_app(engine, manage_engine=False), log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve(sockets=[listener]))
-    while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
-        await asyncio.sleep(0.01)
-    server_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    await engine.accounts.ensure_user("slackbench")
-    _, token = await engine.accounts.create_token("slackbench", "bench")
+    server = await start_server(home, rate_limit_per_minute=1_000_000)
+    token = await server.token_for("slackbench")
     results = []
     try:
         for mode in args.modes.split(","):
             log(f"mode {mode}: one [[long: {args.deltas}]] turn, {args.delta_delay * 1000:.0f} ms "
                 "between deltas")
-            results.append(await run_mode(mode.strip(), server_url, token, args.deltas))
+            results.append(await run_mode(mode.strip(), server.url, token, args.deltas))
     finally:
-        server.should_exit = True
-        await serving
-        await engine.close()
+        await stop_server(server)
         await model.stop()
     print(table(results, args))
 

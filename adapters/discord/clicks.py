@@ -21,6 +21,7 @@ from adapters.discord.follow import Follow, Followers
 from adapters.discord.incoming import actor_of
 from adapters.policy import Actor
 from adapters.surface import Surface
+from adapters.views import outcome_of
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,11 @@ class Clicks:
 
 
 def outcome(actor: Actor, action: Action, answers: Answers | None) -> str:
-    who = f"<@{actor.user_id}>"
-    if action.verb == "allow":
+    decided = outcome_of(actor.user_id, action.verb, answers)
+    who = f"<@{decided.user_id}>"
+    if decided.verb == "allowed":
         return f"✅ Allowed by {who}"
-    if action.verb == "deny":
+    if decided.verb == "denied":
         return f"🚫 Denied by {who}"
-    picked = ", ".join(
-        ", ".join(value) if isinstance(value, list) else value for value in (answers or {}).values()
-    )
-    return f"☑️ {who} chose **{discord.utils.escape_markdown(picked)}**"
+    picked = discord.utils.escape_markdown(", ".join(decided.picked))
+    return f"☑️ {who} chose **{picked}**"

@@ -38,6 +38,7 @@ from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.settings import SlackSettings
 from adapters.slack.thread import NativeStreaming, SlackThread
 from adapters.tasks import HandlerTasks
+from adapters.views import outcome_of
 from bridge.client import LoopClient
 
 log = logging.getLogger(__name__)
@@ -244,16 +245,13 @@ class SlackAdapter:
 
 
 def _outcome(actor: Actor, action: Action, answers: dict[str, str | list[str]] | None) -> str:
-    who = f"<@{actor.user_id}>"
-    if action.verb == "allow":
+    decided = outcome_of(actor.user_id, action.verb, answers)
+    who = f"<@{decided.user_id}>"
+    if decided.verb == "allowed":
         return f":white_check_mark: Allowed by {who}"
-    if action.verb == "deny":
+    if decided.verb == "denied":
         return f":no_entry_sign: Denied by {who}"
-    picked = ", ".join(
-        escape(", ".join(value) if isinstance(value, list) else value)
-        for value in (answers or {}).values()
-    )
-    return f":ballot_box_with_check: {who} chose *{picked}*"
+    return f":ballot_box_with_check: {who} chose *{', '.join(map(escape, decided.picked))}*"
 
 
 __all__ = ["Decision", "SlackAdapter"]
