@@ -15,6 +15,7 @@ from claude_agent_sdk import (
     AssistantMessage,
     ClaudeAgentOptions,
     ClaudeSDKClient,
+    ProcessError,
     ResultMessage,
     TextBlock,
 )
@@ -132,7 +133,12 @@ async def test_network_reaches_the_model_only(sandbox: PodmanSandbox, model: Sta
 async def test_pids_limit_stops_a_fork_bomb(sandbox: PodmanSandbox, model: StandinModel) -> None:
     host, _ = await sandbox.acquire(spec(model, "loop_a"))
     bomb = "sh -c 'f(){ f|f& }; f' 2>/dev/null; sleep 2; echo survived"
-    reply = await turn(host, f"[[bash: {bomb}]]")
+    try:
+        reply = await turn(host, f"[[bash: {bomb}]]")
+    except ProcessError:
+        # The limit is the container's, the agent's own threads included: starved of
+        # one, the CLI may abort. The host and the sandbox must survive either way.
+        reply = "Tool ok: survived"
     # bash may also say that a fork of its own had to be retried
     assert reply.startswith("Tool ok: ") and reply.endswith("survived"), reply
     container = await sandbox.find("loop_a")
@@ -146,6 +152,8 @@ async def test_pids_limit_stops_a_fork_bomb(sandbox: PodmanSandbox, model: Stand
             break
         await asyncio.sleep(0.1)
     assert int((cgroup / "pids.current").read_text()) < 64
+    host, _ = await sandbox.acquire(spec(model, "loop_a"))
+    assert await turn(host, "[[bash: echo alive]]") == "Tool ok: alive"
 
 
 async def test_release_then_acquire_is_cold_and_keeps_files(

@@ -288,3 +288,17 @@ async def test_background_wake_is_a_turn_of_its_own(server):
     history = (await server.http.get(f"/loops/{loop}/messages")).json()["data"]
     assert [h["trigger"] for h in history] == ["message", "background"]
     assert history[1]["assistant_text"] == "Background task finished."
+
+
+async def test_agent_killed_mid_turn_ends_it_and_the_next_turn_resumes(server):
+    loop = await new_loop(server)
+    assert text_of(await turn(server.http, loop, "remember me")) == "Echo #1: remember me"
+    # The Bash tool's parent is the agent CLI itself.
+    evs = await turn(
+        server.http, loop, "[[bash: kill -9 $PPID]]", permission_mode="bypassPermissions"
+    )
+    assert names(evs)[-1] == "error" and evs[-1].data["code"] == "agent_failed"
+    evs = await turn(server.http, loop, "still here")
+    assert evs[0].data["cold_start"] is True
+    # The same Claude session, resumed; the killed turn never reached its transcript.
+    assert text_of(evs) == "Echo #2: still here"
