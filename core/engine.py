@@ -533,9 +533,10 @@ class Engine:
                     last = batch[-1].seq or last
                     yield batch
             async for batch in subscription.batches():
-                fresh = [e for e in batch if (e.seq or 0) > last]
-                if fresh:
-                    yield fresh
+                if (batch[0].seq or 0) <= last:  # overlaps what came from the log or snapshot
+                    batch = [e for e in batch if (e.seq or 0) > last]
+                if batch:
+                    yield batch
         except Overflow:
             return
         finally:

@@ -12,8 +12,10 @@ TERMINAL = frozenset({"done", "interrupted", "error"})
 
 # A watcher further behind than this is cut off; it resumes with Last-Event-ID.
 SUBSCRIBER_BACKLOG = 20_000
-# Deltas that follow a batch within this window are sent together (see Subscription).
+# Deltas that follow a release within this window are released together (see Channel).
 BATCH_WINDOW = 0.025
+# Every this many events, the channel drops what all its readers have passed.
+TRIM_EVERY = 1024
 STREAMING = frozenset({"assistant_delta", "thinking_delta"})
 
 
@@ -57,71 +59,26 @@ class Overflow(Exception):
 
 
 class Subscription:
-    """One reader's queue of a channel's events, read in batches.
+    """One reader's position in a channel, and what it accepts of it."""
 
-    Streaming text is coalesced: after a batch, deltas that follow within
-    `BATCH_WINDOW` wait for the window to pass and go out together, so a fast
-    stream costs each reader one write per window instead of one per delta. Any
-    other event (a tool call, a choice, the end of the turn) ends the wait at once.
-    """
-
-    def __init__(self, channel: Channel, accept: Callable[[Event], bool]) -> None:
+    def __init__(self, channel: Channel, accept: Callable[[Event], bool] | None) -> None:
         self._channel = channel
         self._accept = accept
-        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        self._lingering: asyncio.Future[None] | None = None
-        self.overflowed = False
+        self.position = channel.end
 
-    def offer(self, event: Event) -> None:
-        if not self._accept(event):
-            return
-        if self._queue.qsize() >= SUBSCRIBER_BACKLOG:
-            self.overflowed = True
-            self._queue.put_nowait(None)
-            self._channel.unsubscribe(self)
-            return
-        self._queue.put_nowait(event)
-        if event.name not in STREAMING:
-            self._stop_lingering()
-
-    async def get(self) -> Event:
-        event = await self._queue.get()
-        if event is None:
-            raise Overflow
-        return event
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """What the channel has released since the last batch, as it is released."""
+        while True:
+            events = self._channel.released_since(self)
+            if self._accept is not None:
+                events = [event for event in events if self._accept(event)]
+            if events:
+                yield events
+            else:
+                await self._channel.next_release()
 
     def close(self) -> None:
         self._channel.unsubscribe(self)
-
-    async def batches(self) -> AsyncIterator[list[Event]]:
-        loop = asyncio.get_running_loop()
-        last_batch = -BATCH_WINDOW
-        while True:
-            first = await self.get()
-            wait = last_batch + BATCH_WINDOW - loop.time()
-            if wait > 0 and first.name in STREAMING:
-                await self._linger(loop, wait)
-            batch = [first]
-            while not self._queue.empty():
-                event = self._queue.get_nowait()
-                if event is None:
-                    raise Overflow
-                batch.append(event)
-            last_batch = loop.time()
-            yield batch
-
-    async def _linger(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        self._lingering = loop.create_future()
-        timer = loop.call_later(seconds, self._stop_lingering)
-        try:
-            await self._lingering
-        finally:
-            timer.cancel()
-            self._lingering = None
-
-    def _stop_lingering(self) -> None:
-        if self._lingering is not None and not self._lingering.done():
-            self._lingering.set_result(None)
 
 
 class EventStream:
@@ -143,12 +100,35 @@ class EventStream:
 
 
 class Channel:
-    """Delivers each published event to every subscriber, synchronously and in order."""
+    """A loop's recent events, kept once and read by every subscriber from its own position.
+
+    Publishing appends the event once, whatever the number of readers. Readers see
+    events when the channel releases them: any event but streaming text at once; a
+    delta that follows a release within `BATCH_WINDOW` waits for the window to pass and
+    goes out with the others, so a fast stream wakes every reader once per window (one
+    write each) instead of once per delta. Events every reader has passed are dropped;
+    a reader more than `SUBSCRIBER_BACKLOG` behind is cut off.
+    """
 
     def __init__(self) -> None:
+        self._events: list[Event] = []
+        self._base = 0  # the position of _events[0]
+        self._released = 0  # readers may read up to here
         self._subscribers: list[Subscription] = []
+        self._release = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_release = -BATCH_WINDOW
+        self._trim_at = TRIM_EVERY
 
-    def subscribe(self, accept: Callable[[Event], bool] = lambda _e: True) -> Subscription:
+    @property
+    def end(self) -> int:
+        return self._base + len(self._events)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def subscribe(self, accept: Callable[[Event], bool] | None = None) -> Subscription:
         sub = Subscription(self, accept)
         self._subscribers.append(sub)
         return sub
@@ -158,9 +138,45 @@ class Channel:
             self._subscribers.remove(sub)
 
     def publish(self, event: Event) -> None:
-        for sub in list(self._subscribers):
-            sub.offer(event)
+        if not self._subscribers:  # nobody to keep it for
+            self._base = self._released = self.end + 1
+            self._events.clear()
+            return
+        self._events.append(event)
+        loop = asyncio.get_running_loop()
+        due = self._last_release + BATCH_WINDOW
+        if event.name not in STREAMING or due <= loop.time():
+            self._release_now()
+        elif self._timer is None:
+            self._timer = loop.call_at(due, self._release_now)
+        if len(self._events) >= self._trim_at:
+            self._trim()
 
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._subscribers)
+    def released_since(self, sub: Subscription) -> list[Event]:
+        if sub.position < self._base:
+            raise Overflow
+        if sub.position >= self._released:
+            return []
+        events = self._events[sub.position - self._base : self._released - self._base]
+        sub.position = self._released
+        return events
+
+    async def next_release(self) -> None:
+        await self._release.wait()
+
+    def _release_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._released = self.end
+        self._last_release = asyncio.get_running_loop().time()
+        # set() wakes every reader waiting now; clear() makes the next wait a new one.
+        self._release.set()
+        self._release.clear()
+
+    def _trim(self) -> None:
+        oldest = min((sub.position for sub in self._subscribers), default=self.end)
+        keep_from = max(self._base, oldest, self.end - SUBSCRIBER_BACKLOG)
+        del self._events[: keep_from - self._base]
+        self._base = keep_from
+        self._trim_at = len(self._events) + TRIM_EVERY

@@ -18,7 +18,9 @@ from core.errors import SettingsError
 from core.tables import events
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-WRITE_LINGER_SECONDS = 0.005
+# Events published within this long go to disk in one insert; a flush() cuts it short.
+WRITE_LINGER_SECONDS = 0.05
+INSERT_EVENTS = insert(events)
 
 
 class Database:
@@ -85,6 +87,7 @@ class EventWriter:
         self.db = db
         self._pending: list[dict] = []
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._written = 0
         self._queued = 0
         self._progress = asyncio.Condition()
@@ -103,6 +106,7 @@ class EventWriter:
 
     async def flush(self) -> None:
         target = self._queued
+        self._hurry.set()
         async with self._progress:
             await self._progress.wait_for(lambda: self._written >= target or self._task is None)
 
@@ -118,9 +122,12 @@ class EventWriter:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            # A short linger turns a turn's stream of events into a few inserts.
-            await asyncio.sleep(WRITE_LINGER_SECONDS)
+            # The linger turns a turn's stream of events into a few inserts.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WRITE_LINGER_SECONDS):
+                    await self._hurry.wait()
             self._wake.clear()
+            self._hurry.clear()
             batch, self._pending = self._pending, []
             if not batch:
                 continue
@@ -133,7 +140,7 @@ class EventWriter:
         for attempt in range(5):
             try:
                 async with self.db.write() as conn:
-                    await conn.execute(insert(events), batch)
+                    await conn.execute(INSERT_EVENTS, batch)
                 return
             except Exception as exc:
                 self._failure = exc
