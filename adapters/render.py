@@ -10,6 +10,9 @@ stalls. A flusher task makes the platform calls:
 - when the text outgrows `part_limit`, the part is sealed on a fence-aware
   boundary and the rest continues in a new message;
 - a choice seals the current part, so the answer goes on below the buttons;
+- on a platform with a budget of posts, a part waits (without holding up the
+  rest) while the budget has no free slot, and when the turn ends with more
+  parts waiting than the budget lets through at once, they go as one file;
 - at the end every message gets one last edit with its full text; a failed
   call is retried with backoff, so the final text is not lost to a hiccup.
 """
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 16.0
 # A message whose calls keep failing is given up after this many tries in a row.
 MAX_FAILURES = 8
+# Seconds between two looks at a platform's budget while a part waits for a slot.
+BUDGET_RECHECK = 0.25
 FINAL_STATES: frozenset[TurnState] = frozenset({"done", "interrupted", "error"})
 
 
@@ -50,6 +55,8 @@ class _Slot:
     activity: Activity = field(default_factory=Activity)
     # A text message's part once sealed (None while it is the live tail).
     sealed_text: str | None = None
+    # The parts this message carries as a file instead (see _attach_waiting).
+    attachment: str | None = None
 
     @property
     def settled(self) -> bool:
@@ -92,6 +99,7 @@ class TurnRenderer:
         self._changed = asyncio.Event()
         self._urgent = asyncio.Event()
         self._finished = False
+        self._attached = False
         self._new_tail()
 
     # ---- what happened (never waits) ------------------------------------------------
@@ -222,6 +230,9 @@ class TurnRenderer:
                     break  # later messages must not be posted before this one
                 continue
             view = slot.view
+            if self._held_back(slot):
+                next_due = _earliest(next_due, now + BUDGET_RECHECK)
+                break
             try:
                 if slot.message_id is None:
                     slot.message_id = await self._post(view)
@@ -245,6 +256,16 @@ class TurnRenderer:
             if not slot.settled:
                 next_due = _earliest(next_due, slot.ready_at)
         return next_due
+
+    def _held_back(self, slot: _Slot) -> bool:
+        """A part of a turn still going waits for a free slot instead of queueing for one,
+        so the renderer sees the end of the turn in time to send the rest as a file."""
+        return (
+            slot.message_id is None
+            and isinstance(slot.view, MessageView)
+            and not self._finished
+            and self.surface.posts_free() == 0
+        )
 
     async def _post(self, view: MessageView | ChoiceView) -> str:
         if isinstance(view, ChoiceView):
@@ -307,10 +328,15 @@ class TurnRenderer:
                 if self._tail is not None:
                     self._tail.sealed_text = part
                 self._new_tail()
+        if self._finished and not self._attached:
+            self._attached = True
+            self._attach_waiting()
         last = self._text_slots[-1] if self._text_slots else None
         for slot in self._text_slots:
             is_tail = slot is self._tail
-            if slot.sealed_text is not None:
+            if slot.attachment is not None:
+                text, closing = "", ""
+            elif slot.sealed_text is not None:
                 text, closing = slot.sealed_text, ""
             else:
                 text, closing = self._splitter.tail, self._splitter.tail_closing()
@@ -332,7 +358,29 @@ class TurnRenderer:
                 state=state,
                 stop=is_tail and state in ("queued", "running"),
                 note=self.note if (is_tail or slot is last) and state != "done" else None,
+                attachment=slot.attachment or "",
             )
+
+    def _attach_waiting(self) -> None:
+        """The parts at the end not posted yet, when more than the budget lets through
+        now (and the slot held back for the end), become one file."""
+        free = self.surface.posts_free()
+        waiting: list[_Slot] = []
+        for slot in reversed(self._slots):
+            if slot.message_id is not None or slot not in self._text_slots:
+                break
+            waiting.insert(0, slot)
+        if free is None or len(waiting) <= free + 1:
+            return
+        first = waiting[0]
+        first.attachment = "".join(
+            self._splitter.tail if slot.sealed_text is None else slot.sealed_text
+            for slot in waiting
+        )
+        for slot in waiting[1:]:
+            self._slots.remove(slot)
+            self._text_slots.remove(slot)
+        self._tail = first if self._tail in waiting else self._tail
 
 
 def _earliest(current: float | None, candidate: float) -> float:

@@ -31,8 +31,14 @@ class Surface(Protocol):
         """The size of a part of Markdown as the platform limits it."""
         ...
 
+    def posts_free(self) -> int | None:
+        """How many messages may be posted now without waiting on the platform's budget,
+        keeping what it holds back for the end of a turn; None: no such budget (the
+        renderer then never holds a part back, nor sends the rest as a file)."""
+        ...
+
     async def post(self, view: MessageView) -> str:
-        """Post a message of the answer; returns its id."""
+        """Post a message of the answer (with `view.attachment` as a file); returns its id."""
         ...
 
     async def edit(self, message_id: str, view: MessageView) -> None: ...

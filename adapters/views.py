@@ -27,7 +27,8 @@ class MessageView:
     compact tool lines ("running `pytest -q`"). `state` is the turn's state when
     this message is its live one; a sealed part carries the state it ended in.
     `stop` asks for a Stop button; `note` is a short status line (queue position,
-    error message).
+    error message). `attachment` is the rest of an answer too long to post as
+    messages in good time, which the platform sends as a file with this message.
     """
 
     loop_id: str
@@ -38,6 +39,7 @@ class MessageView:
     state: TurnState = "running"
     stop: bool = False
     note: str | None = None
+    attachment: str = ""
 
     @property
     def shown_text(self) -> str:

@@ -92,8 +92,8 @@ class Harness:
         await until(done, within, f"{count} turns")
 
     def answers(self, channel: str) -> list[str]:
-        """The content of each answer message in a channel (choices left out)."""
-        return [m.content for m in self.fake.bot_messages(channel) if not is_choice(m)]
+        """The text of each answer message in a channel, files included (choices left out)."""
+        return [m.text for m in self.fake.bot_messages(channel) if not is_choice(m)]
 
     def answer(self, channel: str) -> str:
         return "".join(self.answers(channel))
@@ -395,7 +395,7 @@ def fence_free(text: str) -> str:
 
 async def test_a_long_answer_arrives_split_complete_and_balanced(discord_: Harness) -> None:
     fake = discord_.fake
-    await discord_.start()
+    await discord_.start(attach_rest=False)  # every part as a message
     asked = await fake.say(discord_.alice, "[[long: 450]]", mention=True)
     await discord_.turns(1, within=90)
     loop = await discord_.loop_of(asked.id)
@@ -413,11 +413,29 @@ async def test_a_long_answer_arrives_split_complete_and_balanced(discord_: Harne
     assert not any(m.has_components or m.embeds for m in messages)
 
 
+async def test_a_burst_too_long_to_post_in_time_ends_in_one_file(discord_: Harness) -> None:
+    fake = discord_.fake
+    await discord_.start()
+    asked = await fake.say(discord_.alice, "[[long: 1500]]", mention=True)
+    await discord_.turns(1, within=90)
+    loop = await discord_.loop_of(asked.id)
+    whole = (await discord_.client.history(loop.id)).data[0].assistant_text
+    messages = [m for m in fake.bot_messages(asked.id) if not is_choice(m)]
+    # ~22 parts came at once: a few went out as messages, the rest as one file.
+    assert len(whole) > 40_000 and len(messages) <= 8
+    *posted, last = messages
+    assert all(not m.attachments and len(m.content) <= 2000 for m in posted)
+    assert [name for _, name, _ in last.attachments] == ["answer.md"]
+    assert "rest of the answer is attached" in last.embed_text and not last.has_components
+    assert fence_free("".join(m.text for m in messages)) == fence_free(whole)
+    assert fake.refused() == []
+
+
 async def test_rate_limits_are_waited_out_and_nothing_is_lost(discord_: Harness) -> None:
     """A Discord that allows fewer writes than the bot's budget, and says so only by 429s."""
     fake = discord_.fake
     fake.budget, fake.window, fake.announce = 2, 1.0, False
-    await discord_.start()
+    await discord_.start(attach_rest=False)  # a burst of posts, not one file
     asked = await fake.say(discord_.alice, "[[long: 300]]", mention=True)
     await discord_.turns(1, within=90)
     loop = await discord_.loop_of(asked.id)

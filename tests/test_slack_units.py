@@ -152,9 +152,14 @@ class MemorySurface:
         self.calls: list[tuple[float, str, str]] = []
         self.closed: str | None = None
         self.fail_next = 0
+        # Posts the platform lets through (None: no budget); each post takes one.
+        self.budget: int | None = None
 
     def measure(self, markdown: str) -> int:
         return len(markdown)
+
+    def posts_free(self) -> int | None:
+        return self.budget
 
     def _record(self, kind: str, message_id: str) -> None:
         if self.fail_next:
@@ -165,6 +170,8 @@ class MemorySurface:
     async def post(self, view: MessageView) -> str:
         message_id = f"m{len(self.order)}"
         self._record("post", message_id)
+        if self.budget is not None:
+            self.budget = max(0, self.budget - 1)
         self.messages[message_id] = view
         self.order.append(message_id)
         return message_id
@@ -181,6 +188,24 @@ class MemorySurface:
 
     async def close(self, state: str) -> None:
         self.closed = state
+
+
+async def test_renderer_holds_parts_back_then_sends_the_rest_as_one_file() -> None:
+    surface = MemorySurface()
+    surface.budget = 2
+    renderer = TurnRenderer(surface, "loop_1")
+    text = "".join(long_chunks(120))
+    async with renderer.running():
+        renderer.started()
+        renderer.add_text(text)  # all at once: ~10 parts for a budget of 2
+        await asyncio.sleep(0.5)
+        assert len(surface.order) == 2, "parts beyond the budget wait"
+        renderer.finish("done")
+    first, second, rest = (surface.messages[m] for m in surface.order)
+    assert isinstance(rest, MessageView) and rest.attachment and not rest.text
+    assert not first.attachment and not second.attachment
+    shown = first.shown_text + second.shown_text + rest.attachment
+    assert shown == "".join(split_markdown(text, 500))
 
 
 async def test_renderer_throttles_edits_splits_and_finishes_complete() -> None:

@@ -19,6 +19,7 @@ PERMISSIONS = discord.Permissions(
     create_public_threads=True,
     read_message_history=True,
     embed_links=True,  # tool activity and status are a small embed under the answer
+    attach_files=True,  # the rest of a very long answer, as answer.md
     add_reactions=True,  # 🚫 on a message from someone not allowed to talk to the agent
 )
 SCOPES = ("bot", "applications.commands")

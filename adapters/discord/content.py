@@ -32,7 +32,11 @@ def answer_content(view: MessageView) -> str:
 
 def status_embed(view: MessageView) -> discord.Embed | None:
     """Tool activity and how the turn stands, when there is anything to say."""
-    lines = [f"+{view.hidden_activity} more"] if view.hidden_activity else []
+    lines: list[str] = []
+    if view.attachment:
+        lines.append(f"📎 The rest of the answer is attached ({len(view.attachment):,} chars).")
+    if view.hidden_activity:
+        lines.append(f"+{view.hidden_activity} more")
     lines += view.activity
     if view.state == "queued":
         lines.append(f"⏳ {view.note or 'queued'}")

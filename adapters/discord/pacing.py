@@ -74,11 +74,23 @@ class ChannelBudget:
             channel.finished.append(self.clock())
             channel.changed.set()
 
-    def _wait(self, channel: _Channel, live: bool) -> float:
-        """0 when a slot is free now, else how long until one may be."""
+    def free(self, channel_id: int, kind: Kind) -> int:
+        """Slots a live call could take now (the reserve held back)."""
+        channel = self._channels.get((channel_id, kind))
+        if channel is None:
+            return self.budget - self.reserve
+        self._expire(channel)
+        return max(0, self.budget - self.reserve - len(channel.finished) - channel.in_flight)
+
+    def _expire(self, channel: _Channel) -> None:
         now = self.clock()
         while channel.finished and now - channel.finished[0] >= self.window:
             channel.finished.popleft()
+
+    def _wait(self, channel: _Channel, live: bool) -> float:
+        """0 when a slot is free now, else how long until one may be."""
+        self._expire(channel)
+        now = self.clock()
         used = len(channel.finished) + channel.in_flight
         if used + (self.reserve if live else 0) < self.budget:
             return 0.0

@@ -43,6 +43,10 @@ class DiscordSettings(BaseSettings):
     # (the adapter keeps one of each in hand, see pacing.py).
     budget: int = Field(5, ge=2)
     window: float = Field(5.0, gt=0)
+    # When a turn ends with more parts of its answer waiting than the budget lets through
+    # at once (a long answer that came all at once takes ~1 s a part), the rest goes as
+    # one `answer.md` file; false: always as messages, however long that takes.
+    attach_rest: bool = True
     # Minutes without activity after which Discord hides a thread: 60, 1440, 4320 or 10080.
     thread_archive_minutes: int = 1440
     # A question of at most this many short options gets a button each, else a select

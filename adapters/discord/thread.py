@@ -17,6 +17,7 @@ it always lands last.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 # Discord's error code for "a thread has already been created for this message".
 THREAD_EXISTS = 160004
 NO_MENTIONS = discord.AllowedMentions.none()
+ATTACHMENT_NAME = "answer.md"
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class DiscordThread:
         self.budget = budget
         self.part_limit = settings.part_limit
         self.edit_interval = settings.edit_interval
+        self.attach_rest = settings.attach_rest
         self.archive_minutes = settings.thread_archive_minutes
         self.option_buttons = settings.option_buttons
         self.channel = bot.get_partial_messageable(channel_id)
@@ -81,12 +84,18 @@ class DiscordThread:
     def measure(self, markdown: str) -> int:
         return measure(markdown)
 
+    def posts_free(self) -> int | None:
+        if not self.attach_rest:
+            return None
+        return self.budget.free(self.channel.id, "post")
+
     async def post(self, view: MessageView) -> str:
         await self._start_thread()
+        files = [_attached(view.attachment)] if view.attachment else []
         async with self.budget.slot(self.channel.id, "post", live=view.live):
             message = await self.channel.send(
                 content=answer_content(view) or None, embed=status_embed(view),
-                view=answer_view(view), allowed_mentions=NO_MENTIONS,
+                view=answer_view(view), allowed_mentions=NO_MENTIONS, files=files,
             )
         return str(message.id)
 
@@ -171,3 +180,7 @@ class DiscordThread:
             if exc.code != THREAD_EXISTS:
                 raise
         self._start = None
+
+
+def _attached(text: str) -> discord.File:
+    return discord.File(io.BytesIO(text.encode()), filename=ATTACHMENT_NAME)

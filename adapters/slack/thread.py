@@ -113,6 +113,10 @@ class SlackThread:
     def append_only(self) -> bool:
         return self.native.enabled
 
+    def posts_free(self) -> None:
+        # slack-sdk waits out a 429 itself, and Slack's ~1 post/s keeps up with a burst.
+        return None
+
     def measure(self, markdown: str) -> int:
         # Slack counts characters, some of them as two; bytes are never fewer.
         return len(to_mrkdwn(markdown).encode())

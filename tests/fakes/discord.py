@@ -34,15 +34,17 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import BodyPartReader, WSMsgType, web
 
 from tests.fakes.serving import serve
 
 CONTENT_LIMIT = 2000
+ATTACHMENTS_LIMIT = 10
+ATTACHMENT_BYTES_LIMIT = 10 * 1024 * 1024
 ROWS_LIMIT = 5
 ROW_BUTTONS = 5
 CUSTOM_ID_LIMIT = 100
@@ -81,6 +83,8 @@ class Call:
     body: Any
     status: int = 200
     code: int | None = None
+    # Files uploaded with it: (filename, content).
+    files: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 @dataclass
@@ -144,6 +148,13 @@ class Message:
     created: float = field(default_factory=time.monotonic)
     # Every custom_id this message has ever carried (a choice keeps its kind after the edit).
     ever: set[str] = field(default_factory=set)
+    # Uploaded files: (id, filename, content).
+    attachments: list[tuple[str, str, bytes]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """What a person reads of it: its content, then the text of its attached files."""
+        return self.content + "".join(data.decode() for _, _, data in self.attachments)
 
     def payload(self, guild_id: str | None) -> Json:
         body: Json = {
@@ -151,7 +162,13 @@ class Message:
             "content": self.content, "timestamp": _now_iso(), "edited_timestamp": None,
             "tts": False, "mention_everyone": False,
             "mentions": [person.user() for person in self.mentions], "mention_roles": [],
-            "attachments": [], "embeds": self.embeds, "pinned": False, "type": 0,
+            "attachments": [
+                {"id": id_, "filename": name, "size": len(data),
+                 "url": f"https://cdn.invalid/{id_}/{name}",
+                 "proxy_url": f"https://media.invalid/{id_}/{name}"}
+                for id_, name, data in self.attachments
+            ],
+            "embeds": self.embeds, "pinned": False, "type": 0,
             "components": self.components, "flags": EPHEMERAL if self.only_for else 0,
         }
         if guild_id is not None:
@@ -534,16 +551,19 @@ class FakeDiscord:
 
     async def _rest(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["path"]
-        body = await request.json() if request.can_read_body else None
-        call = Call(time.monotonic(), request.method, path, body)
+        call = Call(time.monotonic(), request.method, path, None)
         self.calls.append(call)
         parts = path.strip("/").split("/")
         try:
+            if request.content_type == "multipart/form-data":
+                call.body, call.files = await _multipart(request)
+            elif request.can_read_body:
+                call.body = await request.json()
             if not path.startswith(("/interactions/", "/webhooks/")) and request.headers.get(
                 "Authorization"
             ) != f"Bot {self.token}":
                 raise _Refused(401, {"message": "401: Unauthorized", "code": 0})
-            result, headers = await self._route(request.method, parts, body or {}, call)
+            result, headers = await self._route(request.method, parts, call.body or {}, call)
         except _Refused as refused:
             call.status, call.code = refused.status, refused.body.get("code")
             return _json(refused.body, refused.status, refused.headers)
@@ -569,7 +589,7 @@ class FakeDiscord:
             case "GET", ["channels", channel_id]:
                 return self._channel(channel_id).payload(), {}
             case "POST", ["channels", channel_id, "messages"]:
-                return await self._create_message(channel_id, body)
+                return await self._create_message(channel_id, body, call.files)
             case "PATCH", ["channels", channel_id, "messages", message_id]:
                 return self._edit_message(channel_id, message_id, body)
             case "GET", ["channels", channel_id, "messages", message_id]:
@@ -622,12 +642,13 @@ class FakeDiscord:
     # ---- messages ------------------------------------------------------------------------
 
     async def _create_message(
-        self, channel_id: str, body: Json
+        self, channel_id: str, body: Json, files: list[tuple[str, bytes]]
     ) -> tuple[Json, dict[str, str]]:
         channel = self._channel(channel_id)
-        content, components, embeds = _checked(body, None)
+        content, components, embeds = _checked(body, None, files)
         headers = self._take_write(channel_id, "post")
         message = Message(self.new_id(), channel_id, self.bot, content, components, embeds)
+        message.attachments = [(self.new_id(), name, data) for name, data in files]
         self._show(message)
         self.messages[message.id] = message
         # Discord tells the bot about its own messages too: it must ignore them.
@@ -806,7 +827,27 @@ def _is_message_write(call: Call) -> bool:
     )
 
 
-def _checked(body: Json, current: Message | None) -> tuple[str, list[Json], list[Json]]:
+async def _multipart(request: web.Request) -> tuple[Json, list[tuple[str, bytes]]]:
+    """A message with files: its JSON in `payload_json`, each file in a part of its own."""
+    body: Json = {}
+    files: list[tuple[str, bytes]] = []
+    async for part in await request.multipart():
+        if not isinstance(part, BodyPartReader):
+            raise _form_error("files", "BASE_TYPE_BAD", "Nested multipart is not accepted.")
+        if part.name == "payload_json":
+            body = json.loads(await part.text())
+        elif part.filename:
+            files.append((part.filename, bytes(await part.read())))
+    if len(files) > ATTACHMENTS_LIMIT:
+        raise _form_error("files", "BASE_TYPE_MAX_LENGTH", "Must be 10 or fewer in length.")
+    if sum(len(data) for _, data in files) > ATTACHMENT_BYTES_LIMIT:
+        raise _Refused(413, {"message": "Request entity too large", "code": 40005})
+    return body, files
+
+
+def _checked(
+    body: Json, current: Message | None, files: Sequence[tuple[str, bytes]] = ()
+) -> tuple[str, list[Json], list[Json]]:
     """Content, components and embeds of a create or edit, as Discord would refuse them."""
     # An edit leaves what it does not name as it was.
     content = body.get("content", current.content if current else "")
@@ -817,7 +858,7 @@ def _checked(body: Json, current: Message | None) -> tuple[str, list[Json], list
     if len(content) > CONTENT_LIMIT:
         raise _form_error("content", "BASE_TYPE_MAX_LENGTH",
                           f"Must be {CONTENT_LIMIT} or fewer in length.")
-    if not content.strip() and not components and not embeds:
+    if not content.strip() and not components and not embeds and not files:
         raise _Refused(400, {"message": "Cannot send an empty message", "code": 50006})
     for index, embed in enumerate(embeds):
         if len(str(embed.get("description") or "")) > 4096:
