@@ -103,11 +103,12 @@ class Channel:
     """A loop's recent events, kept once and read by every subscriber from its own position.
 
     Publishing appends the event once, whatever the number of readers. Readers see
-    events when the channel releases them: any event but streaming text at once; a
-    delta that follows a release within `BATCH_WINDOW` waits for the window to pass and
-    goes out with the others, so a fast stream wakes every reader once per window (one
-    write each) instead of once per delta. Events every reader has passed are dropped;
-    a reader more than `SUBSCRIBER_BACKLOG` behind is cut off.
+    events when the channel releases them: at once, except a delta that follows a
+    released delta within `BATCH_WINDOW`, which waits for the window to pass and goes
+    out with the others; so a fast stream wakes every reader once per window (one
+    write each) instead of once per delta, and its first delta is not held. Events
+    every reader has passed are dropped; a reader more than `SUBSCRIBER_BACKLOG`
+    behind is cut off.
     """
 
     def __init__(self) -> None:
@@ -118,6 +119,7 @@ class Channel:
         self._release = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._last_release = -BATCH_WINDOW
+        self._streaming = False  # the last release ended with a delta
         self._trim_at = TRIM_EVERY
 
     @property
@@ -145,7 +147,7 @@ class Channel:
         self._events.append(event)
         loop = asyncio.get_running_loop()
         due = self._last_release + BATCH_WINDOW
-        if event.name not in STREAMING or due <= loop.time():
+        if event.name not in STREAMING or not self._streaming or due <= loop.time():
             self._release_now()
         elif self._timer is None:
             self._timer = loop.call_at(due, self._release_now)
@@ -169,6 +171,7 @@ class Channel:
             self._timer.cancel()
             self._timer = None
         self._released = self.end
+        self._streaming = bool(self._events) and self._events[-1].name in STREAMING
         self._last_release = asyncio.get_running_loop().time()
         # set() wakes every reader waiting now; clear() makes the next wait a new one.
         self._release.set()

@@ -57,6 +57,8 @@ async def test_deltas_within_the_window_go_out_together_and_other_events_at_once
     channel.publish(tool(7))  # ends the wait for the delta before it too
     started = loop.time()
     assert await next_batch(sub) == [6, 7]
+    channel.publish(delta(8))  # the first delta after another event is not held
+    assert await next_batch(sub) == [8]
     assert loop.time() - started < BATCH_WINDOW
 
 
