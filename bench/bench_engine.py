@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ UNLIMITED_RATE = 1_000_000_000
 LISTEN_BACKLOG = 2048  # uvicorn's default when it binds itself
 
 LATENCY_TARGET_MS = 10.0
+LATENCY_ROUNDS = 4
 LAG_TARGET_MS = 50.0
 MEMORY_TARGET_BYTES = 1 << 20
 STAMPED_DELTAS = 500
@@ -73,7 +74,7 @@ TERMINAL = frozenset({"done", "interrupted", "error"})
 TERMINAL_MARKS = tuple(f"event: {name}".encode() for name in TERMINAL)
 MARK_TAIL = max(len(mark) for mark in TERMINAL_MARKS)
 
-QUICK = {"turns": 5, "watchers": 20, "loops": 500}
+QUICK = {"turns": 8, "watchers": 20, "loops": 500}
 
 
 def log(message: str) -> None:
@@ -441,25 +442,33 @@ async def create_loop(http: httpx.AsyncClient, title: str) -> str:
     return str(resp.json()["id"])
 
 
-Turn = Callable[[str], Awaitable[TurnTiming]]
 
 
 async def bench_latency(
-    turns: int, via_server: Turn, via_direct: Turn
+    turns: int, http: httpx.AsyncClient, standin_url: str, home: Path
 ) -> tuple[list[TurnTiming], list[TurnTiming]]:
-    """Alternate the two paths turn by turn (and which goes first); drop the first turn."""
+    """Alternate the two paths turn by turn (and which goes first), in `LATENCY_ROUNDS`
+    rounds of a fresh loop and a fresh direct agent each: one CLI process can be
+    faster or slower than another by ~10 ms for its whole life, which one pair of
+    processes would count as the server's. The first turn of each round is dropped."""
     server: list[TurnTiming] = []
     direct: list[TurnTiming] = []
-    for number in range(turns + 1):
-        paths = [(via_server, server), (via_direct, direct)]
-        if number % 2:
-            paths.reverse()
-        for run, results in paths:
-            timing = await run(f"bench latency turn {number}")
-            if number:
-                results.append(timing)
-        if number and number % 10 == 0:
-            log(f"(a) {number}/{turns} turns")
+    per_round = math.ceil(turns / LATENCY_ROUNDS)
+    for round_number in range(LATENCY_ROUNDS):
+        loop_id = await create_loop(http, f"bench latency {round_number}")
+        async with direct_agent(standin_url, home / f"direct-{round_number}") as client:
+            via_server = functools.partial(server_turn, http, loop_id)
+            via_direct = functools.partial(direct_turn, client)
+            for number in range(per_round + 1):
+                paths = [(via_server, server), (via_direct, direct)]
+                if number % 2:
+                    paths.reverse()
+                for run, results in paths:
+                    timing = await run(f"bench latency turn {number}")
+                    if number:
+                        results.append(timing)
+        (await http.delete(f"/loops/{loop_id}")).raise_for_status()  # archived: its agent stops
+        log(f"(a) round {round_number + 1}/{LATENCY_ROUNDS}: {len(server)} turns each")
     return server, direct
 
 
@@ -482,7 +491,8 @@ def render_latency(server: list[TurnTiming], direct: list[TurnTiming]) -> str:
     ]  # fmt: skip
     title = (
         f"### (a) Turn latency: server (HTTP+SSE) vs direct ClaudeSDKClient — "
-        f"{len(server)} warm turns each, interleaved, echo scenario"
+        f"{len(server)} warm turns each, interleaved, in {LATENCY_ROUNDS} rounds of fresh agents, "
+        "echo scenario"
     )
     text = f"{title}\n\n{table(header, rows)}"
     started = [t.started for t in server if t.started is not None]
@@ -811,19 +821,16 @@ async def run(args: argparse.Namespace) -> None:
         async with running_standin() as standin_url:
             async with (
                 running_server(root / "server", standin_url, args.nagle) as server,
-                direct_agent(standin_url, root / "direct") as direct,
                 server.client() as http,
             ):
                 log(f"server pid {server.pid} at {server.url}; stand-in at {standin_url}")
-                loop_id = await create_loop(http, "bench")
-                timings = await bench_latency(
-                    args.turns,
-                    functools.partial(server_turn, http, loop_id),
-                    functools.partial(direct_turn, direct),
-                )
+                timings = await bench_latency(args.turns, http, standin_url, root)
                 print(render_latency(*timings) + "\n", flush=True)
+                loop_id = await create_loop(http, "bench fan-out")
+                await server_turn(http, loop_id, "warm up")  # its agent is running
                 fanout = await bench_fanout(server, loop_id, args.watchers, args.deltas, args.spy)
-                fanout.direct = await direct_stamped(direct, args.deltas)
+                async with direct_agent(standin_url, root / "direct-stamped") as direct:
+                    fanout.direct = await direct_stamped(direct, args.deltas)
                 print(render_fanout(fanout) + "\n", flush=True)
             async with running_server(root / "memory", standin_url, args.nagle) as server:
                 steps, seen = await bench_memory(server, args.loops)
@@ -836,7 +843,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--turns", type=int, default=30, help="measured turns per path (a)")
+    parser.add_argument("--turns", type=int, default=100, help="measured turns per path (a)")
     parser.add_argument("--watchers", type=int, default=200, help="watchers on one loop (b)")
     parser.add_argument("--deltas", type=int, default=STAMPED_DELTAS, help="stamped deltas (b)")
     parser.add_argument("--loops", type=int, default=10_000, help="idle loops to create (c)")

@@ -28,6 +28,9 @@ from core.tables import events, idempotency, loops, turns
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 REPLAY_BATCH = 500
+# Built once: a statement built per call costs ~0.2 ms before it reaches the database.
+INSERT_TURN = insert(turns)
+INSERT_IDEMPOTENCY = insert(idempotency)
 
 
 @dataclass
@@ -406,17 +409,10 @@ class Engine:
                     return None, earlier
             turn = runtime.new_turn(content, mode)
             if key is not None:
-                await conn.execute(
-                    insert(idempotency).values(
-                        user_id=user,
-                        key=key,
-                        request_hash=request_hash,
-                        loop_id=runtime.id,
-                        turn_id=turn.id,
-                        created_at=utcnow(),
-                    )
-                )
-            await conn.execute(insert(turns).values(**turn.new_row(runtime.id, "queued")))
+                record = {"user_id": user, "key": key, "request_hash": request_hash,
+                          "loop_id": runtime.id, "turn_id": turn.id, "created_at": utcnow()}
+                await conn.execute(INSERT_IDEMPOTENCY, record)
+            await conn.execute(INSERT_TURN, turn.new_row(runtime.id, "queued"))
         return turn, None
 
     async def _idempotent_turn(

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.auth import SESSION_COOKIE
+from core.accounts import TOKEN_TRUST_SECONDS, Accounts
 from tests.conftest import Server, start_server, stop_server
 from tests.sse import TERMINAL, Ev, events, names
 
@@ -463,6 +464,18 @@ async def test_revoked_token(server: Server) -> None:
     async with server.client(token) as http:
         assert (await http.get("/loops")).status_code == 200
         await server.engine.accounts.revoke_token(info.token_id)
+        assert_error(await http.get("/loops"), 401, "invalid_token")
+
+
+async def test_a_token_revoked_elsewhere_stops_working_within_the_trust_window(
+    server: Server,
+) -> None:
+    info, token = await server.engine.accounts.create_token("alice", "revoked by the CLI")
+    async with server.client(token) as http:
+        assert (await http.get("/loops")).status_code == 200  # now trusted for a while
+        # What `loopbridge tokens revoke` does from its own process: the same rows.
+        assert await Accounts(server.engine.db).revoke_token(info.token_id)
+        await asyncio.sleep(TOKEN_TRUST_SECONDS + 0.2)
         assert_error(await http.get("/loops"), 401, "invalid_token")
 
 
