@@ -17,22 +17,24 @@ from dataclasses import dataclass
 from typing import Literal
 
 from adapters.actions import Action
+from adapters.background import BackgroundTurns
 from adapters.binding import STARTED_BY, Binding, ConversationKey, ThreadBindings
 from adapters.dedupe import RecentKeys
 from adapters.policy import Actor, Policy
 from adapters.render import RenderStats, TurnRenderer
 from adapters.surface import Surface
-from adapters.views import TurnState, choice_view
+from adapters.turn_events import apply_event
+from adapters.views import TurnState
 from bridge.client import LoopApiError, LoopClient
-from bridge.schemas import PermissionMode, StreamEventModel
+from bridge.schemas import PermissionMode
 
 log = logging.getLogger(__name__)
 
 NOT_YOURS = "Only the person who started this thread or an admin can do that."
-# Tools whose call is already shown another way (the question's buttons).
-QUIET_TOOLS = frozenset({"AskUserQuestion"})
 
 SurfaceFactory = Callable[[Binding, "IncomingMessage"], Surface]
+# Where the conversation shows turns that no message started.
+BackgroundSurface = Callable[[Binding], Surface]
 Answers = dict[str, str | list[str]]
 
 
@@ -90,6 +92,10 @@ class Conversations:
         self.permission_mode = permission_mode
         self.bindings = ThreadBindings(client)
         self.recent = RecentKeys()
+        self.background = BackgroundTurns(client, platform)
+
+    async def close(self) -> None:
+        await self.background.close()
 
     def source(self, actor: Actor) -> str:
         """How an answer given here is named in the loop's history: `slack:U123`."""
@@ -97,8 +103,14 @@ class Conversations:
 
     # ---- messages ---------------------------------------------------------------------
 
-    async def handle(self, message: IncomingMessage, surface_for: SurfaceFactory) -> TurnResult:
-        """Send a person's message to its conversation's loop and show the turn."""
+    async def handle(
+        self,
+        message: IncomingMessage,
+        surface_for: SurfaceFactory,
+        background: BackgroundSurface | None = None,
+    ) -> TurnResult:
+        """Send a person's message to its conversation's loop and show the turn; with
+        `background`, show the loop's background turns there too (see background.py)."""
         if not self.recent.first_time(message.key.message_key(message.message_id)):
             return TurnResult("duplicate")
         if not message.text.strip():
@@ -111,6 +123,9 @@ class Conversations:
             binding, created = await self._binding(message)
             if binding is None:
                 return TurnResult("ignored")
+            if background is not None:
+                bound = binding
+                self.background.follow(binding.loop_id, lambda: background(bound))
             events = self.client.send(
                 binding.loop_id,
                 message.text,
@@ -175,39 +190,6 @@ class Conversations:
             log.warning("answering %s failed: %s", action, exc)
             return Decision("failed", f"That did not work: {exc.message}")
         return Decision("answered")
-
-
-def apply_event(renderer: TurnRenderer, loop_id: str, event: StreamEventModel) -> None:
-    """One Loop API event, applied to the turn's rendering."""
-    data = event.data
-    match event.event:
-        case "queued":
-            renderer.queued(int(data.get("position", 1)))
-        case "started":
-            renderer.started()
-        case "snapshot":
-            renderer.add_text(str(data.get("assistant_text_so_far") or ""))
-        case "assistant_delta":
-            renderer.add_text(str(data.get("text", "")))
-        case "tool_call":
-            if data.get("tool") not in QUIET_TOOLS:
-                renderer.tool_call(
-                    str(data.get("tool_use_id")), str(data.get("tool")), data.get("input_summary")
-                )
-        case "tool_result":
-            renderer.tool_result(str(data.get("tool_use_id")), bool(data.get("ok")))
-        case "requires_choice":
-            renderer.choice(choice_view(loop_id, data))
-        case "choice_resolved":
-            renderer.choice_resolved(str(data.get("choice_id")), str(data.get("source") or "api"))
-        case "done":
-            renderer.finish("done")
-        case "interrupted":
-            renderer.finish("interrupted", "Stopped.")
-        case "error":
-            renderer.finish("error", f"Error: {data.get('message') or data.get('code')}")
-        case _:
-            pass  # thinking is not shown; unknown events are for newer adapters
 
 
 class _Turnstile:

@@ -148,6 +148,22 @@ async def test_mention_starts_a_thread_and_a_loop_and_the_reply_streams(discord_
     assert fake.intents & (1 << 15), "the message content intent"
 
 
+async def test_a_background_command_finishing_later_answers_in_the_thread(
+    discord_: Harness,
+) -> None:
+    fake = discord_.fake
+    await discord_.start(permission_mode="bypassPermissions")
+    asked = await fake.say(discord_.alice, "[[bashbg: sleep 1; echo bg > d-bg.txt]]", mention=True)
+    await discord_.turns(1)
+    assert discord_.answers(asked.id) == ["Started in background."]
+    # No one writes again: the command's end wakes the agent, and its answer shows here.
+    await until(lambda: len(discord_.answers(asked.id)) == 2, 30, "a second answer")
+    # Final once its Stop button is gone.
+    await until(lambda: not fake.bot_messages(asked.id)[-1].has_components, 10, "its last edit")
+    assert discord_.answers(asked.id) == ["Started in background.", "Background task finished."]
+    assert len(fake.threads_of(fake.general_id)) == 1 and fake.refused() == []
+
+
 async def test_bots_and_stray_messages_are_ignored_and_a_dm_is_one_loop(discord_: Harness) -> None:
     fake = discord_.fake
     await discord_.start()

@@ -126,6 +126,22 @@ async def test_mention_starts_a_loop_and_the_reply_streams(slack: Harness) -> No
     assert texts == ["Echo #1: hello there", "Echo #2: and again"]
 
 
+async def test_a_background_command_finishing_later_answers_in_the_thread(
+    slack: Harness,
+) -> None:
+    await slack.start(permission_mode="bypassPermissions")
+    root = await slack.fake.say(ALICE, f"{MENTION} [[bashbg: sleep 1; echo bg > slack-bg.txt]]")
+    await slack.turns(1)
+    assert slack.answer(root) == "Started in background."
+    # No one writes again: the command's end wakes the agent, and its answer shows here.
+    await until(lambda: len(slack.fake.answer_messages(CHANNEL, root)) == 2, 30, "a 2nd answer")
+    await until(lambda: slack.answer(root).endswith("finished."), 10, "its final text")
+    texts = [m.answer for m in slack.fake.answer_messages(CHANNEL, root)]
+    assert texts == ["Started in background.", "Background task finished."]
+    loop = await loop_of(slack, root)
+    assert (slack.server.engine.sandbox.workdir(loop.id) / "slack-bg.txt").read_text() == "bg\n"
+
+
 async def test_thread_reply_without_mention_and_bots_are_ignored(slack: Harness) -> None:
     await slack.start()
     # Not bound, no mention: nothing happens.

@@ -64,6 +64,8 @@ class DiscordAdapter:
         self.budget = ChannelBudget(settings.budget, settings.window)
         self.followers = Followers(client, PLATFORM)
         self.clicks = Clicks(self.conversations, self.followers, self.surface)
+        # A click on a background turn's choice needs no follower of its own either.
+        self.conversations.background.showing = self.followers.showing
         self.tree.add_command(LoopCommands(self.conversations, settings, self.budget))
         self.bound_channels = frozenset(settings.bound_channels)
         self.results: list[TurnResult] = []
@@ -106,6 +108,7 @@ class DiscordAdapter:
         """Stop taking events, let turns in flight finish (up to `grace` s), disconnect."""
         self._stopping = True
         await self._tasks.drain(grace)
+        await self.conversations.close()
         await self.bot.close()
         if self._connection is not None:
             with contextlib.suppress(Exception):
@@ -158,7 +161,11 @@ class DiscordAdapter:
                 showing.enter_context(self.followers.showing(binding.loop_id))
                 return self.surface(int(message.key.thread), found.start)
 
-            return await self.conversations.handle(found.message, surface)
+            # A background turn goes to the conversation itself (a thread exists by then).
+            channel_id = int(found.message.key.thread)
+            return await self.conversations.handle(
+                found.message, surface, background=lambda _: self.surface(channel_id)
+            )
 
     def surface(self, channel_id: int, start: ThreadStart | None = None) -> DiscordThread:
         """Where a turn is shown: a channel, or a thread still to be started."""

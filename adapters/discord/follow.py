@@ -15,9 +15,9 @@ import logging
 from collections import Counter
 from collections.abc import AsyncGenerator, Iterator
 
-from adapters.conversations import apply_event
 from adapters.render import TurnRenderer
 from adapters.surface import Surface
+from adapters.turn_events import apply_event
 from bridge.client import TERMINAL_EVENTS, LoopApiError, LoopClient
 from bridge.schemas import StreamEventModel
 

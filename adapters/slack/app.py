@@ -128,6 +128,7 @@ class SlackAdapter:
             await self._runner.cleanup()
             self._runner = None
         await self._tasks.drain(5)
+        await self.conversations.close()
 
     async def run_forever(self) -> None:
         await self.start()
@@ -191,7 +192,9 @@ class SlackAdapter:
                 native=self.native,
             )
 
-        result = await self.conversations.handle(incoming, surface)
+        result = await self.conversations.handle(
+            incoming, surface, background=lambda binding: surface(binding, incoming)
+        )
         self.results.append(result)
         if result.handled == "not_allowed" and (incoming.mentioned or incoming.direct):
             await self._tell(
