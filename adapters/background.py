@@ -84,8 +84,6 @@ class BackgroundTurns:
                     self._keep(follower)
                     if event.event == "started" and event.data.get("trigger") == "background":
                         await self._show(loop_id, event, events, follower)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # the loop was archived, the server went away for good
             log.info("stopped following loop %s: %s", loop_id, exc)
 

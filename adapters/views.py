@@ -7,6 +7,7 @@ it if it must (Slack's mrkdwn).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -184,3 +185,28 @@ def outcome_of(user_id: str, verb: str, answers: dict[str, str | list[str]] | No
         ", ".join(value) if isinstance(value, list) else value for value in (answers or {}).values()
     ]
     return Outcome("chose", user_id, picked)
+
+
+@dataclass(frozen=True)
+class OutcomeMarks:
+    """How a platform writes an outcome line: a mark per verb, and bold picked answers
+    (escaped for its markup)."""
+
+    allowed: str
+    denied: str
+    chose: str
+    bold: Callable[[str], str]
+
+
+def outcome_line(
+    user_id: str, verb: str, answers: dict[str, str | list[str]] | None, marks: OutcomeMarks
+) -> str:
+    """The line shown under a decided choice; both platforms mention a user as <@id>."""
+    decided = outcome_of(user_id, verb, answers)
+    who = f"<@{decided.user_id}>"
+    if decided.verb == "allowed":
+        return f"{marks.allowed} Allowed by {who}"
+    if decided.verb == "denied":
+        return f"{marks.denied} Denied by {who}"
+    return f"{marks.chose} {who} chose {marks.bold(', '.join(decided.picked))}"
+

@@ -515,6 +515,15 @@ class Recording:
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
+    # The end of the last chunk, where a terminal event's name may have begun.
+    tail: bytes = b""
+
+    def add(self, chunk: bytes) -> None:
+        """Keep a chunk with its arrival time; `ended` once a terminal event arrives."""
+        self.chunks.append((time.time(), chunk))
+        if any(mark in self.tail + chunk for mark in TERMINAL_MARKS):
+            self.ended.set()
+        self.tail = chunk[-MARK_TAIL:]
 
     def stamps(self) -> list[tuple[float, float]]:
         return stamp_arrivals(delta_texts(parse_frames(self.chunks)))
@@ -526,13 +535,8 @@ async def record(http: httpx.AsyncClient, rec: Recording, method: str, url: str,
         async with http.stream(method, url, **kw) as resp:
             await _expect_stream(resp)
             rec.opened.set()
-            tail = b""
             async for chunk in resp.aiter_raw():
-                rec.chunks.append((time.time(), chunk))
-                window = tail + chunk
-                if any(mark in window for mark in TERMINAL_MARKS):
-                    rec.ended.set()
-                tail = chunk[-MARK_TAIL:]
+                rec.add(chunk)
     except Exception as exc:  # reported with the results
         rec.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -552,18 +556,13 @@ class Watcher(asyncio.Protocol):
 
     def __init__(self, rec: Recording) -> None:
         self.rec = rec
-        self._tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.rec.chunks.append((time.time(), data))
+        self.rec.add(data)
         self.rec.opened.set()
-        window = self._tail + data
-        if any(mark in window for mark in TERMINAL_MARKS):
-            self.rec.ended.set()
-        self._tail = data[-MARK_TAIL:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.rec.opened.set()

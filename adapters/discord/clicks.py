@@ -15,13 +15,12 @@ import discord
 
 from adapters.actions import Action
 from adapters.conversations import Conversations
-from adapters.discord.components import Answers, answers_of, is_pick, picked_view
+from adapters.discord.components import answers_of, is_pick, picked_view
 from adapters.discord.content import with_outcome
 from adapters.discord.follow import Follow, Followers
 from adapters.discord.incoming import actor_of
-from adapters.policy import Actor
 from adapters.surface import Surface
-from adapters.views import outcome_of
+from adapters.views import OutcomeMarks, outcome_line
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +46,10 @@ class Clicks:
             return
         await interaction.response.defer()
         answers = answers_of(interaction, action)
+        actor = actor_of(interaction.user)
         follow = await self._follow(action)
         try:
-            decision = await self.conversations.decide(actor_of(interaction.user), action, answers)
+            decision = await self.conversations.decide(actor, action, answers)
         except BaseException:
             if follow is not None:
                 await follow.close()
@@ -63,7 +63,8 @@ class Clicks:
                 await self._show(interaction, NO_LONGER_PENDING)
             return
         if decision.outcome == "answered":
-            await self._show(interaction, outcome(actor_of(interaction.user), action, answers))
+            line = outcome_line(actor.user_id, action.verb, answers, OUTCOME_MARKS)
+            await self._show(interaction, line)
             if follow is not None:
                 assert interaction.channel_id is not None  # a click is always in a channel
                 await follow.show(self.surface_for(interaction.channel_id))
@@ -85,12 +86,6 @@ class Clicks:
             log.warning("could not show a choice's outcome: %s", exc)
 
 
-def outcome(actor: Actor, action: Action, answers: Answers | None) -> str:
-    decided = outcome_of(actor.user_id, action.verb, answers)
-    who = f"<@{decided.user_id}>"
-    if decided.verb == "allowed":
-        return f"✅ Allowed by {who}"
-    if decided.verb == "denied":
-        return f"🚫 Denied by {who}"
-    picked = discord.utils.escape_markdown(", ".join(decided.picked))
-    return f"☑️ {who} chose **{picked}**"
+OUTCOME_MARKS = OutcomeMarks(
+    "✅", "🚫", "☑️", bold=lambda text: f"**{discord.utils.escape_markdown(text)}**"
+)

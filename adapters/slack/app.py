@@ -38,7 +38,7 @@ from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.settings import SlackSettings
 from adapters.slack.thread import NativeStreaming, SlackThread
 from adapters.tasks import HandlerTasks
-from adapters.views import outcome_of
+from adapters.views import OutcomeMarks, outcome_line
 from bridge.client import LoopClient
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,8 @@ class SlackAdapter:
             await self._tell(channel, actor.user_id, thread, decision.message)
             return
         if decision.outcome == "answered":
-            await self._show_outcome(channel, message, _outcome(actor, action, answers))
+            line = outcome_line(actor.user_id, action.verb, answers, OUTCOME_MARKS)
+            await self._show_outcome(channel, message, line)
 
     async def _show_outcome(self, channel: str, message: dict[str, Any], outcome: str) -> None:
         blocks = resolved_blocks(list(message.get("blocks") or []), outcome)
@@ -247,14 +248,10 @@ class SlackAdapter:
             log.warning("could not answer %s privately: %s", user, exc.response.get("error"))
 
 
-def _outcome(actor: Actor, action: Action, answers: dict[str, str | list[str]] | None) -> str:
-    decided = outcome_of(actor.user_id, action.verb, answers)
-    who = f"<@{decided.user_id}>"
-    if decided.verb == "allowed":
-        return f":white_check_mark: Allowed by {who}"
-    if decided.verb == "denied":
-        return f":no_entry_sign: Denied by {who}"
-    return f":ballot_box_with_check: {who} chose *{', '.join(map(escape, decided.picked))}*"
+OUTCOME_MARKS = OutcomeMarks(
+    ":white_check_mark:", ":no_entry_sign:", ":ballot_box_with_check:",
+    bold=lambda text: f"*{escape(text)}*",
+)
 
 
 __all__ = ["Decision", "SlackAdapter"]
