@@ -558,6 +558,9 @@ class Engine:
         self, user: str, raw_id: str, limit: int = 20, after: str | None = None
     ) -> Page:
         row = await self._owned_row(user, raw_id)
+        # Taken before the read: a turn leaves `unsaved` only once its row is written, so
+        # every turn is either in this snapshot or already up to date in the database.
+        live = self._live_turns(row.id)
         query = select(turns).where(turns.c.loop_id == row.id)
         async with self.db.engine.connect() as conn:
             if after is not None:
@@ -568,11 +571,6 @@ class Engine:
                     raise EngineError("invalid_cursor", f"no turn {after} in this loop")
                 query = query.where(turns.c.number > number)
             rows = (await conn.execute(query.order_by(turns.c.number).limit(limit + 1))).all()
-        runtime = self._runtimes.get(row.id)
-        live: dict[str, Turn] = {}
-        if runtime is not None:
-            in_memory = [*([runtime.current] if runtime.current else []), *runtime.queue]
-            live = {**runtime.unsaved, **{t.id: t for t in in_memory}}
         items = [_history_item(r, live.get(r.id)) for r in rows[:limit]]
         return Page(
             items,
@@ -580,6 +578,14 @@ class Engine:
             items[0].turn_id if items else None,
             items[-1].turn_id if items else None,
         )
+
+    def _live_turns(self, loop_id: str) -> dict[str, Turn]:
+        """The loop's turns whose newest state is still in memory."""
+        runtime = self._runtimes.get(loop_id)
+        if runtime is None:
+            return {}
+        in_memory = [*([runtime.current] if runtime.current else []), *runtime.queue]
+        return {**runtime.unsaved, **{t.id: t for t in in_memory}}
 
     async def wait_idle(self) -> None:
         """Wait until every write of every runtime is done (tests and shutdown)."""
