@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -133,13 +134,15 @@ async def usable(settings: Settings) -> tuple[bool, str]:
     """Whether this backend can work here (down to running `true` in a sandbox); why."""
     if shutil.which("bwrap") is None:
         return False, f"bwrap is not installed: {INSTALL}"
-    sandbox = BubblewrapSandbox(settings.data_dir, Path("/bin/true"), settings)
-    try:
-        await sandbox.start()
-    except EngineError as exc:
-        return False, exc.message
-    finally:
-        await sandbox.close()
+    # In a directory of its own: the data dir is left as it is.
+    with tempfile.TemporaryDirectory(prefix="lb-bwrap-") as scratch:
+        sandbox = BubblewrapSandbox(Path(scratch), Path("/bin/true"), settings)
+        try:
+            await sandbox.start()
+        except EngineError as exc:
+            return False, exc.message
+        finally:
+            await sandbox.close()
     return True, sandbox.describe()
 
 
