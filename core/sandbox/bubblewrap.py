@@ -28,8 +28,8 @@ process counts are not capped here (podman does that).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -56,37 +56,47 @@ SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 NET_DIR = "/run/loopbridge"
 INSIDE = "/run/loopbridge-launch.py"
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The launcher inside runs on the Python this server runs on (its prefix is bound).
+PYTHON = os.path.realpath(sys._base_executable)  # type: ignore[attr-defined]
 # A uid other than root may not listen below 1024; the relay moves such ports up.
 PORT_SHIFT = 10000
 
-# Runs on the host: keeps only the environment the engine chose, then becomes bwrap.
+# Runs on the host (bash starts in a few ms, Python in tens): keeps only the
+# environment the engine chose, then becomes bwrap, whose options (paths only, no
+# secrets) come from the loop's argument file; the command (the launcher inside,
+# then the CLI) stays on the command line, where bwrap wants it.
 LAUNCHER = """\
-import json, os, sys
-keep = set(os.environ.get("LOOPBRIDGE_AGENT_ENV", "").split())
-prefixes = ("CLAUDE_CODE_", "CLAUDE_AGENT_SDK_", "ANTHROPIC_")
-env = {k: v for k, v in os.environ.items() if k in keep or k.startswith(prefixes)}
-argv = json.loads(os.environ["LOOPBRIDGE_BWRAP_ARGV"])
-os.umask(0o022)
-os.execve(argv[0], [*argv, *sys.argv[1:]], env)
+#!{bash}
+keep=" $LOOPBRIDGE_AGENT_ENV LOOPBRIDGE_AGENT_ENV "
+args=$LOOPBRIDGE_BWRAP_ARGS port=$LOOPBRIDGE_AGENT_PORT cli=$LOOPBRIDGE_AGENT_CLI
+for name in $(compgen -e); do
+  case "$name" in
+    ANTHROPIC_*|CLAUDE_CODE_*|CLAUDE_AGENT_SDK_*) ;;
+    *) [[ $keep == *" $name "* ]] || unset "$name" ;;
+  esac
+done
+umask 022
+exec {bwrap} --args 3 {command} "$port" "$cli" "$@" 3< "$args"
 """
 
 # Runs inside the sandbox: starts the model relay (in the `model` network), gives up
 # root for good (as root), then becomes the agent CLI. Arguments: uid gid port cli…
 INSIDE_LAUNCHER = """\
-import ctypes, os, socket, sys, threading
+import os, socket, sys, threading
 uid, gid, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 cli = sys.argv[4:]
+# bash passes on what it cannot name: keep only what the engine chose.
+keep = set(os.environ.pop("LOOPBRIDGE_AGENT_ENV", "").split())
+prefixes = ("CLAUDE_CODE_", "CLAUDE_AGENT_SDK_", "ANTHROPIC_")
+env = {k: v for k, v in os.environ.items() if k in keep or k.startswith(prefixes)}
 
 
 def drop():
-    if uid < 0:
-        return
-    libc = ctypes.CDLL(None)
-    for cap in range(64):
-        libc.prctl(24, cap)  # PR_CAPBSET_DROP: no capability comes back, even by exec
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
+    # bwrap set no-new-privileges: once the uid is not 0, nothing gives root back.
+    if uid >= 0:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
 
 
 def pipe(src, dst):
@@ -126,7 +136,7 @@ if port:
         serve(listener)
     listener.close()
 drop()
-os.execv(cli[0], cli)
+os.execve(cli[0], cli, env)
 """
 
 
@@ -154,6 +164,7 @@ class BubblewrapSandbox(Sandbox):
         self.settings = settings
         self.launcher = data_dir / "bin" / "bwrap-agent-launch"
         self.inside = data_dir / "bin" / "bwrap-agent-inside.py"
+        self.args_dir = data_dir / "sandbox" / "bwrap"
         self.bwrap = ""
         self.user: AgentUser | None = None
         self.forwarders: dict[str, ModelForwarder] = {}
@@ -174,10 +185,17 @@ class BubblewrapSandbox(Sandbox):
         if bwrap is None:
             raise EngineError("sandbox_spawn_failed", f"bwrap is not installed: {INSTALL}")
         self.bwrap = bwrap
-        self.user = await agent_user()
+        bash = shutil.which("bash")
+        if bash is None:
+            raise EngineError("sandbox_spawn_failed", "bash is not installed")
         self.launcher.parent.mkdir(parents=True, exist_ok=True)
-        self.launcher.write_text(f"#!{sys.executable} -S\n{LAUNCHER}")
+        self.user = await agent_user()
+        uid, gid = (self.user.uid, self.user.gid) if self.user is not None else (-1, -1)
+        command = shlex.join([PYTHON, "-S", "-I", INSIDE, str(uid), str(gid)])
+        text = LAUNCHER.replace("{bash}", bash).replace("{bwrap}", shlex.quote(bwrap))
+        self.launcher.write_text(text.replace("{command}", command))
         self.launcher.chmod(0o755)
+        self.args_dir.mkdir(parents=True, exist_ok=True)
         self.inside.write_text(INSIDE_LAUNCHER.replace("{socket}", f"{NET_DIR}/{MODEL_SOCKET}"))
         self.inside.chmod(0o644)
         await self.try_sandbox()
@@ -189,8 +207,12 @@ class BubblewrapSandbox(Sandbox):
         work, home = probe / "work", probe / "home"
         work.mkdir(parents=True, exist_ok=True)
         home.mkdir(exist_ok=True)
-        argv = self.argv(work, home, None, Path("/bin/true"))
-        env = {"LOOPBRIDGE_BWRAP_ARGV": json.dumps(argv)}
+        args = self.write_args("probe", self.options(work, home, None))
+        env = {
+            "LOOPBRIDGE_BWRAP_ARGS": str(args),
+            "LOOPBRIDGE_AGENT_PORT": "0",
+            "LOOPBRIDGE_AGENT_CLI": "/bin/true",
+        }
         try:
             await run(str(self.launcher), cwd=work, env=env)
         except EngineError as exc:
@@ -227,7 +249,11 @@ class BubblewrapSandbox(Sandbox):
             route = await self.ensure_forwarder(url)
             env["ANTHROPIC_BASE_URL"] = route.url_inside
         env["LOOPBRIDGE_AGENT_ENV"] = " ".join(sorted(env))
-        env["LOOPBRIDGE_BWRAP_ARGV"] = json.dumps(self.argv(workdir, home, route, self.cli_path))
+        options = self.options(workdir, home, route)
+        args = await asyncio.to_thread(self.write_args, spec.loop_id, options)
+        env["LOOPBRIDGE_BWRAP_ARGS"] = str(args)
+        env["LOOPBRIDGE_AGENT_PORT"] = str(route_port(route))
+        env["LOOPBRIDGE_AGENT_CLI"] = str(self.cli_path)
         host = AgentHost(cli_path=str(self.launcher), cwd=str(workdir), env=env, workdir=workdir)
         # Nothing outlives an agent here: each one starts its sandbox afresh.
         return host, False
@@ -245,9 +271,18 @@ class BubblewrapSandbox(Sandbox):
 
     # -- the bwrap command line -----------------------------------------------
 
-    def argv(self, work: Path, home: Path, route: ModelRoute | None, cli: Path) -> list[str]:
+    def write_args(self, name: str, argv: list[str]) -> Path:
+        """bwrap's options for `--args`, NUL-separated, in a file of the loop's."""
+        path = self.args_dir / f"{name}.args"
+        temporary = path.with_suffix(".new")
+        temporary.write_bytes(b"".join(arg.encode() + b"\0" for arg in argv))
+        temporary.replace(path)  # an agent starting meanwhile reads the old one whole
+        return path
+
+    def options(self, work: Path, home: Path, route: ModelRoute | None) -> list[str]:
+        """bwrap's options for one agent (its command is in the launcher)."""
         args = [
-            self.bwrap, "--die-with-parent", "--new-session",
+            "--die-with-parent", "--new-session",
             "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try",
             "--hostname", "loopbridge",
         ]
@@ -262,8 +297,7 @@ class BubblewrapSandbox(Sandbox):
         args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
         args += ["--dir", "/var", "--perms", "1777", "--tmpfs", "/var/tmp", "--tmpfs", "/run"]
         made: set[Path] = set()
-        python = Path(os.path.realpath(sys._base_executable))  # type: ignore[attr-defined]
-        for tree in {Path(sys.base_prefix).resolve(), cli.parent.resolve()}:
+        for tree in {Path(sys.base_prefix).resolve(), self.cli_path.parent.resolve()}:
             if not under_system(tree):
                 args += [*dirs_to(tree, made), "--ro-bind", str(tree), str(tree)]
         # The data dir is an empty tmpfs in there, whatever holds it on the host.
@@ -278,9 +312,6 @@ class BubblewrapSandbox(Sandbox):
         for secret in self.hidden_files():
             args += ["--ro-bind", "/dev/null", str(secret)]
         args += ["--chdir", str(work)]
-        uid, gid = (self.user.uid, self.user.gid) if self.user is not None else (-1, -1)
-        port = route_port(route)
-        args += [str(python), "-S", "-I", INSIDE, str(uid), str(gid), str(port), str(cli)]
         return args
 
     def hidden_files(self) -> list[Path]:
