@@ -1,7 +1,8 @@
 """`loopbridge doctor`: whether what a loop needs is in place here, one line per check.
 
 Each failed check says how to fix it. Nothing is changed: the database is only
-read, and the image is only run (the agent CLI's `--version`, inside it).
+read, and the image is only run (the agent CLI's `--version`, inside it); as root,
+trying bubblewrap makes the `loopbridge-agent` user when it is missing.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ async def doctor(settings: Settings) -> bool:
     cli = settings.cli_path or bundled_cli()
     model = os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_MODEL_URL
     checks = await asyncio.gather(
+        bounded("sandbox", check_sandbox(settings)),
         bounded("podman", check_podman(settings)),
         bounded("image", check_image(settings, cli)),
         bounded("cli", check_cli(cli)),
@@ -76,14 +78,43 @@ async def bounded(name: str, check: Awaitable[Check]) -> Check:
 
 
 def podman_unused(settings: Settings) -> bool:
-    return settings.sandbox == "local"
+    return settings.sandbox in ("local", "bubblewrap")
+
+
+async def check_sandbox(settings: Settings) -> Check:
+    """The tier agents run in here, and why not a stronger one."""
+    from core.sandbox import refusal
+    from core.sandbox.bubblewrap import INSTALL as BWRAP_INSTALL
+    from core.sandbox.bubblewrap import usable as bubblewrap_usable
+    from core.sandbox.podman import usable as podman_usable
+
+    if settings.sandbox == "local":
+        who = "loopbridge-agent" if os.geteuid() == 0 else "this user, who can read all of it"
+        return Check("sandbox", True, f"local, asked for: agents run unconfined, as {who}")
+    podman_why = "not asked for"
+    if settings.sandbox != "bubblewrap":
+        ok, podman_why = await podman_usable(settings.sandbox_image, settings.podman_url)
+        if ok:
+            return Check("sandbox", True, f"podman: {podman_why}")
+        if settings.sandbox == "podman":
+            return Check("sandbox", False, f"podman cannot run here: {podman_why}", INSTALL)
+    ok, bubblewrap_why = await bubblewrap_usable(settings)
+    if ok:
+        weaker = f" (not podman: {podman_why})" if settings.sandbox == "auto" else ""
+        return Check("sandbox", True, f"{bubblewrap_why}{weaker}")
+    if settings.sandbox == "bubblewrap":
+        why = f"bubblewrap cannot run here: {bubblewrap_why}"
+        return Check("sandbox", False, why, BWRAP_INSTALL)
+    reason, _, fix = refusal(podman_why, bubblewrap_why).rpartition("; ")
+    return Check("sandbox", False, reason, fix)
 
 
 async def check_podman(settings: Settings) -> Check:
     if podman_unused(settings):
-        return Check("podman", True, "not used (LOOPBRIDGE_SANDBOX=local)")
+        return Check("podman", True, f"not used (LOOPBRIDGE_SANDBOX={settings.sandbox})")
     if shutil.which("podman") is None:
-        return Check("podman", False, "not installed", f"{INSTALL}, or LOOPBRIDGE_SANDBOX=local")
+        fix = f"{INSTALL}, or LOOPBRIDGE_SANDBOX=bubblewrap"
+        return Check("podman", False, "not installed", fix)
     template = "{{.Version.Version}} {{.Host.OCIRuntime.Name}} {{.Host.CgroupManager}}"
     try:
         info = await run(
@@ -99,7 +130,7 @@ async def check_podman(settings: Settings) -> Check:
 async def check_image(settings: Settings, cli: Path) -> Check:
     """The image exists, comes from the current recipe, and the agent CLI runs in it."""
     if podman_unused(settings):
-        return Check("image", True, "not used (LOOPBRIDGE_SANDBOX=local)")
+        return Check("image", True, f"not used (LOOPBRIDGE_SANDBOX={settings.sandbox})")
     tag = settings.sandbox_image
     try:
         podman = podman_argv(settings.podman_url)

@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     home: Path = Path("~/.loopbridge")
     config: Path | None = None
     database_url: str | None = None
-    sandbox: Literal["local", "podman", "auto"] = "auto"
+    sandbox: Literal["local", "bubblewrap", "podman", "auto"] = "auto"
     podman_url: str | None = None
     sandbox_image: str = "localhost/loopbridge-sandbox:latest"
     sandbox_memory: str = "2g"

@@ -23,7 +23,7 @@ from core.events import Event, EventStream, Overflow, Subscription
 from core.ids import aware, loop_id, new_id, utcnow
 from core.runtime import SERVER_STOPPED, Context, LoopRuntime, LoopSpec, Turn, agent_env_from
 from core.sandbox import LocalSandbox, Sandbox, choose_sandbox
-from core.storage import Database, EventWriter
+from core.storage import Database, EventWriter, private_dir
 from core.tables import events, idempotency, loops, turns
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
@@ -106,7 +106,7 @@ class Engine:
     # ---- life cycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.data_dir)
         if self._choose_sandbox:
             self.sandbox = await choose_sandbox(self.settings, self.cli_path)
         await self.db.migrate()

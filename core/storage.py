@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, insert
+from sqlalchemy import event, insert, make_url
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -35,8 +36,12 @@ class Database:
             ) from None
         except Exception as exc:
             raise SettingsError(f"LOOPBRIDGE_DATABASE_URL is not usable: {exc}") from None
+        self.sqlite_file: Path | None = None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            name = make_url(url).database
+            if name and name != ":memory:" and not name.startswith("file:"):
+                self.sqlite_file = Path(name)
         self._write_lock = asyncio.Lock()
 
     @contextlib.asynccontextmanager
@@ -48,11 +53,31 @@ class Database:
 
     async def migrate(self) -> None:
         """Bring the schema to the newest migration."""
+        if self.sqlite_file is not None:
+            private_sqlite_files(self.sqlite_file)
         async with self.engine.begin() as conn:
             await conn.run_sync(_upgrade)
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def private_dir(path: Path) -> None:
+    """Make the data directory, readable by the server's user alone (0700)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+def private_sqlite_files(path: Path) -> None:
+    """The database and its -wal and -shm files readable by the server's user alone (0600).
+
+    Made empty with that mode before SQLite first opens it: SQLite gives its -wal and
+    -shm files the database file's mode."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            name.chmod(0o600)
 
 
 def _strict_json(value: object) -> str:

@@ -75,8 +75,9 @@ class Server:
 
 
 async def start_server(home: Path, **settings: object) -> Server:
-    # Engine tests run agents as local processes; the podman tests ask for podman.
-    settings.setdefault("sandbox", "local")
+    # Engine tests run agents as local processes (as loopbridge-agent when root) unless
+    # LOOPBRIDGE_TEST_SANDBOX names another backend; sandbox tests ask for theirs.
+    settings.setdefault("sandbox", os.environ.get("LOOPBRIDGE_TEST_SANDBOX", "local"))
     engine = Engine(load_settings(home=home, **settings))
     await engine.start()
     app = create_app(engine, manage_engine=False)

@@ -27,6 +27,14 @@ async def podman_problem() -> str | None:
     return None
 
 
+def deep_home(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A data dir whose path is over 100 characters: Unix socket paths (107 bytes at most)
+    must not depend on it."""
+    home = tmp_path_factory.mktemp(name) / ("deep-" * 16) / "data"
+    assert len(str(home)) > 100
+    return home
+
+
 def skip_without_podman() -> None:
     """Skip the calling test module, with the reason, where podman cannot run."""
     problem = asyncio.run(podman_problem())

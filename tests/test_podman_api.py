@@ -26,7 +26,7 @@ from core.engine import bundled_cli
 from core.sandbox.image import podman_argv, podman_env, run
 from core.sandbox.podman import AGENT_UID, CLI_DIR, LOOP_LABEL, SERVER_LABEL
 from tests.conftest import Server, start_server, stop_server
-from tests.podman import skip_without_podman
+from tests.podman import deep_home, skip_without_podman
 from tests.sse import TERMINAL, Ev, events, names, text_of, turn
 
 IMAGE = Settings().sandbox_image
@@ -50,7 +50,7 @@ WAIT_SECONDS = 15.0
 async def box(standin, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Server]:
     """Loops in containers with a small memory cap; nothing goes idle during a test."""
     server = await start_server(
-        tmp_path_factory.mktemp("box"), sandbox="podman", sandbox_memory="768m"
+        deep_home(tmp_path_factory, "box"), sandbox="podman", sandbox_memory="768m"
     )
     yield server
     await stop_server(server)
@@ -60,7 +60,7 @@ async def box(standin, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
 async def idle(standin, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Server]:
     """Agents stop after 0.5 s and sandboxes are reclaimed after IDLE_SECONDS."""
     server = await start_server(
-        tmp_path_factory.mktemp("idle"),
+        deep_home(tmp_path_factory, "idle"),
         sandbox="podman",
         agent_idle_seconds=0.5,
         sandbox_idle_seconds=IDLE_SECONDS,
@@ -265,11 +265,12 @@ def commands_in(server: Server, name: str) -> str:
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    return tmp_path.resolve()  # as the server labels its containers
+    # Resolved, as the server labels its containers; deep, for the socket paths.
+    return tmp_path.resolve() / ("deep-" * 16) / "data"
 
 
-async def test_a_restarted_server_adopts_or_removes_what_a_killed_one_left(
-    standin, home: Path
+async def test_a_killed_server_leaves_no_container_and_a_restart_removes_only_its_own(
+    standin, home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     env = {**os.environ, "LOOPBRIDGE_HOME": str(home), "LOOPBRIDGE_SANDBOX": "podman"}
     token = await cli_token(env)
@@ -285,27 +286,32 @@ async def test_a_restarted_server_adopts_or_removes_what_a_killed_one_left(
             await turn(http, busy, "[[bashbg: sleep 300]]", **BYPASS)
             quiet = await api_loop(http)
             await turn(http, quiet, "hello")
+        assert await running_by_label(home) == {busy, quiet}
     finally:
         serve.send_signal(signal.SIGKILL)
         await serve.wait()
-    # The agents die with their server, even the one waiting for its background command.
+    # Its watchdog removes its containers, agents and all, even the busy one's.
     deadline = time.monotonic() + WAIT_SECONDS
-    while await agents_by_label(home):
-        assert time.monotonic() < deadline, "agent CLIs outlived their server"
+    while await labelled(home):
+        assert time.monotonic() < deadline, "containers outlived their server"
         await asyncio.sleep(0.5)
-    # A container for a loop this data dir no longer has (its directory was deleted).
-    await run(
-        *podman_argv(None), "run", "-d", "--label", f"{SERVER_LABEL}={home}",
-        "--label", f"{LOOP_LABEL}=loop_gone", IMAGE, "sleep", "300", env=podman_env(),
-    )
-    assert await running_by_label(home) == {busy, quiet, "loop_gone"}
 
+    # What a server whose watchdog died too would leave; and another server's container.
+    other = deep_home(tmp_path_factory, "other")
+    other.mkdir(parents=True)
+    for data_dir, loop_id in ((home, "loop_left"), (other, "loop_other")):
+        await run(
+            *podman_argv(None), "run", "-d", "--label", f"{SERVER_LABEL}={data_dir}",
+            "--label", f"{LOOP_LABEL}={loop_id}", IMAGE, "sleep", "300", env=podman_env(),
+        )
     server = await start_server(home, sandbox="podman")
     try:
-        # Both loops' containers are adopted, stopped until their next turn; the other is gone.
-        assert (await podman_states(server)) == {busy: "exited", quiet: "exited"}
+        assert await labelled(home) == set()
+        assert await running_by_label(other) == {"loop_other"}
         # The killed server's podman service ended with it.
-        assert podman_services(home) == {server.engine.sandbox.service.pid}
+        assert podman_services(server.engine.sandbox.service_socket) == {
+            server.engine.sandbox.service.pid
+        }
         http = server.client(token)
         evs = await turn(http, quiet, "after the crash")
         assert evs[0].data["cold_start"] is True
@@ -313,7 +319,11 @@ async def test_a_restarted_server_adopts_or_removes_what_a_killed_one_left(
         await http.aclose()
     finally:
         await stop_server(server)
-    assert await running_by_label(home) == set()
+        await run(
+            *podman_argv(None), "rm", "-f", "-t", "0", *await labelled(other), env=podman_env()
+        )
+    # A server that stops leaves nothing either.
+    assert await labelled(home) == set()
 
 
 async def cli_token(env: dict[str, str]) -> str:
@@ -345,27 +355,23 @@ async def running_by_label(home: Path) -> set[str]:
     return set(out.split())
 
 
-async def agents_by_label(home: Path) -> set[str]:
-    """The loop ids of this data dir's running containers with an agent CLI in them."""
-    found = set()
-    for loop_id in await running_by_label(home):
-        label = f"label={LOOP_LABEL}={loop_id}"
-        ids = await run(*podman_argv(None), "ps", "-q", "--filter", label, env=podman_env())
-        top = await run(*podman_argv(None), "top", ids.strip(), "args", env=podman_env())
-        if CLI_INSIDE in top:
-            found.add(loop_id)
-    return found
+async def labelled(home: Path) -> set[str]:
+    """Ids of all containers labelled with this data dir, running or not."""
+    out = await run(
+        *podman_argv(None), "ps", "-aq", "--filter", f"label={SERVER_LABEL}={home}",
+        env=podman_env(),
+    )
+    return set(out.split())
 
 
-def podman_services(home: Path) -> set[int]:
-    """Pids of `podman system service` processes on this data dir's socket."""
-    socket = f"{home}/podman.sock"
+def podman_services(socket: Path) -> set[int]:
+    """Pids of `podman system service` processes on this socket."""
     pids = set()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"service" in argv and any(socket.encode() in arg for arg in argv):
+        if b"service" in argv and any(str(socket).encode() in arg for arg in argv):
             pids.add(int(proc.name))
     return pids

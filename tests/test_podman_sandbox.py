@@ -26,7 +26,7 @@ from core.engine import bundled_cli
 from core.sandbox.base import AgentHost, SandboxSpec
 from core.sandbox.image import RECIPE, RECIPE_LABEL, load_recipe, podman_argv, podman_env, run
 from core.sandbox.podman import AGENT_UID, LOOP_LABEL, SERVER_LABEL, PodmanSandbox
-from tests.podman import skip_without_podman
+from tests.podman import deep_home, skip_without_podman
 
 SETTINGS = Settings(
     sandbox="podman",
@@ -55,7 +55,8 @@ async def model() -> AsyncIterator[StandinModel]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def sandbox(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PodmanSandbox]:
-    home = tmp_path_factory.mktemp("podman")
+    home = deep_home(tmp_path_factory, "podman")
+    home.mkdir(parents=True)
     box = PodmanSandbox(home, CLI, SETTINGS.model_copy(update={"home": home}))
     await box.start()
     yield box
@@ -167,22 +168,22 @@ async def test_release_then_acquire_is_cold_and_keeps_files(
     assert await turn(host, "[[bash: cat made.txt]]") == "Tool ok: made"
 
 
-async def test_restart_adopts_and_remove_leaves_nothing(
+async def test_a_restart_removes_what_an_earlier_run_left(
     sandbox: PodmanSandbox, model: StandinModel
 ) -> None:
-    # A second server on the same data dir (same podman service) stops, but keeps,
-    # the containers an earlier run left.
+    # A second server on the same data dir (same podman service) removes the containers
+    # an earlier run left; the loops' files stay, and their loops start again.
     again = PodmanSandbox(
         sandbox.data_dir, CLI, sandbox.settings.model_copy(update={"podman_url": sandbox.url})
     )
     await again.start()
-    for loop_id in ("loop_a", "loop_b"):
-        container = await again.find(loop_id)
-        assert container is not None and container.status != "running"
-        await again.remove(loop_id)
     filters = [f"label={SERVER_LABEL}={sandbox.data_dir}", f"label={LOOP_LABEL}"]
     assert await again.call(again.api.containers.list, all=True, filters=filters) == []
     assert (sandbox.workdir("loop_a") / "made.txt").exists()
+    host, cold = await again.acquire(spec(model, "loop_a"))
+    assert cold
+    assert await turn(host, "[[bash: cat made.txt]]") == "Tool ok: made"
+    await again.remove("loop_a")
     await again.close()
 
 
@@ -205,7 +206,7 @@ async def test_doctor_passes_here_and_names_the_fix_for_what_fails(
 ) -> None:
     code, out = await loopbridge(tmp_path, "doctor", ANTHROPIC_BASE_URL=model.url)
     assert code == 0, out
-    checks = ["podman", "image", "cli", "model", "database"]
+    checks = ["sandbox", "podman", "image", "cli", "model", "database"]
     assert [line.split()[:2] for line in out.splitlines()] == [["ok", name] for name in checks]
 
     code, out = await loopbridge(tmp_path, "doctor", ANTHROPIC_BASE_URL="http://127.0.0.1:9")

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import ctypes
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -33,10 +32,9 @@ import signal
 import sys
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from podman import PodmanClient
 from podman.domain.containers import Container
@@ -54,6 +52,16 @@ from core.sandbox.image import (
     recipe_path,
     run,
 )
+from core.sandbox.network import (
+    DEFAULT_MODEL_URL,
+    MODEL_SOCKET,
+    ModelForwarder,
+    ModelRoute,
+    is_address,
+    model_route,
+    socket_dir,
+)
+from core.sandbox.users import chown_tree
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +74,8 @@ WORKDIR = "/work"
 HOME = "/home/agent"
 CLI_DIR = "/opt/loopbridge"
 NET_DIR = "/run/loopbridge"
-MODEL_SOCKET = "model.sock"
 AGENT_UID = 1000
-# Unix socket paths are limited to 108 bytes.
-MAX_SOCKET_PATH = 107
 PR_SET_PDEATHSIG = 1
-DEFAULT_MODEL_URL = "https://api.anthropic.com"
 # crun fails on these machines (containers.conf picks runc); `init` needs catatonit.
 INSTALL = "apt-get install --no-install-recommends podman runc catatonit"
 
@@ -131,37 +135,18 @@ sys.exit(code if code >= 0 else 128 - code)
 """
 
 
-@dataclass(frozen=True)
-class ModelRoute:
-    """Where the model API is, and how a `model`-network container reaches it."""
-
-    host: str
-    port: int
-    url_inside: str
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(f"{self.host}:{self.port}".encode()).hexdigest()[:12]
-
-
-def model_route(url: str) -> ModelRoute:
-    parts = urlsplit(url)
-    if parts.hostname is None:
-        raise EngineError("sandbox_spawn_failed", f"ANTHROPIC_BASE_URL {url!r} has no host")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    host = parts.hostname
-    # An address literal cannot be pointed at 127.0.0.1 by /etc/hosts: rewrite it.
-    inside = host if not is_address(host) else "127.0.0.1"
-    netloc = f"{inside}:{port}" if parts.port else inside
-    return ModelRoute(host, port, urlunsplit(parts._replace(netloc=netloc)))
-
-
-def is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+# Waits on its stdin: a byte means the server removed its containers itself; the end
+# of the pipe without one means the server died, and it removes them.
+WATCHDOG = """\
+import json, os, subprocess, sys
+podman, label = json.loads(sys.argv[1]), sys.argv[2]
+if os.read(0, 1):
+    sys.exit(0)
+found = subprocess.run([*podman, "ps", "-aq", "--filter", f"label={label}"],
+                       capture_output=True, text=True).stdout.split()
+if found:
+    subprocess.run([*podman, "rm", "-f", "-t", "0", *found], capture_output=True)
+"""
 
 
 async def usable(image: str, podman_url: str | None = None) -> tuple[bool, str]:
@@ -190,56 +175,6 @@ async def usable(image: str, podman_url: str | None = None) -> tuple[bool, str]:
     return True, f"podman {version} with {runtime}; image {image} will be built"
 
 
-async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy one direction of a connection: pass its end on, or on an error drop it.
-
-    Closing a writer also ends reads on its socket, so a broken direction ends
-    the other one too.
-    """
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except OSError:
-        writer.close()
-
-
-class ModelForwarder:
-    """A Unix socket whose every connection is joined to the model API's host and port."""
-
-    def __init__(self, route: ModelRoute, directory: Path) -> None:
-        self.route = route
-        self.socket = directory / MODEL_SOCKET
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self.socket.parent.mkdir(parents=True, exist_ok=True)
-        self.socket.unlink(missing_ok=True)
-        self.server = await asyncio.start_unix_server(self.connect, path=str(self.socket))
-        # The agent runs as another uid and needs write permission to connect.
-        self.socket.chmod(0o666)
-
-    async def connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.route.host, self.route.port)
-        except OSError as exc:
-            log.warning("model API %s:%s unreachable: %s", self.route.host, self.route.port, exc)
-            writer.close()
-            return
-        try:
-            await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
-        finally:
-            up_writer.close()
-            writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-
 class PodmanSandbox(Sandbox):
     name = "podman"
 
@@ -247,8 +182,10 @@ class PodmanSandbox(Sandbox):
         super().__init__(data_dir, cli_path)
         self.settings = settings
         self.launcher = data_dir / "bin" / "podman-agent-launch"
-        self.service_socket = data_dir / "podman.sock"
+        self.sockets = socket_dir(data_dir)
+        self.service_socket = self.sockets / "podman.sock"
         self.service: asyncio.subprocess.Process | None = None
+        self.watchdog: asyncio.subprocess.Process | None = None
         self.url = settings.podman_url
         self.client: PodmanClient | None = None
         self.image_id = ""
@@ -271,6 +208,7 @@ class PodmanSandbox(Sandbox):
             await self.try_container()
             await self.tidy_leftovers()
             await self.tidy_abandoned()
+            await self.start_watchdog()
         except (APIError, OSError) as exc:  # requests' errors are OSErrors
             await self.close()
             raise EngineError("sandbox_spawn_failed", f"the podman API failed: {exc}") from exc
@@ -281,12 +219,17 @@ class PodmanSandbox(Sandbox):
     async def close(self) -> None:
         if self.client is not None:
             try:
-                running = await self.call(self.client.containers.list, filters=self.filters())
-                await asyncio.gather(*(self.call(c.stop, timeout=2) for c in running))
+                made = await self.call(
+                    self.client.containers.list, all=True, filters=self.filters()
+                )
+                await asyncio.gather(*(self.discard(c) for c in made))
             except (APIError, OSError) as exc:  # requests' errors are OSErrors
-                log.warning("could not stop the sandboxes: %s", exc)
+                log.warning("could not remove the sandboxes: %s", exc)
             self.client.close()
             self.client = None
+        if self.watchdog is not None:
+            await stop_watchdog(self.watchdog)
+            self.watchdog = None
         await asyncio.gather(*(fwd.close() for fwd in self.forwarders.values()))
         self.forwarders.clear()
         if self.service is not None:
@@ -294,13 +237,7 @@ class PodmanSandbox(Sandbox):
             self.service = None
 
     async def start_service(self) -> str:
-        """Run `podman system service` on a socket in the data dir; its URL."""
-        if len(str(self.service_socket)) > MAX_SOCKET_PATH:
-            raise EngineError(
-                "sandbox_spawn_failed",
-                f"data dir path too long for a socket: {self.service_socket}",
-            )
-        self.service_socket.parent.mkdir(parents=True, exist_ok=True)
+        """Run `podman system service` on a socket in the short socket dir; its URL."""
         self.service_socket.unlink(missing_ok=True)
         url = f"unix://{self.service_socket}"
         log_path = self.data_dir / "podman-service.log"
@@ -388,18 +325,25 @@ class PodmanSandbox(Sandbox):
             message = f"podman cannot run a container here: {exc.message}"
             raise EngineError(exc.code, message) from None
 
+    async def start_watchdog(self) -> None:
+        """A process outside this one's session that removes this data dir's containers
+        when this process ends without `close` (SIGKILL, a crash): nothing keeps running."""
+        self.watchdog = await asyncio.create_subprocess_exec(
+            sys.executable, "-S", "-c", WATCHDOG,
+            json.dumps(podman_argv(self.cli_url)), f"{SERVER_LABEL}={self.data_dir}",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=podman_env(),
+            cwd="/",
+            start_new_session=True,
+        )
+
     async def tidy_leftovers(self) -> None:
-        """Keep an earlier run's containers for their loops, stopped; remove stale ones."""
+        """Remove what an earlier run on this data dir left (its watchdog died with it);
+        only this data dir's containers: another server's are not ours to touch."""
         containers = await self.call(self.api.containers.list, all=True, filters=self.filters())
-        for container in containers:
-            loop_id = container.labels.get(LOOP_LABEL, "")
-            stale = container.attrs.get("ImageID") != self.image_id
-            if stale or not self.loop_dir(loop_id).is_dir():
-                await self.discard(container)
-            # A listed container's State is a word, not the inspected structure.
-            elif container.attrs.get("State") == "running":
-                # No agent of this server runs in it any more.
-                await self.call(container.stop, timeout=2)
+        await asyncio.gather(*(self.discard(c) for c in containers))
 
     async def tidy_abandoned(self) -> None:
         """Remove the sandboxes of any server whose data dir is gone: nobody can adopt them."""
@@ -523,7 +467,7 @@ class PodmanSandbox(Sandbox):
 
     async def create(self, loop_id: str, options: dict[str, Any]) -> Container:
         if os.geteuid() == 0:
-            await asyncio.to_thread(chown_tree, self.loop_dir(loop_id), AGENT_UID)
+            await asyncio.to_thread(chown_tree, self.loop_dir(loop_id), AGENT_UID, AGENT_UID)
         try:
             return await self.call(self.api.containers.create, **options)
         except APIError as exc:
@@ -541,7 +485,7 @@ class PodmanSandbox(Sandbox):
             )
 
     def forwarder_dir(self, route: ModelRoute) -> Path:
-        return self.data_dir / "sandbox" / "net" / route.key
+        return self.sockets / "net" / route.key
 
     async def ensure_forwarder(self, route: ModelRoute) -> None:
         if route.key in self.forwarders:
@@ -588,14 +532,6 @@ def tmpfs(target: str) -> dict[str, Any]:
     return {"type": "tmpfs", "source": "tmpfs", "target": target, "mode": "1777"}
 
 
-def chown_tree(root: Path, uid: int) -> None:
-    """Give the loop's files to the agent's uid (the server, root, can still use them)."""
-    os.chown(root, uid, uid)
-    for parent, dirs, files in os.walk(root):
-        for name in dirs + files:
-            os.chown(os.path.join(parent, name), uid, uid, follow_symlinks=False)
-
-
 def abandoned(containers: list[Container]) -> list[Container]:
     return [c for c in containers if not Path(c.labels.get(SERVER_LABEL) or "/").is_dir()]
 
@@ -610,6 +546,20 @@ def die_with(parent: int) -> Callable[[], None]:
             os._exit(1)
 
     return preexec
+
+
+async def stop_watchdog(proc: asyncio.subprocess.Process) -> None:
+    """Tell the watchdog that this server removed its containers itself."""
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.write(b".")
+            await proc.stdin.drain()
+            proc.stdin.close()
+    try:
+        await asyncio.wait_for(proc.wait(), 5)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
 
 
 async def stop_process(proc: asyncio.subprocess.Process) -> None:
