@@ -681,6 +681,32 @@ def _lag_cells(lags: Sequence[float]) -> list[str]:
     return [ms(statistics.median(lags)), ms(percentile(lags, 0.99))]
 
 
+BLOCK = 100  # deltas per row of the breakdown
+
+
+def block_lags(streams: Iterable[Sequence[tuple[float, float]]]) -> list[list[float]]:
+    """Lag vs stamp per block of `BLOCK` deltas (by position in the turn), over all streams."""
+    blocks: list[list[float]] = []
+    for stream in streams:
+        for index, (at, stamp) in enumerate(stream):
+            while len(blocks) <= index // BLOCK:
+                blocks.append([])
+            blocks[index // BLOCK].append(at - stamp)
+    return blocks
+
+
+def render_breakdown(f: FanOut) -> str:
+    """p50/p99 lag per block of 100 deltas, so a stall once per turn shows where it is."""
+    watched, sender = block_lags(f.watched), block_lags([f.sender])
+    rows = []
+    for number, lags in enumerate(watched):
+        own = sender[number] if number < len(sender) else []
+        rows.append([f"{number * BLOCK + 1}–{number * BLOCK + BLOCK}", *_lag_cells(lags),
+                     ms(max(lags)), *_lag_cells(own)])  # fmt: skip
+    header = ["deltas", "watchers p50 (ms)", "p99", "max", "sender p50 (ms)", "p99"]
+    return f"Lag vs stamp per block of {BLOCK} deltas:\n\n{table(header, rows)}"
+
+
 def render_fanout(f: FanOut) -> str:
     vs_stamp, vs_sender = f.watcher_lags()
     sender_lag = [at - stamp for at, stamp in f.sender]
@@ -719,7 +745,9 @@ def render_fanout(f: FanOut) -> str:
         f"### (b) Fan-out: one loop, {f.watchers} watchers, one `[[stamped: {f.deltas}]]` "
         f"turn (a delta every 2 ms)"
     )
-    return f"{title}\n\n{table(header, rows)}\n\n" + "\n".join(notes)
+    return (
+        f"{title}\n\n{table(header, rows)}\n\n" + "\n".join(notes) + "\n\n" + render_breakdown(f)
+    )
 
 
 # ---- (c) memory per idle loop -------------------------------------------------------------
@@ -823,17 +851,22 @@ async def run(args: argparse.Namespace) -> None:
                 server.client() as http,
             ):
                 log(f"server pid {server.pid} at {server.url}; stand-in at {standin_url}")
-                timings = await bench_latency(args.turns, http, standin_url, root)
-                print(render_latency(*timings) + "\n", flush=True)
-                loop_id = await create_loop(http, "bench fan-out")
-                await server_turn(http, loop_id, "warm up")  # its agent is running
-                fanout = await bench_fanout(server, loop_id, args.watchers, args.deltas, args.spy)
-                async with direct_agent(standin_url, root / "direct-stamped") as direct:
-                    fanout.direct = await direct_stamped(direct, args.deltas)
-                print(render_fanout(fanout) + "\n", flush=True)
-            async with running_server(root / "memory", standin_url, args.nagle) as server:
-                steps, seen = await bench_memory(server, args.loops)
-                print(render_memory(steps, seen, args.loops), flush=True)
+                if "a" in args.parts:
+                    timings = await bench_latency(args.turns, http, standin_url, root)
+                    print(render_latency(*timings) + "\n", flush=True)
+                if "b" in args.parts:
+                    loop_id = await create_loop(http, "bench fan-out")
+                    await server_turn(http, loop_id, "warm up")  # its agent is running
+                    fanout = await bench_fanout(
+                        server, loop_id, args.watchers, args.deltas, args.spy
+                    )
+                    async with direct_agent(standin_url, root / "direct-stamped") as direct:
+                        fanout.direct = await direct_stamped(direct, args.deltas)
+                    print(render_fanout(fanout) + "\n", flush=True)
+            if "c" in args.parts:
+                async with running_server(root / "memory", standin_url, args.nagle) as server:
+                    steps, seen = await bench_memory(server, args.loops)
+                    print(render_memory(steps, seen, args.loops), flush=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -849,6 +882,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 5 turns, 20 watchers, 500 loops"
     )
+    parser.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run, e.g. b")
     parser.add_argument("--spy", type=Path, help="py-spy the server during (b) into this file")
     parser.add_argument(
         "--nagle",
