@@ -429,6 +429,9 @@ class LoopRuntime:
             disallowed_tools=sorted({t for p in profiles for t in p.disallowed_tools}),
             model=model,
             setting_sources=[],
+            # Makes bypassPermissions available without turning it on, so that a later turn
+            # may switch to it on this warm agent whatever mode the agent started in.
+            extra_args={"allow-dangerously-skip-permissions": None},
         )
 
     def _agent_env(self) -> dict[str, str]:
