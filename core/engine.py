@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from core.sandbox import LocalSandbox, Sandbox, choose_sandbox
 from core.storage import Database, EventLogUnavailable, EventWriter
 from core.tables import events, idempotency, loops, turns
 from core.tasks import spawn
+
+log = logging.getLogger(__name__)
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 REPLAY_BATCH = 500
@@ -154,9 +157,12 @@ class Engine:
     async def _purge_idempotency(self) -> None:
         """Drop idempotency records past their window, now and then every hour."""
         while True:
-            async with self.db.write() as conn:
-                cutoff = utcnow() - IDEMPOTENCY_WINDOW
-                await conn.execute(delete(idempotency).where(idempotency.c.created_at < cutoff))
+            try:
+                async with self.db.write() as conn:
+                    cutoff = utcnow() - IDEMPOTENCY_WINDOW
+                    await conn.execute(delete(idempotency).where(idempotency.c.created_at < cutoff))
+            except Exception:  # tried again in an hour; expired records are refused meanwhile
+                log.exception("dropping expired idempotency records failed")
             await asyncio.sleep(3600)
 
     async def _recover(self) -> None:

@@ -33,7 +33,7 @@ from core.errors import EngineError
 from core.events import Channel, Event
 from core.ids import new_id, utcnow
 from core.sandbox import Sandbox, SandboxSpec
-from core.storage import Database, EventWriter
+from core.storage import TRANSIENT, Database, EventWriter
 from core.tables import loops, turns
 from core.tasks import spawn
 
@@ -213,6 +213,8 @@ class LoopRuntime:
             else:
                 await self._finish(turn, "error", _error("agent_failed", SERVER_STOPPED, turn.id))
         self.queue.clear()
+        if self._reserving is not None:
+            self._reserving.cancel()
         self._worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._worker
@@ -282,9 +284,13 @@ class LoopRuntime:
                 target = self.seq + len(self._held) + RESERVE_IDS
                 mine = (loops.c.id == self.id) & (loops.c.event_id_reserved < target)
                 reserve = update(loops).where(mine).values(event_id_reserved=target)
-                await self.ctx.db.write_retrying(
-                    lambda conn, q=reserve: conn.execute(q), f"loop {self.id}: reserving event ids"
-                )
+                try:
+                    await self.ctx.db.write_retrying(
+                        lambda conn, q=reserve: conn.execute(q),
+                        f"loop {self.id}: reserving event ids",
+                    )
+                except TRANSIENT:
+                    continue  # nothing can be published before; `close` ends the attempts
                 self.reserved = target
                 held, self._held = self._held, []
                 for event in held:
