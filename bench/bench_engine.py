@@ -292,16 +292,34 @@ def stall_log(home: Path) -> Path:
     return home / "stalls.jsonl"
 
 
+Note = Callable[[dict[str, Any]], None]
+
+
+def stall(what: str, took: float, cpu: float | None = None) -> dict[str, Any]:
+    entry = {"at": time.time(), "what": what, "ms": took * 1000}
+    if cpu is not None:  # the loop's own CPU meanwhile: its own work, or a CPU others took
+        entry["cpu_ms"] = cpu * 1000
+    return entry
+
+
+async def watch_loop(note: Note, what: str) -> None:
+    """Note each time this event loop runs `STALL_MS` late."""
+    while True:
+        before, cpu = time.perf_counter(), time.thread_time()
+        await asyncio.sleep(LOOP_TICK)
+        late = time.perf_counter() - before - LOOP_TICK
+        if late * 1000 >= STALL_MS:
+            note(stall(what, late, time.thread_time() - cpu))
+
+
 def trace_stalls(home: Path) -> asyncio.Task[None]:
-    """In the server: log each garbage collection of 2+ ms or of the oldest generation, and
-    each time the event loop ran `STALL_MS` late, to `stall_log(home)` (`--trace`)."""
+    """In the server: log each garbage collection of 2+ ms or of the oldest generation, each
+    time the event loop ran `STALL_MS` late, and when the engine got each stamped delta, to
+    files in `home` (`--trace`)."""
     out = stall_log(home).open("a", buffering=1)
     began: list[float] = []
 
-    def note(what: str, took: float, cpu: float | None = None) -> None:
-        entry = {"at": time.time(), "what": what, "ms": took * 1000}
-        if cpu is not None:  # the loop's own CPU meanwhile: work, or a CPU taken by others
-            entry["cpu_ms"] = cpu * 1000
+    def note(entry: dict[str, Any]) -> None:
         out.write(json.dumps(entry) + "\n")
 
     def collected(phase: str, info: dict[str, int]) -> None:
@@ -310,15 +328,7 @@ def trace_stalls(home: Path) -> asyncio.Task[None]:
         elif began:
             took = time.perf_counter() - began.pop()
             if took >= 0.002 or info["generation"] == 2:
-                note(f"gc gen{info['generation']} ({info['collected']} freed)", took)
-
-    async def watch_loop() -> None:
-        while True:
-            before, cpu = time.perf_counter(), time.thread_time()
-            await asyncio.sleep(LOOP_TICK)
-            late = time.perf_counter() - before - LOOP_TICK
-            if late * 1000 >= STALL_MS:
-                note("event loop late", late, time.thread_time() - cpu)
+                note(stall(f"server gc gen{info['generation']} ({info['collected']} freed)", took))
 
     from core.runtime import LoopRuntime
 
@@ -333,7 +343,7 @@ def trace_stalls(home: Path) -> asyncio.Task[None]:
     received = (home / "received.jsonl").open("a", buffering=1)
     LoopRuntime._publish = published  # type: ignore[method-assign]
     gc.callbacks.append(collected)
-    return asyncio.create_task(watch_loop())
+    return asyncio.create_task(watch_loop(note, "server's event loop late"))
 
 
 def read_received(home: Path) -> list[tuple[float, float]]:
@@ -708,9 +718,15 @@ class FanOut:
 
 
 async def bench_fanout(
-    server: ServerProcess, loop_id: str, watchers: int, deltas: int, spy: Path | None
+    server: ServerProcess,
+    loop_id: str,
+    watchers: int,
+    deltas: int,
+    spy: Path | None,
+    trace: bool = False,
 ) -> FanOut:
     recs = [Recording() for _ in range(watchers)]
+    clients: list[dict[str, Any]] = []  # the bench's own stalls (`--trace`)
     readers = await asyncio.gather(*(watch(server, loop_id, rec) for rec in recs))
     try:
         async with asyncio.timeout(OPEN_SECONDS):
@@ -718,7 +734,7 @@ async def bench_fanout(
         log(f"(b) {watchers} watchers attached; sending [[stamped: {deltas}]]")
         settle_heap()  # no full collection of (a)'s garbage in the middle of the clients' reads
         client_cpu = time.process_time()
-        sender, cpu = await _stamped_turn(server, loop_id, deltas, recs, spy)
+        sender, cpu = await _stamped_turn(server, loop_id, deltas, recs, spy, trace, clients)
         client_cpu = time.process_time() - client_cpu
     finally:
         for reader in readers:
@@ -728,25 +744,41 @@ async def bench_fanout(
     errors = [rec.error for rec in [sender, *recs] if rec.error]
     watched = [rec.stamps() for rec in recs]
     fanout = FanOut(watchers, deltas, sender.stamps(), watched, errors, cpu, client_cpu)
-    if fanout.sender and server.home is not None:
-        fanout.stalls = read_stalls(server.home, fanout.sender[0][1], fanout.sender[-1][0])
+    if fanout.sender and trace and server.home is not None:
+        start, end = fanout.sender[0][1], fanout.sender[-1][0]
+        fanout.stalls = sorted(
+            read_stalls(server.home, start, end) + [c for c in clients if start <= c["at"] <= end],
+            key=lambda entry: entry["at"],
+        )
         stamps = {stamp for _, stamp in fanout.sender}
         fanout.received = [(at, st) for at, st in read_received(server.home) if st in stamps]
     return fanout
 
 
 async def _stamped_turn(
-    server: ServerProcess, loop_id: str, deltas: int, recs: list[Recording], spy: Path | None
+    server: ServerProcess,
+    loop_id: str,
+    deltas: int,
+    recs: list[Recording],
+    spy: Path | None,
+    trace: bool,
+    clients: list[dict[str, Any]],
 ) -> tuple[Recording, float]:
     """Send the stamped turn and wait until every watcher saw its end; (sender, server CPU s)."""
     sender = Recording()
     body = {"content": f"[[stamped: {deltas}]]"}
     async with server.client() as http, py_spy(server.pid, spy):
         cpu = server.cpu_seconds()
-        await record(http, sender, "POST", f"/loops/{loop_id}/messages", json=body)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(DRAIN_SECONDS):
-                await asyncio.gather(*(rec.ended.wait() for rec in recs))
+        what = "the bench clients' event loop late"
+        monitor = asyncio.create_task(watch_loop(clients.append, what)) if trace else None
+        try:
+            await record(http, sender, "POST", f"/loops/{loop_id}/messages", json=body)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    await asyncio.gather(*(rec.ended.wait() for rec in recs))
+        finally:
+            if monitor is not None:
+                monitor.cancel()
         cpu = server.cpu_seconds() - cpu
     return sender, cpu
 
@@ -802,7 +834,7 @@ def render_breakdown(f: FanOut) -> str:
             + (f" (its own CPU {s['cpu_ms']:.1f} ms)" if "cpu_ms" in s else "")
             for s in f.stalls
         ]
-        text += "\n\nServer stalls and collections during the turn (`--trace`):\n\n"
+        text += "\n\nStalls and collections during the turn (`--trace`):\n\n"
         text += "\n".join(lines)
     return text
 
@@ -959,7 +991,7 @@ async def run(args: argparse.Namespace) -> None:
                     if case == "warm":
                         await server_turn(http, loop_id, "warm up")  # its agent is running
                     fanout = await bench_fanout(
-                        server, loop_id, args.watchers, args.deltas, args.spy
+                        server, loop_id, args.watchers, args.deltas, args.spy, args.trace
                     )
                     fanout.case = case
                     async with direct_agent(standin_url, root / f"direct-{case}") as direct:
