@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -222,6 +223,7 @@ class ServerProcess:
     process: Process
     url: str
     token: str
+    home: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -251,15 +253,16 @@ class ServerProcess:
 
 @contextlib.asynccontextmanager
 async def running_server(
-    home: Path, standin_url: str, nagle: bool = False
+    home: Path, standin_url: str, nagle: bool = False, trace: bool = False
 ) -> AsyncIterator[ServerProcess]:
     args = [sys.executable, "-m", "bench.bench_engine", "--serve", str(home)]
     args += ["--nagle"] if nagle else []
+    args += ["--trace"] if trace else []
     env = {**os.environ, **agent_env(standin_url)}
     process, line = await _spawn(args, env, SERVER_READY)
     info = json.loads(line.removeprefix(SERVER_READY))
     try:
-        yield ServerProcess(process, info["url"], info["token"])
+        yield ServerProcess(process, info["url"], info["token"], home)
     finally:
         await _stop(process)
 
@@ -281,7 +284,87 @@ def listen(nagle: bool) -> socket.socket:
     return sock
 
 
-async def serve(home: Path, nagle: bool) -> None:
+STALL_MS = 10.0
+LOOP_TICK = 0.005
+
+
+def stall_log(home: Path) -> Path:
+    return home / "stalls.jsonl"
+
+
+Note = Callable[[dict[str, Any]], None]
+
+
+def stall(what: str, took: float, cpu: float | None = None) -> dict[str, Any]:
+    entry = {"at": time.time(), "what": what, "ms": took * 1000}
+    if cpu is not None:  # the loop's own CPU meanwhile: its own work, or a CPU others took
+        entry["cpu_ms"] = cpu * 1000
+    return entry
+
+
+async def watch_loop(note: Note, what: str) -> None:
+    """Note each time this event loop runs `STALL_MS` late."""
+    while True:
+        before, cpu = time.perf_counter(), time.thread_time()
+        await asyncio.sleep(LOOP_TICK)
+        late = time.perf_counter() - before - LOOP_TICK
+        if late * 1000 >= STALL_MS:
+            note(stall(what, late, time.thread_time() - cpu))
+
+
+def trace_stalls(home: Path) -> asyncio.Task[None]:
+    """In the server: log each garbage collection of 2+ ms or of the oldest generation, each
+    time the event loop ran `STALL_MS` late, and when the engine got each stamped delta, to
+    files in `home` (`--trace`)."""
+    out = stall_log(home).open("a", buffering=1)
+    began: list[float] = []
+
+    def note(entry: dict[str, Any]) -> None:
+        out.write(json.dumps(entry) + "\n")
+
+    def collected(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began.append(time.perf_counter())
+        elif began:
+            took = time.perf_counter() - began.pop()
+            if took >= 0.002 or info["generation"] == 2:
+                note(stall(f"server gc gen{info['generation']} ({info['collected']} freed)", took))
+
+    from core.runtime import LoopRuntime
+
+    publish = LoopRuntime._publish
+
+    def published(runtime: LoopRuntime, name: str, data: dict[str, Any], turn_id: Any) -> None:
+        # When the engine got each stamped delta from the agent: the CLI's share of the lag.
+        if name == "assistant_delta":
+            received.write(json.dumps([time.time(), data["text"]]) + "\n")
+        publish(runtime, name, data, turn_id)
+
+    received = (home / "received.jsonl").open("a", buffering=1)
+    LoopRuntime._publish = published  # type: ignore[method-assign]
+    gc.callbacks.append(collected)
+    return asyncio.create_task(watch_loop(note, "server's event loop late"))
+
+
+def read_received(home: Path) -> list[tuple[float, float]]:
+    """(when the engine got it, stamp) for every stamped delta the traced server received."""
+    path = home / "received.jsonl"
+    if not path.exists():
+        return []
+    texts = [tuple(json.loads(line)) for line in path.read_text().splitlines() if line]
+    stamped = [(at, text) for at, text in texts if not text.strip("0123456789.;")]
+    return stamp_arrivals(stamped)
+
+
+def read_stalls(home: Path, start: float, end: float) -> list[dict[str, Any]]:
+    path = stall_log(home)
+    if not path.exists():
+        return []
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [e for e in entries if start <= e["at"] <= end]
+
+
+async def serve(home: Path, nagle: bool, trace: bool = False) -> None:
     """The server process: engine + uvicorn on 127.0.0.1, until SIGTERM."""
     # Imported here: only the server process needs the engine (the bench's clients don't).
     import uvicorn
@@ -307,6 +390,7 @@ async def serve(home: Path, nagle: bool) -> None:
     while not server.started:  # noqa: ASYNC110 (uvicorn has no "started" event to await)
         await asyncio.sleep(0.01)
     settle_heap()  # as `loopbridge serve` does once started
+    tracer = trace_stalls(home) if trace else None  # noqa: F841 (runs until the server stops)
     await engine.accounts.ensure_user("alice")
     _, token = await engine.accounts.create_token("alice", "bench")
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
@@ -611,6 +695,9 @@ class FanOut:
     server_cpu: float
     client_cpu: float
     direct: list[tuple[float, float]] = field(default_factory=list)
+    stalls: list[dict[str, Any]] = field(default_factory=list)
+    case: str = "warm"
+    received: list[tuple[float, float]] = field(default_factory=list)  # `--trace`: engine got it
 
     @property
     def complete(self) -> int:
@@ -631,9 +718,15 @@ class FanOut:
 
 
 async def bench_fanout(
-    server: ServerProcess, loop_id: str, watchers: int, deltas: int, spy: Path | None
+    server: ServerProcess,
+    loop_id: str,
+    watchers: int,
+    deltas: int,
+    spy: Path | None,
+    trace: bool = False,
 ) -> FanOut:
     recs = [Recording() for _ in range(watchers)]
+    clients: list[dict[str, Any]] = []  # the bench's own stalls (`--trace`)
     readers = await asyncio.gather(*(watch(server, loop_id, rec) for rec in recs))
     try:
         async with asyncio.timeout(OPEN_SECONDS):
@@ -641,7 +734,7 @@ async def bench_fanout(
         log(f"(b) {watchers} watchers attached; sending [[stamped: {deltas}]]")
         settle_heap()  # no full collection of (a)'s garbage in the middle of the clients' reads
         client_cpu = time.process_time()
-        sender, cpu = await _stamped_turn(server, loop_id, deltas, recs, spy)
+        sender, cpu = await _stamped_turn(server, loop_id, deltas, recs, spy, trace, clients)
         client_cpu = time.process_time() - client_cpu
     finally:
         for reader in readers:
@@ -650,21 +743,42 @@ async def bench_fanout(
         rec.chunks = reader.body()
     errors = [rec.error for rec in [sender, *recs] if rec.error]
     watched = [rec.stamps() for rec in recs]
-    return FanOut(watchers, deltas, sender.stamps(), watched, errors, cpu, client_cpu)
+    fanout = FanOut(watchers, deltas, sender.stamps(), watched, errors, cpu, client_cpu)
+    if fanout.sender and trace and server.home is not None:
+        start, end = fanout.sender[0][1], fanout.sender[-1][0]
+        fanout.stalls = sorted(
+            read_stalls(server.home, start, end) + [c for c in clients if start <= c["at"] <= end],
+            key=lambda entry: entry["at"],
+        )
+        stamps = {stamp for _, stamp in fanout.sender}
+        fanout.received = [(at, st) for at, st in read_received(server.home) if st in stamps]
+    return fanout
 
 
 async def _stamped_turn(
-    server: ServerProcess, loop_id: str, deltas: int, recs: list[Recording], spy: Path | None
+    server: ServerProcess,
+    loop_id: str,
+    deltas: int,
+    recs: list[Recording],
+    spy: Path | None,
+    trace: bool,
+    clients: list[dict[str, Any]],
 ) -> tuple[Recording, float]:
     """Send the stamped turn and wait until every watcher saw its end; (sender, server CPU s)."""
     sender = Recording()
     body = {"content": f"[[stamped: {deltas}]]"}
     async with server.client() as http, py_spy(server.pid, spy):
         cpu = server.cpu_seconds()
-        await record(http, sender, "POST", f"/loops/{loop_id}/messages", json=body)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(DRAIN_SECONDS):
-                await asyncio.gather(*(rec.ended.wait() for rec in recs))
+        what = "the bench clients' event loop late"
+        monitor = asyncio.create_task(watch_loop(clients.append, what)) if trace else None
+        try:
+            await record(http, sender, "POST", f"/loops/{loop_id}/messages", json=body)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    await asyncio.gather(*(rec.ended.wait() for rec in recs))
+        finally:
+            if monitor is not None:
+                monitor.cancel()
         cpu = server.cpu_seconds() - cpu
     return sender, cpu
 
@@ -679,6 +793,50 @@ def _lag_cells(lags: Sequence[float]) -> list[str]:
     if not lags:
         return ["—", "—"]
     return [ms(statistics.median(lags)), ms(percentile(lags, 0.99))]
+
+
+BLOCK = 100  # deltas per row of the breakdown
+FANOUT_CASES = {
+    "warm": "a warm agent",
+    "first": "the loop's first turn",
+}
+
+
+def block_lags(streams: Iterable[Sequence[tuple[float, float]]]) -> list[list[float]]:
+    """Lag vs stamp per block of `BLOCK` deltas (by position in the turn), over all streams."""
+    blocks: list[list[float]] = []
+    for stream in streams:
+        for index, (at, stamp) in enumerate(stream):
+            while len(blocks) <= index // BLOCK:
+                blocks.append([])
+            blocks[index // BLOCK].append(at - stamp)
+    return blocks
+
+
+def render_breakdown(f: FanOut) -> str:
+    """p50/p99 lag per block of 100 deltas, so a stall once per turn shows where it is."""
+    watched, sender = block_lags(f.watched), block_lags([f.sender])
+    received = block_lags([f.received])
+    rows = []
+    for number, lags in enumerate(watched):
+        own = sender[number] if number < len(sender) else []
+        got = received[number] if number < len(received) else []
+        rows.append([f"{number * BLOCK + 1}–{number * BLOCK + BLOCK}", *_lag_cells(lags),
+                     ms(max(lags)), *_lag_cells(own), *_lag_cells(got)])  # fmt: skip
+    header = ["deltas", "watchers p50 (ms)", "p99", "max", "sender p50 (ms)", "p99",
+              "engine got it p50 (ms, `--trace`)", "p99"]  # fmt: skip
+    text = f"Lag vs stamp per block of {BLOCK} deltas:\n\n{table(header, rows)}"
+    if f.stalls:
+        stamps = [stamp for _, stamp in f.sender]
+        lines = [
+            f"- +{(s['at'] - stamps[0]) * 1000:.0f} ms (near delta "
+            f"{sum(stamp < s['at'] for stamp in stamps)}): {s['what']}, {s['ms']:.1f} ms"
+            + (f" (its own CPU {s['cpu_ms']:.1f} ms)" if "cpu_ms" in s else "")
+            for s in f.stalls
+        ]
+        text += "\n\nStalls and collections during the turn (`--trace`):\n\n"
+        text += "\n".join(lines)
+    return text
 
 
 def render_fanout(f: FanOut) -> str:
@@ -717,9 +875,11 @@ def render_fanout(f: FanOut) -> str:
         notes.append(f"- stream errors: {len(f.errors)}, first: {f.errors[0]}")
     title = (
         f"### (b) Fan-out: one loop, {f.watchers} watchers, one `[[stamped: {f.deltas}]]` "
-        f"turn (a delta every 2 ms)"
+        f"turn (a delta every 2 ms), {FANOUT_CASES[f.case]}"
     )
-    return f"{title}\n\n{table(header, rows)}\n\n" + "\n".join(notes)
+    return (
+        f"{title}\n\n{table(header, rows)}\n\n" + "\n".join(notes) + "\n\n" + render_breakdown(f)
+    )
 
 
 # ---- (c) memory per idle loop -------------------------------------------------------------
@@ -819,21 +979,28 @@ async def run(args: argparse.Namespace) -> None:
         root = Path(tmp)
         async with running_standin() as standin_url:
             async with (
-                running_server(root / "server", standin_url, args.nagle) as server,
+                running_server(root / "server", standin_url, args.nagle, args.trace) as server,
                 server.client() as http,
             ):
                 log(f"server pid {server.pid} at {server.url}; stand-in at {standin_url}")
-                timings = await bench_latency(args.turns, http, standin_url, root)
-                print(render_latency(*timings) + "\n", flush=True)
-                loop_id = await create_loop(http, "bench fan-out")
-                await server_turn(http, loop_id, "warm up")  # its agent is running
-                fanout = await bench_fanout(server, loop_id, args.watchers, args.deltas, args.spy)
-                async with direct_agent(standin_url, root / "direct-stamped") as direct:
-                    fanout.direct = await direct_stamped(direct, args.deltas)
-                print(render_fanout(fanout) + "\n", flush=True)
-            async with running_server(root / "memory", standin_url, args.nagle) as server:
-                steps, seen = await bench_memory(server, args.loops)
-                print(render_memory(steps, seen, args.loops), flush=True)
+                if "a" in args.parts:
+                    timings = await bench_latency(args.turns, http, standin_url, root)
+                    print(render_latency(*timings) + "\n", flush=True)
+                for case in args.cases if "b" in args.parts else []:
+                    loop_id = await create_loop(http, f"bench fan-out {case}")
+                    if case == "warm":
+                        await server_turn(http, loop_id, "warm up")  # its agent is running
+                    fanout = await bench_fanout(
+                        server, loop_id, args.watchers, args.deltas, args.spy, args.trace
+                    )
+                    fanout.case = case
+                    async with direct_agent(standin_url, root / f"direct-{case}") as direct:
+                        fanout.direct = await direct_stamped(direct, args.deltas)
+                    print(render_fanout(fanout) + "\n", flush=True)
+            if "c" in args.parts:
+                async with running_server(root / "memory", standin_url, args.nagle) as server:
+                    steps, seen = await bench_memory(server, args.loops)
+                    print(render_memory(steps, seen, args.loops), flush=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -849,12 +1016,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 5 turns, 20 watchers, 500 loops"
     )
+    parser.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run, e.g. b")
+    parser.add_argument(
+        "--cases",
+        type=lambda text: text.split(","),
+        default=list(FANOUT_CASES),
+        help="(b)'s cases: warm (the loop's agent ran a turn before), first (the turn is the "
+        "loop's first: its agent starts as the watchers wait)",
+    )
     parser.add_argument("--spy", type=Path, help="py-spy the server during (b) into this file")
     parser.add_argument(
         "--nagle",
         action="store_true",
         help="bind the server with plain socket.create_server() (no TCP_NODELAY), "
         "as bridge/cli.py and tests/conftest.py do, to show the delayed-ACK stall",
+    )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="log the server's garbage collections and event-loop stalls; (b) lists them",
     )
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -871,7 +1051,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.serve is not None:
         with contextlib.suppress(KeyboardInterrupt):
-            run_server(serve(args.serve, args.nagle))  # on uvloop, as `loopbridge serve` runs
+            # on uvloop, as `loopbridge serve` runs
+            run_server(serve(args.serve, args.nagle, args.trace))
         return
     run_server(run(args))  # the clients on uvloop too: cheaper per chunk
 

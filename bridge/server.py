@@ -101,6 +101,15 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             return JSONResponse({"status": "ok"})
         return errors.error_response("not_ready", "the engine is starting")
 
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        """200 when the database answers and the event log is being written, else 503
+        `not_ready` with the reason (for a load balancer: send work elsewhere)."""
+        reason = await engine.readiness()
+        if reason is None:
+            return JSONResponse({"status": "ok"})
+        return errors.error_response("not_ready", reason)
+
     app.include_router(_loop_routes(engine), prefix="/api/v1")
     app.include_router(_account_routes(engine), prefix="/api/v1")
     return app

@@ -30,6 +30,8 @@ from claude_agent_sdk import (
     UserMessage,
 )
 
+from core.tasks import spawn
+
 log = logging.getLogger(__name__)
 
 # A loop's permission mode changes per turn on a warm agent, so `can_use_tool` is
@@ -56,7 +58,7 @@ class AgentSession:
 
     async def start(self) -> None:
         self._options.stderr = self._keep_stderr
-        self._task = asyncio.create_task(self._own(), name="agent-session")
+        self._task = spawn(self._own(), "agent-session")
         await asyncio.shield(self._ready)
 
     async def query(self, text: str) -> None:

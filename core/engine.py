@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,13 +22,25 @@ from core.config import Settings
 from core.errors import EngineError
 from core.events import Event, EventStream, Overflow, Subscription
 from core.ids import aware, loop_id, new_id, utcnow
-from core.runtime import SERVER_STOPPED, Context, LoopRuntime, LoopSpec, Turn, agent_env_from
+from core.runtime import (
+    RESERVE_IDS,
+    SERVER_STOPPED,
+    Context,
+    LoopRuntime,
+    LoopSpec,
+    Turn,
+    agent_env_from,
+)
 from core.sandbox import LocalSandbox, Sandbox, choose_sandbox
-from core.storage import Database, EventWriter, private_dir
+from core.storage import Database, EventLogUnavailable, EventWriter, private_dir
 from core.tables import events, idempotency, loops, turns
+from core.tasks import spawn
+
+log = logging.getLogger(__name__)
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 REPLAY_BATCH = 500
+LOGGED_HISTORY = ("assistant_delta", "tool_call", "tool_result")
 # Built once: a statement built per call costs ~0.2 ms before it reaches the database.
 INSERT_TURN = insert(turns)
 INSERT_IDEMPOTENCY = insert(idempotency)
@@ -97,6 +110,8 @@ class Engine:
         self._runtimes: dict[str, LoopRuntime] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._purger: asyncio.Task[None] | None = None
+        # Runtimes dropped from memory giving back their unused event ids.
+        self._releases: set[asyncio.Task[None]] = set()
         self.ready = False
 
     @property
@@ -113,8 +128,18 @@ class Engine:
         self.writer.start()
         await self.sandbox.start()
         await self._recover()
-        self._purger = asyncio.create_task(self._purge_idempotency(), name="idempotency-purge")
+        self._purger = spawn(self._purge_idempotency(), "idempotency-purge")
         self.ready = True
+
+    async def readiness(self) -> str | None:
+        """Why the engine cannot take work now (its database, its event log), or None."""
+        if not self.ready:
+            return "the engine is starting or stopping"
+        try:
+            await self.db.ping()
+        except Exception as exc:
+            return f"the database does not answer: {type(exc).__name__}: {exc}"
+        return self.writer.problem
 
     async def close(self) -> None:
         self.ready = False
@@ -123,6 +148,8 @@ class Engine:
         for runtime in list(self._runtimes.values()):
             await runtime.close(archived=False)
         self._runtimes.clear()
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
         await self.writer.close()
         await self.sandbox.close()
         await self.db.close()
@@ -130,13 +157,18 @@ class Engine:
     async def _purge_idempotency(self) -> None:
         """Drop idempotency records past their window, now and then every hour."""
         while True:
-            async with self.db.write() as conn:
-                cutoff = utcnow() - IDEMPOTENCY_WINDOW
-                await conn.execute(delete(idempotency).where(idempotency.c.created_at < cutoff))
+            try:
+                async with self.db.write() as conn:
+                    cutoff = utcnow() - IDEMPOTENCY_WINDOW
+                    await conn.execute(delete(idempotency).where(idempotency.c.created_at < cutoff))
+            except Exception:  # tried again in an hour; expired records are refused meanwhile
+                log.exception("dropping expired idempotency records failed")
             await asyncio.sleep(3600)
 
     async def _recover(self) -> None:
-        """Turns a stopped server left open end with an `error` event, in the log too."""
+        """Turns a stopped server left open end with an `error` event, in the log too; their
+        history keeps what the log holds of them. The error takes an id above every id
+        the stopped server may have published (its reservation)."""
         async with self.db.write() as conn:
             rows = (
                 await conn.execute(
@@ -146,21 +178,21 @@ class Engine:
                 )
             ).all()
             for row in rows:
-                last = await conn.scalar(
-                    select(func.coalesce(func.max(events.c.seq), 0)).where(
-                        events.c.loop_id == row.loop_id
-                    )
-                )
+                seq = await _newest_id(conn, row.loop_id) + 1
                 data = {"code": "agent_failed", "message": SERVER_STOPPED, "turn_id": row.id}
                 await conn.execute(
                     insert(events).values(
                         loop_id=row.loop_id,
-                        seq=last + 1,
+                        seq=seq,
                         turn_id=row.id,
                         name="error",
                         data=json.dumps(data, separators=(",", ":")),
                     )
                 )
+                await conn.execute(
+                    update(loops).where(loops.c.id == row.loop_id).values(event_id_reserved=seq)
+                )
+                logged = await _logged_turn(conn, row.id)
                 await conn.execute(
                     update(turns)
                     .where(turns.c.id == row.id)
@@ -168,6 +200,7 @@ class Engine:
                         ended="error",
                         error={"code": "agent_failed", "message": SERVER_STOPPED},
                         ended_at=utcnow(),
+                        **logged,
                     )
                 )
 
@@ -208,7 +241,7 @@ class Engine:
                     vault=vault,
                     repo=repo,
                     turn_count=0,
-                    last_seq=0,
+                    event_id_reserved=0,
                 )
             )
         return loop
@@ -309,12 +342,16 @@ class Engine:
         async with lock:
             runtime = self._runtimes.get(row.id)
             if runtime is None:
-                await self.writer.flush()
-                async with self.db.engine.connect() as conn:
-                    last_seq = await conn.scalar(
-                        select(func.coalesce(func.max(events.c.seq), 0)).where(
-                            events.c.loop_id == row.id
-                        )
+                # Numbering goes on above every id that may have been published (a runtime
+                # dropped or a server killed may have published more than the log holds),
+                # and the next block of ids is reserved before any is used.
+                async with self.db.write() as conn:
+                    seq = await _newest_id(conn, row.id)
+                    reserved = seq + RESERVE_IDS
+                    await conn.execute(
+                        update(loops)
+                        .where(loops.c.id == row.id)
+                        .values(event_id_reserved=reserved)
                     )
                     fresh = (await conn.execute(select(loops).where(loops.c.id == row.id))).first()
                 spec = LoopSpec(
@@ -327,7 +364,7 @@ class Engine:
                     fresh.vault,
                     fresh.repo,
                 )
-                runtime = LoopRuntime(self._context(), spec, last_seq)
+                runtime = LoopRuntime(self._context(), spec, seq, reserved)
                 self._runtimes[row.id] = runtime
         self._opening.pop(row.id, None)
         return runtime
@@ -346,6 +383,17 @@ class Engine:
         if runtime.quiet and self._runtimes.get(runtime.id) is runtime:
             del self._runtimes[runtime.id]
             runtime.dispose()
+            release = spawn(runtime.release_ids(), f"loop {runtime.id}: release_ids")
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
+
+    async def _caught_up(self) -> None:
+        """Wait until the event log holds every event published so far; `not_ready` (503)
+        when it cannot, rather than a reader that waits forever."""
+        try:
+            await self.writer.flush()
+        except EventLogUnavailable as exc:
+            raise EngineError("not_ready", f"{exc}; try again later (see /readyz)") from None
 
     # ---- turns ---------------------------------------------------------------------
 
@@ -441,7 +489,12 @@ class Engine:
     async def _replay_turn(self, loop: str, turn_id: str) -> TurnStream:
         runtime = self._runtimes.get(loop)
         live = runtime.channel.subscribe(lambda e: e.turn_id == turn_id) if runtime else None
-        await self.writer.flush()
+        try:
+            await self._caught_up()
+        except EngineError:
+            if live is not None:
+                live.close()
+            raise
         return TurnStream(turn_id, EventStream(self._replay(loop, turn_id, live)), replayed=True)
 
     async def _replay(
@@ -510,6 +563,13 @@ class Engine:
         if last_event_id is None:
             snapshot = runtime.snapshot()
             start = [snapshot] if snapshot is not None else []
+        else:
+            try:  # before the stream opens, so that failing is an answer, not a cut stream
+                await self._caught_up()
+            except EngineError:
+                subscription.close()
+                self._forget(runtime)
+                raise
         return EventStream(self._watch(runtime, subscription, start, last_event_id))
 
     async def _watch(
@@ -524,7 +584,6 @@ class Engine:
             if start:
                 yield start
             if last_event_id is not None:
-                await self.writer.flush()
                 async for batch in self._logged(runtime.id, after=last_event_id):
                     last = batch[-1].seq or last
                     yield batch
@@ -600,6 +659,35 @@ def _through_terminal(batch: list[Event]) -> list[Event]:
         if event.terminal:
             return batch[: index + 1]
     return batch
+
+
+async def _newest_id(conn: Any, loop: str) -> int:
+    """The highest event id the loop may have published: its reservation or its log's newest."""
+    reserved = await conn.scalar(select(loops.c.event_id_reserved).where(loops.c.id == loop))
+    logged = await conn.scalar(
+        select(func.coalesce(func.max(events.c.seq), 0)).where(events.c.loop_id == loop)
+    )
+    return max(reserved or 0, logged or 0)
+
+
+async def _logged_turn(conn: Any, turn_id: str) -> dict[str, Any]:
+    """A turn's history fields as its logged events tell them (text and tool calls)."""
+    rows = await conn.execute(
+        select(events.c.name, events.c.data)
+        .where(events.c.turn_id == turn_id, events.c.name.in_(LOGGED_HISTORY))
+        .order_by(events.c.seq)
+    )
+    text: list[str] = []
+    tool_calls: dict[str, dict[str, Any]] = {}
+    for name, raw in rows:
+        data = json.loads(raw)
+        if name == "assistant_delta":
+            text.append(data["text"])
+        elif name == "tool_call":
+            tool_calls[data["tool_use_id"]] = {**data, "ok": None}
+        elif data["tool_use_id"] in tool_calls:
+            tool_calls[data["tool_use_id"]]["ok"] = data["ok"]
+    return {"assistant_text": "".join(text), "tool_calls": list(tool_calls.values())}
 
 
 def _loop_from_row(row: Any) -> Loop:

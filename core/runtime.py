@@ -24,6 +24,7 @@ from claude_agent_sdk import (
     UserMessage,
 )
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core import agent as sdk
 from core.choices import EVICTED, INTERRUPTED, Choice, decision, make_choice, validate_answer
@@ -32,14 +33,19 @@ from core.errors import EngineError
 from core.events import Channel, Event
 from core.ids import new_id, utcnow
 from core.sandbox import Sandbox, SandboxSpec
-from core.storage import Database, EventWriter
+from core.storage import TRANSIENT, Database, EventWriter
 from core.tables import loops, turns
+from core.tasks import spawn
 
 log = logging.getLogger(__name__)
 
 SERVER_STOPPED = "the server stopped during this turn"
 # An interrupt that the agent does not acknowledge within this time ends the turn anyway.
 INTERRUPT_GRACE_SECONDS = 5.0
+# Event ids are reserved in the database this many at a time, before any of them is
+# published (more are asked for at half-way): after a crash, numbering resumes above the
+# reservation, so no id a watcher has seen is ever handed out again.
+RESERVE_IDS = 1000
 
 
 @dataclass
@@ -116,17 +122,21 @@ class LoopSpec:
 
 
 class LoopRuntime:
-    def __init__(self, ctx: Context, spec: LoopSpec, last_seq: int) -> None:
+    def __init__(self, ctx: Context, spec: LoopSpec, seq: int, reserved: int) -> None:
         self.ctx = ctx
         self.spec = spec
         self.id = spec.id
-        self.seq = last_seq
+        self.seq = seq  # the id of the newest published event
+        self.reserved = reserved  # ids up to here are reserved in the database
+        # Events waiting for ids to be reserved (only when the database lags far behind).
+        self._held: list[tuple[str, dict[str, Any], str | None]] = []
+        self._reserving: asyncio.Task[None] | None = None
         self.channel = Channel()
         self.queue: deque[Turn] = deque()
         self.current: Turn | None = None
         self.agent: sdk.AgentSession | None = None
         self._changed = asyncio.Condition()
-        self._worker = asyncio.create_task(self._work(), name=f"loop-{spec.id}")
+        self._worker = spawn(self._work(), f"loop-{spec.id}")
         self._idle_timers: list[asyncio.TimerHandle] = []
         self._evict_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -156,9 +166,11 @@ class LoopRuntime:
         turn = self.current
         if turn is None or turn.started_at is None:
             return None
+        # Text of deltas still held is not "so far": they come after the snapshot.
+        held = sum(1 for name, _, t in self._held if name == "assistant_delta" and t == turn.id)
         data = {
             "turn_id": turn.id,
-            "assistant_text_so_far": "".join(turn.text),
+            "assistant_text_so_far": "".join(turn.text[: len(turn.text) - held]),
             "pending_choice_id": turn.pending_choice_id,
         }
         return Event.make("snapshot", data, self.seq, turn.id)
@@ -201,11 +213,28 @@ class LoopRuntime:
             else:
                 await self._finish(turn, "error", _error("agent_failed", SERVER_STOPPED, turn.id))
         self.queue.clear()
+        if self._reserving is not None:
+            self._reserving.cancel()
         self._worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._worker
         await self._stop_agent()
         await self.settle()
+        await self.release_ids()
+
+    async def release_ids(self) -> None:
+        """Give back the reserved ids no event took, so a clean stop leaves no gap in the ids.
+        Only while the reservation is still this runtime's (a newer runtime may hold more)."""
+        if self._held or self.reserved == self.seq:
+            return
+        mine = (loops.c.id == self.id) & (loops.c.event_id_reserved == self.reserved)
+        try:
+            async with self.ctx.db.write() as conn:
+                await conn.execute(update(loops).where(mine).values(event_id_reserved=self.seq))
+        except Exception as exc:  # the reservation stands: ids jump, none is reused
+            log.warning("loop %s: unused event ids were not given back: %s", self.id, exc)
+            return
+        self.reserved = self.seq
 
     async def settle(self) -> None:
         """Wait for the writes this runtime started."""
@@ -230,12 +259,44 @@ class LoopRuntime:
 
     # ---- events -------------------------------------------------------------------
 
-    def emit(self, name: str, data: dict[str, Any], turn_id: str | None) -> Event:
+    def emit(self, name: str, data: dict[str, Any], turn_id: str | None) -> None:
+        if self._reserving is None and self.seq + len(self._held) >= self._reserve_at:
+            self._reserving = self._later(self._reserve())
+        if self._held or self.seq >= self.reserved:
+            self._held.append((name, data, turn_id))  # published once ids are reserved
+        else:
+            self._publish(name, data, turn_id)
+
+    def _publish(self, name: str, data: dict[str, Any], turn_id: str | None) -> None:
         self.seq += 1
         event = Event.make(name, data, self.seq, turn_id)
-        self.ctx.writer.append(self.id, event.seq, turn_id, name, event.json)  # type: ignore[arg-type]
+        self.ctx.writer.append(self.id, self.seq, turn_id, name, event.json)
         self.channel.publish(event)
-        return event
+
+    @property
+    def _reserve_at(self) -> int:
+        return self.reserved - RESERVE_IDS // 2
+
+    async def _reserve(self) -> None:
+        """Raise the loop's reservation ahead of the ids in use, then publish what waited."""
+        try:
+            while self.seq + len(self._held) >= self._reserve_at:
+                target = self.seq + len(self._held) + RESERVE_IDS
+                mine = (loops.c.id == self.id) & (loops.c.event_id_reserved < target)
+                reserve = update(loops).where(mine).values(event_id_reserved=target)
+                try:
+                    await self.ctx.db.write_retrying(
+                        lambda conn, q=reserve: conn.execute(q),
+                        f"loop {self.id}: reserving event ids",
+                    )
+                except TRANSIENT:
+                    continue  # nothing can be published before; `close` ends the attempts
+                self.reserved = target
+                held, self._held = self._held, []
+                for event in held:
+                    self._publish(*event)
+        finally:
+            self._reserving = None
 
     # ---- the worker ---------------------------------------------------------------
 
@@ -278,7 +339,7 @@ class LoopRuntime:
         turn.start_saved = self._later(self._save_turn_start(turn))
 
     async def _save_turn_start(self, turn: Turn) -> None:
-        async with self.ctx.db.write() as conn:
+        async def save(conn: AsyncConnection) -> None:
             if turn.trigger == "background":  # no request stored it before it began
                 await conn.execute(turns.insert().values(**turn.new_row(self.id, "running")))
             else:
@@ -289,6 +350,8 @@ class LoopRuntime:
                 .where(loops.c.id == self.id)
                 .values(active_at=turn.started_at, turn_count=self.spec.turn_count)
             )
+
+        await self.ctx.db.write_retrying(save, f"loop {self.id}: saving the start of {turn.id}")
 
     async def _finish(self, turn: Turn, name: str, data: dict[str, Any]) -> None:
         if turn.finished.is_set():
@@ -311,18 +374,18 @@ class LoopRuntime:
     async def _save_turn_end(self, turn: Turn) -> None:
         # The start row must exist before the end updates it (background turns insert it).
         if turn.start_saved is not None:
-            await turn.start_saved
-        async with self.ctx.db.write() as conn:
-            await conn.execute(
-                turns.update()
-                .where(turns.c.id == turn.id)
-                .values(
-                    ended=turn.ended,
-                    error=turn.error,
-                    ended_at=turn.ended_at,
-                    **turn.history_fields(),
-                )
+            with contextlib.suppress(Exception):  # its failure is logged; the end is saved anyway
+                await turn.start_saved
+        end = (
+            turns.update()
+            .where(turns.c.id == turn.id)
+            .values(
+                ended=turn.ended, error=turn.error, ended_at=turn.ended_at, **turn.history_fields()
             )
+        )
+        await self.ctx.db.write_retrying(
+            lambda conn: conn.execute(end), f"loop {self.id}: saving the end of {turn.id}"
+        )
         self.unsaved.pop(turn.id, None)
 
     # ---- the agent ----------------------------------------------------------------
@@ -372,6 +435,9 @@ class LoopRuntime:
             disallowed_tools=sorted({t for p in profiles for t in p.disallowed_tools}),
             model=model,
             setting_sources=[],
+            # Makes bypassPermissions available without turning it on, so that a later turn
+            # may switch to it on this warm agent whatever mode the agent started in.
+            extra_args={"allow-dangerously-skip-permissions": None},
         )
 
     def _agent_env(self) -> dict[str, str]:
@@ -547,16 +613,18 @@ class LoopRuntime:
             self._changed.notify_all()
 
     def _later(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run work off the event path (mostly database writes), tracked until it ends."""
-        task = asyncio.create_task(coro)
+        """Run work off the event path (mostly database writes), tracked until it ends;
+        its failure is logged with the loop and the work's name."""
+        task = spawn(coro, f"loop {self.id}: {coro.__qualname__}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
 
     async def _save_session_id(self, session_id: str) -> None:
-        async with self.ctx.db.write() as conn:
-            query = update(loops).where(loops.c.id == self.id).values(session_id=session_id)
-            await conn.execute(query)
+        query = update(loops).where(loops.c.id == self.id).values(session_id=session_id)
+        await self.ctx.db.write_retrying(
+            lambda conn: conn.execute(query), f"loop {self.id}: saving its session id"
+        )
 
 
 def _error(code: str, message: str, turn_id: str) -> dict[str, Any]:

@@ -5,23 +5,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, insert, make_url
+from sqlalchemy import event, insert, make_url, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from core.errors import SettingsError
 from core.tables import events
+from core.tasks import spawn
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Events published within this long go to disk in one insert; a flush() cuts it short.
 WRITE_LINGER_SECONDS = 0.05
 INSERT_EVENTS = insert(events)
+# Failures of the database rather than of the rows (locked, read-only, full, unreachable,
+# a table missing): retried for as long as they last. Anything else is the rows' own fault.
+TRANSIENT = (OperationalError, InterfaceError, OSError, TimeoutError)
+RETRY_FIRST_SECONDS = 0.05
+RETRY_MAX_SECONDS = 2.0
+# A flush that the writer cannot satisfy fails after this long, or at the writer's next
+# failed attempt (a flush asks for one at once), whichever comes first.
+FLUSH_TIMEOUT_SECONDS = 10.0
+PING_TIMEOUT_SECONDS = 3.0
+# Other writes off the request path (a turn's start and end, id reservations) retry this
+# often (~10 s in all) and then fail, logged: a shutdown must not wait for them forever.
+WRITE_ATTEMPTS = 8
+
+T = TypeVar("T")
 
 
 class Database:
@@ -50,6 +70,29 @@ class Database:
         handler, which sleeps in steps of milliseconds while another writer holds the lock."""
         async with self._write_lock, self.engine.begin() as conn:
             yield conn
+
+    async def write_retrying(self, work: Callable[[AsyncConnection], Awaitable[T]], what: str) -> T:
+        """`work` in a write transaction, retried with backoff while the database fails."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self.write() as conn:
+                    return await work(conn)
+            except TRANSIENT as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    raise
+                delay = backoff(attempt)
+                log.warning(
+                    "%s failed (attempt %d), retrying in %.2f s: %s",
+                    what, attempt, delay, _first_line(exc),
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+
+    async def ping(self) -> None:
+        """Raise unless the database answers a query within a few seconds."""
+        async with asyncio.timeout(PING_TIMEOUT_SECONDS), self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
 
     async def migrate(self) -> None:
         """Bring the schema to the newest migration."""
@@ -100,27 +143,48 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.close()
 
 
+class EventLogUnavailable(Exception):
+    """The event log cannot be written now; the message says why."""
+
+
 class EventWriter:
     """Writes the event log in batches, behind live delivery.
 
     Watchers get an event the moment it is published; the row follows within a
     batch. `flush()` waits until everything published so far is on disk, which
     readers of the log call first so the log agrees with what watchers saw.
+
+    The writer never gives up silently: a failing database is retried with backoff
+    (each failure logged) while `problem` says what is wrong and `flush()` raises;
+    rows the database refuses (e.g. an id already taken) cost only their own loop's
+    rows of that batch, logged, never the other loops' or the writer itself.
     """
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._pending: list[dict] = []
+        self._pending: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()
-        self._written = 0
+        self._written = 0  # rows done with: on disk, or refused and logged
         self._queued = 0
-        self._progress = asyncio.Condition()
+        self._attempts = 0  # write attempts finished, failed or not
+        self._changed = asyncio.Event()  # set (and replaced) at every attempt's end
         self._task: asyncio.Task[None] | None = None
-        self._failure: BaseException | None = None
+        self._failure: str | None = None  # the last attempt's error, until one succeeds
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="event-writer")
+        self._task = spawn(self._run(), "event-writer")
+
+    @property
+    def problem(self) -> str | None:
+        """Why the event log cannot be written now, or None when it can."""
+        if self._task is None:
+            return "the event-log writer is not running"
+        if self._task.done():
+            return "the event-log writer has stopped"
+        if self._failure is not None:
+            return f"the event log cannot be written: {self._failure}"
+        return None
 
     def append(self, loop_id: str, seq: int, turn_id: str | None, name: str, data: str) -> None:
         self._pending.append(
@@ -130,19 +194,41 @@ class EventWriter:
         self._wake.set()
 
     async def flush(self) -> None:
+        """Wait until every event appended so far is written; `EventLogUnavailable` when
+        the writer cannot make progress (its next attempt fails, or it takes too long)."""
         target = self._queued
+        if self._written >= target:
+            return
+        attempts = self._attempts
         self._hurry.set()
-        async with self._progress:
-            await self._progress.wait_for(lambda: self._written >= target or self._task is None)
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT_SECONDS):
+                while self._written < target:
+                    problem = self.problem
+                    if problem is not None and (self._attempts > attempts or self._failure is None):
+                        raise EventLogUnavailable(problem)
+                    await self._changed.wait()
+        except TimeoutError:
+            raise EventLogUnavailable(
+                f"the event log is {target - self._written} events behind after "
+                f"{FLUSH_TIMEOUT_SECONDS:.0f} s"
+            ) from None
 
     async def close(self) -> None:
         if self._task is None:
             return
-        await self.flush()
+        try:
+            await self.flush()
+        except EventLogUnavailable as exc:
+            log.error("%d events are not in the event log at shutdown: %s", self.behind, exc)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+
+    @property
+    def behind(self) -> int:
+        return self._queued - self._written
 
     async def _run(self) -> None:
         while True:
@@ -156,18 +242,78 @@ class EventWriter:
             batch, self._pending = self._pending, []
             if not batch:
                 continue
-            await self._write(batch)
-            async with self._progress:
-                self._written += len(batch)
-                self._progress.notify_all()
+            size = len(batch)
+            try:
+                await self._write(batch)
+            except Exception:  # a bug must not stop the writer: those rows are lost, said so
+                log.exception("%d events could not be written to the event log", len(batch))
+            self._written += size
+            self._attempted()
 
-    async def _write(self, batch: list[dict]) -> None:
-        for attempt in range(5):
+    async def _write(self, batch: list[dict[str, Any]]) -> None:
+        """Write `batch` (rows are removed from it as they are done with), retrying for as
+        long as the database fails; a flush cuts a retry's wait short."""
+        failures = 0
+        while True:
+            try:
+                await self._insert(batch)
+            except TRANSIENT as exc:
+                failures += 1
+                delay = backoff(failures)
+                self._failure = f"{type(exc).__name__}: {_first_line(exc)}"
+                log.error(
+                    "event log write failed (attempt %d, %d events wait), retrying in %.2f s: %s",
+                    failures, self.behind, delay, self._failure,
+                )  # fmt: skip
+                self._attempted()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._hurry.wait()
+                self._hurry.clear()
+                continue
+            if failures:
+                log.warning("the event log is written again after %d failed attempts", failures)
+            self._failure = None
+            return
+
+    async def _insert(self, batch: list[dict[str, Any]]) -> None:
+        try:
+            async with self.db.write() as conn:
+                await conn.execute(INSERT_EVENTS, batch)
+            batch.clear()
+            return
+        except TRANSIENT:
+            raise
+        except Exception as exc:
+            log.warning("the event log refused a batch of %d events: %s", len(batch), exc)
+        # Some rows were refused: each loop's rows in a transaction of their own, so one
+        # loop's conflict does not cost the others their log.
+        by_loop: dict[str, list[dict[str, Any]]] = {}
+        for row in batch:
+            by_loop.setdefault(row["loop_id"], []).append(row)
+        for loop_id, rows in by_loop.items():
             try:
                 async with self.db.write() as conn:
-                    await conn.execute(INSERT_EVENTS, batch)
-                return
+                    await conn.execute(INSERT_EVENTS, rows)
+            except TRANSIENT:
+                raise
             except Exception as exc:
-                self._failure = exc
-                await asyncio.sleep(0.05 * 2**attempt)
-        raise RuntimeError(f"event log write failed: {self._failure}")
+                log.error(
+                    "loop %s: %d events (ids %d–%d) are not in the event log, refused: %s",
+                    loop_id, len(rows), rows[0]["seq"], rows[-1]["seq"], _first_line(exc),
+                )  # fmt: skip
+            batch[:] = [row for row in batch if row["loop_id"] != loop_id]
+
+    def _attempted(self) -> None:
+        self._attempts += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after the n-th failure in a row: doubling, capped."""
+    return min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

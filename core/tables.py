@@ -63,7 +63,8 @@ loops = Table(
     Column("repo", String(200), nullable=True),
     Column("session_id", String(64), nullable=True),
     Column("turn_count", Integer, nullable=False, default=0),
-    Column("last_seq", Integer, nullable=False, default=0),
+    # Event ids up to here may have been published: numbering goes on above it.
+    Column("event_id_reserved", Integer, nullable=False, default=0),
     Index("ix_loops_owner_active", "created_by", "archived", "active_at"),
 )
 
