@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 import uvicorn
 
-from bridge.net import listen
+from bridge.net import listen, raise_file_limit
+from bridge.protocol import server_config
 from bridge.server import create_app
 from core.config import load_settings
 from core.engine import Engine, bundled_cli
@@ -67,6 +68,7 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
             f"the agent CLI is missing at {cli}: "
             "reinstall claude-agent-sdk or set LOOPBRIDGE_CLI_PATH"
         )
+    raise_file_limit()
     listener = _listen(host, port)
     engine = Engine(settings)
     try:
@@ -79,7 +81,7 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
     adapters: list[tuple[Adapter, Any, str]] = []
     try:
         adapters = await _start_adapters(engine, app)
-        server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        server = _Server(server_config(app, settings))
         settle_heap()
         bound = listener.getsockname()[1]
         print(f"loopbridge serving the Loop API on http://{host}:{bound}/api/v1", flush=True)
