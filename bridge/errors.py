@@ -87,6 +87,8 @@ def _validation_code(exc: RequestValidationError) -> tuple[str, str]:
         return "missing_content", "content is required"
     if field == "permission_mode":
         return "invalid_permission_mode", message
+    if loc[1:2] == ["author"]:
+        return "invalid_author", message
     return "invalid_request", message
 
 
@@ -97,7 +99,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
-        return error_response(exc.code, exc.message)
+        wait = exc.retry_after
+        return error_response(exc.code, exc.message, {"Retry-After": str(wait)} if wait else None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

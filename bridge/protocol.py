@@ -52,7 +52,7 @@ class HttpLimits:
         return cls(
             head_timeout=settings.http_header_timeout,
             body_timeout=settings.http_body_timeout,
-            max_connections=max(64, min(settings.max_connections, room)),
+            max_connections=min(settings.max_connections, max(64, room)),
         )
 
 

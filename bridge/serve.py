@@ -7,7 +7,11 @@ import contextlib
 import errno
 import gc
 import logging
+import os
+import re
+import socket
 from collections.abc import Callable, Coroutine, Generator
+from pathlib import Path
 from typing import Any, Protocol
 
 import uvicorn
@@ -20,6 +24,12 @@ from core.engine import Engine, bundled_cli
 from core.errors import SettingsError
 
 log = logging.getLogger(__name__)
+
+PLATFORMS = ("slack", "discord")
+# An embedded adapter's token names the process that made it (its pid and start time, as
+# pids are reused), so a later start can tell whether that process is gone.
+EMBEDDED_LABEL = "embedded adapter"
+EMBEDDED_OWNER = re.compile(r"embedded adapter \(pid (\d+) started (\d+) on (.+)\)")
 
 
 def run(work: Coroutine[Any, Any, None]) -> None:
@@ -106,10 +116,13 @@ async def _start_adapters(engine: Engine, app: Any) -> list[tuple[Adapter, Any, 
     from adapters.settings import AdapterSettingsError
     from adapters.slack.runner import start_embedded as start_slack
 
+    await revoke_orphaned_tokens(engine)
+    me = os.getpid()
+    label = f"{EMBEDDED_LABEL} (pid {me} started {_started(me)} on {socket.gethostname()})"
     started: list[tuple[Adapter, Any, str]] = []
     for platform, start in (("slack", start_slack), ("discord", start_discord)):
         await engine.accounts.ensure_user(platform)
-        info, token = await engine.accounts.create_token(platform, "embedded adapter")
+        info, token = await engine.accounts.create_token(platform, label)
         try:
             adapter = await start(app, token)
         except AdapterSettingsError as exc:
@@ -120,6 +133,29 @@ async def _start_adapters(engine: Engine, app: Any) -> list[tuple[Adapter, Any, 
         print(f"loopbridge: the {platform} adapter is running", flush=True)
         started.append((adapter, adapter.client, info.token_id))
     return started
+
+
+async def revoke_orphaned_tokens(engine: Engine) -> None:
+    """Revoke the embedded adapters' tokens of servers on this host that died without
+    revoking them (a clean stop does); another host's are left to that host."""
+    here = socket.gethostname()
+    for platform in PLATFORMS:
+        for info in await engine.accounts.list_tokens(platform):
+            if not info.label.startswith(EMBEDDED_LABEL):
+                continue
+            owner = EMBEDDED_OWNER.fullmatch(info.label)
+            if owner is None or (owner[3] == here and _started(int(owner[1])) != owner[2]):
+                await engine.accounts.revoke_token(info.token_id)
+                log.warning("revoked %s's token %s of a server that died", platform, info.token_id)
+
+
+def _started(pid: int) -> str:
+    """When the process started, in clock ticks since boot ("" when there is no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
 
 
 def _listen(host: str, port: int) -> Any:

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     max_connections: int = Field(1000, ge=1)
     http_header_timeout: float = Field(10.0, gt=0)
     http_body_timeout: float = Field(60.0, gt=0)
+    login_failures_per_name: int = Field(5, ge=1)  # a minute, then 429
+    login_failures_per_address: int = Field(20, ge=1)
     profiles: dict[str, Profile] = Field(default_factory=dict)
     vaults: dict[str, Vault] = Field(default_factory=dict)
     repos: dict[str, Repo] = Field(default_factory=dict)
