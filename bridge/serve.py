@@ -61,13 +61,24 @@ class Adapter(Protocol):
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGTERM/SIGINT once it has stopped, which would end the process
-    before the engine closes its turns and sandboxes; here the caller's cleanup runs first."""
+    before the engine closes its turns and sandboxes; here the caller's cleanup runs first.
+    `ready` is called once the server takes connections and signals (not before, so a
+    SIGTERM right after the "serving" line still stops it cleanly)."""
+
+    def __init__(self, config: uvicorn.Config, ready: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._ready = ready
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         with super().capture_signals():
             yield
             self._captured_signals.clear()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            self._ready()
 
 
 async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = None) -> None:
@@ -91,12 +102,15 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
     adapters: list[tuple[Adapter, Any, str]] = []
     try:
         adapters = await _start_adapters(engine, app)
-        server = _Server(server_config(app, settings))
-        settle_heap()
         bound = listener.getsockname()[1]
-        print(f"loopbridge serving the Loop API on http://{host}:{bound}/api/v1", flush=True)
-        if on_ready is not None:
-            on_ready(bound)
+
+        def ready() -> None:
+            print(f"loopbridge serving the Loop API on http://{host}:{bound}/api/v1", flush=True)
+            if on_ready is not None:
+                on_ready(bound)
+
+        server = _Server(server_config(app, settings), ready)
+        settle_heap()
         await server.serve(sockets=[listener])
     finally:
         for adapter, client, token_id in adapters:
