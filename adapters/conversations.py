@@ -26,7 +26,7 @@ from adapters.surface import Surface
 from adapters.turn_events import apply_event
 from adapters.views import TurnState
 from bridge.client import LoopApiError, LoopClient
-from bridge.schemas import PermissionMode
+from bridge.schemas import AUTHOR_LIMIT, Author, PermissionMode
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,12 @@ class Conversations:
         """How an answer given here is named in the loop's history: `slack:U123`."""
         return f"{self.platform}:{actor.user_id}"
 
+    def author(self, actor: Actor) -> Author:
+        """Who wrote a message, for the agent and the loop's history."""
+        name = " ".join("".join(c for c in actor.name if c.isprintable()).split())
+        name = name[:AUTHOR_LIMIT] or actor.user_id
+        return Author(id=self.source(actor)[:AUTHOR_LIMIT], name=name)
+
     # ---- messages ---------------------------------------------------------------------
 
     async def handle(
@@ -131,6 +137,7 @@ class Conversations:
                 message.text,
                 permission_mode=self.permission_mode,
                 idempotency_key=message.key.message_key(message.message_id),
+                author=self.author(message.author),
             )
             renderer = TurnRenderer(
                 surface_for(binding, message),

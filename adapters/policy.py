@@ -12,6 +12,7 @@ class Actor:
 
     user_id: str
     roles: frozenset[str] = field(default_factory=frozenset)
+    name: str = ""  # as the platform shows them; "" when it did not say
 
     @property
     def ids(self) -> frozenset[str]:

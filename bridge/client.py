@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from bridge.asgi import ASGIApp, StreamingASGITransport
 from bridge.schemas import (
+    Author,
     ErrorResponse,
     HistoryPage,
     LoopDetail,
@@ -189,8 +190,11 @@ class LoopClient:
         *,
         permission_mode: PermissionMode | None = None,
         idempotency_key: str | None = "auto",
+        author: Author | None = None,
     ) -> AsyncGenerator[StreamEventModel, None]:
         """Send a message and stream its turn until `done`, `interrupted` or `error`.
+
+        `author` names the person a relaying bot speaks for; the agent is told who wrote it.
 
         With an Idempotency-Key (a fresh uuid4 by default) a broken stream is resumed
         by repeating the POST; the server replays the turn without running it again.
@@ -200,7 +204,11 @@ class LoopClient:
         """
         key = str(uuid.uuid4()) if idempotency_key == "auto" else idempotency_key
         headers = {"Idempotency-Key": key} if key is not None else {}
-        body = _given(content=content, permission_mode=permission_mode)
+        body = _given(
+            content=content,
+            permission_mode=permission_mode,
+            author=author.model_dump() if author is not None else None,
+        )
         path = _loop_path(loop_id, "messages")
 
         def connect(_: int | None) -> AsyncGenerator[StreamEventModel, None]:

@@ -19,19 +19,28 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_token": (401, "authentication_error"),
     "invalid_credentials": (401, "authentication_error"),
     "not_loop_owner": (403, "permission_error"),
+    "vault_not_allowed": (403, "permission_error"),
+    "profile_not_allowed": (403, "permission_error"),
+    "repo_not_allowed": (403, "permission_error"),
+    "csrf_failed": (403, "permission_error"),
     "loop_not_found": (404, "not_found_error"),
     "choice_not_found": (404, "not_found_error"),
     "token_not_found": (404, "not_found_error"),
     "not_found": (404, "not_found_error"),
     "method_not_allowed": (405, "invalid_request_error"),
+    "request_timeout": (408, "invalid_request_error"),
     "idempotency_key_reused": (409, "conflict_error"),
     "user_exists": (409, "conflict_error"),
+    "uri_too_long": (414, "invalid_request_error"),
+    "unsupported_media_type": (415, "invalid_request_error"),
     "too_many_requests": (429, "rate_limit_error"),
+    "headers_too_large": (431, "invalid_request_error"),
     "sandbox_spawn_failed": (500, "internal_error"),
     "sandbox_evicted": (500, "internal_error"),
     "agent_failed": (500, "internal_error"),
     "internal_error": (500, "internal_error"),
     "not_ready": (503, "internal_error"),
+    "server_busy": (503, "internal_error"),
 }
 
 
@@ -54,9 +63,14 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(400, f"the request body is over {limit} bytes")
 
 
-def error_response(code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_body(code: str, message: str) -> tuple[int, dict[str, dict[str, str]]]:
+    """The status and JSON body of an error."""
     status, kind = CODES.get(code, (400, "invalid_request_error"))
-    body = {"error": {"type": kind, "code": code, "message": message}}
+    return status, {"error": {"type": kind, "code": code, "message": message}}
+
+
+def error_response(code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    status, body = error_body(code, message)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -73,6 +87,8 @@ def _validation_code(exc: RequestValidationError) -> tuple[str, str]:
         return "missing_content", "content is required"
     if field == "permission_mode":
         return "invalid_permission_mode", message
+    if loc[1:2] == ["author"]:
+        return "invalid_author", message
     return "invalid_request", message
 
 
@@ -83,7 +99,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
-        return error_response(exc.code, exc.message)
+        wait = exc.retry_after
+        return error_response(exc.code, exc.message, {"Retry-After": str(wait)} if wait else None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

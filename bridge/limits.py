@@ -4,6 +4,7 @@ parses it), and plain JSON (RFC 8259), checked where FastAPI parses it."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -55,14 +56,17 @@ class BodyLimit:
 
 
 def parse_json(raw: bytes) -> Any:
-    """Plain JSON: UTF-8, no NaN or Infinity, no lone surrogates, not nested too deeply.
+    """Plain JSON: UTF-8, finite numbers only (no NaN, Infinity or 1e999), no lone
+    surrogates, not nested too deeply.
 
     Python's parser takes all of these, and each breaks something later: a surrogate
     cannot be stored or sent back, NaN cannot be answered as JSON, depth overflows
     the stack of whatever walks the value.
     """
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        value = json.loads(
+            raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float
+        )
     except UnicodeDecodeError:
         raise ValueError("it is not UTF-8") from None
     except RecursionError:
@@ -85,6 +89,14 @@ def parse_json(raw: bytes) -> Any:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    # 1e999 is valid JSON that Python reads as infinity, which nothing can store or answer.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is too large a number")
+    return value
 
 
 def _check_text(text: str) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import resource
 import socket
+
+# Enough for the connection cap (LOOPBRIDGE_MAX_CONNECTIONS) and everything else.
+WANTED_FILES = 65536
 
 
 def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -22,3 +26,12 @@ def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def raise_file_limit() -> None:
+    """Raise the soft limit of open files towards the hard one: the default 1024 would
+    cap connections (and agents' pipes) long before memory does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = WANTED_FILES if hard == resource.RLIM_INFINITY else min(hard, WANTED_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))

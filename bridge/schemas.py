@@ -17,6 +17,7 @@ TITLE_LIMIT = 200
 METADATA_LIMIT = 16 * 1024
 CONTENT_LIMIT = 1024 * 1024
 IDEMPOTENCY_KEY_LIMIT = 256
+AUTHOR_LIMIT = 200
 
 
 class Strict(BaseModel):
@@ -34,9 +35,26 @@ class CreateLoop(Strict):
     repo: str | None = None
 
 
+class Author(Strict):
+    """[ext] The person a relaying caller (a chat adapter) speaks for: `slack:U123`, "Alice"."""
+
+    id: str = Field(min_length=1, max_length=AUTHOR_LIMIT)
+    name: str = Field(min_length=1, max_length=AUTHOR_LIMIT)
+
+    @field_validator("id", "name")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        # The agent is told "[from NAME (ID)]" on a line of its own: a control character
+        # (a line break, say) could make the line say something else.
+        if any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in value):
+            raise ValueError("must not hold control characters")
+        return value
+
+
 class SendMessage(Strict):
     content: str
     permission_mode: PermissionMode | None = None
+    author: Author | None = None
 
 
 class Login(Strict):
@@ -110,6 +128,7 @@ class HistoryItem(BaseModel):
     assistant_text: str
     tool_calls: list[ToolCall]
     choices: list[ChoiceRecord]
+    author: Author | None = None
     ended: Literal["queued", "running", "done", "interrupted", "error"]
     error: ErrorInfo | None
     started_at: Timestamp | None

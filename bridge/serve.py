@@ -7,18 +7,29 @@ import contextlib
 import errno
 import gc
 import logging
+import os
+import re
+import socket
 from collections.abc import Callable, Coroutine, Generator
+from pathlib import Path
 from typing import Any, Protocol
 
 import uvicorn
 
-from bridge.net import listen
+from bridge.net import listen, raise_file_limit
+from bridge.protocol import server_config
 from bridge.server import create_app
 from core.config import load_settings
 from core.engine import Engine, bundled_cli
 from core.errors import SettingsError
 
 log = logging.getLogger(__name__)
+
+PLATFORMS = ("slack", "discord")
+# An embedded adapter's token names the process that made it (its pid and start time, as
+# pids are reused), so a later start can tell whether that process is gone.
+EMBEDDED_LABEL = "embedded adapter"
+EMBEDDED_OWNER = re.compile(r"embedded adapter \(pid (\d+) started (\d+) on (.+)\)")
 
 
 def run(work: Coroutine[Any, Any, None]) -> None:
@@ -50,13 +61,24 @@ class Adapter(Protocol):
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGTERM/SIGINT once it has stopped, which would end the process
-    before the engine closes its turns and sandboxes; here the caller's cleanup runs first."""
+    before the engine closes its turns and sandboxes; here the caller's cleanup runs first.
+    `ready` is called once the server takes connections and signals (not before, so a
+    SIGTERM right after the "serving" line still stops it cleanly)."""
+
+    def __init__(self, config: uvicorn.Config, ready: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._ready = ready
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         with super().capture_signals():
             yield
             self._captured_signals.clear()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            self._ready()
 
 
 async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = None) -> None:
@@ -67,6 +89,7 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
             f"the agent CLI is missing at {cli}: "
             "reinstall claude-agent-sdk or set LOOPBRIDGE_CLI_PATH"
         )
+    raise_file_limit()
     listener = _listen(host, port)
     engine = Engine(settings)
     try:
@@ -79,12 +102,15 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
     adapters: list[tuple[Adapter, Any, str]] = []
     try:
         adapters = await _start_adapters(engine, app)
-        server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        settle_heap()
         bound = listener.getsockname()[1]
-        print(f"loopbridge serving the Loop API on http://{host}:{bound}/api/v1", flush=True)
-        if on_ready is not None:
-            on_ready(bound)
+
+        def ready() -> None:
+            print(f"loopbridge serving the Loop API on http://{host}:{bound}/api/v1", flush=True)
+            if on_ready is not None:
+                on_ready(bound)
+
+        server = _Server(server_config(app, settings), ready)
+        settle_heap()
         await server.serve(sockets=[listener])
     finally:
         for adapter, client, token_id in adapters:
@@ -104,10 +130,13 @@ async def _start_adapters(engine: Engine, app: Any) -> list[tuple[Adapter, Any, 
     from adapters.settings import AdapterSettingsError
     from adapters.slack.runner import start_embedded as start_slack
 
+    await revoke_orphaned_tokens(engine)
+    me = os.getpid()
+    label = f"{EMBEDDED_LABEL} (pid {me} started {_started(me)} on {socket.gethostname()})"
     started: list[tuple[Adapter, Any, str]] = []
     for platform, start in (("slack", start_slack), ("discord", start_discord)):
         await engine.accounts.ensure_user(platform)
-        info, token = await engine.accounts.create_token(platform, "embedded adapter")
+        info, token = await engine.accounts.create_token(platform, label)
         try:
             adapter = await start(app, token)
         except AdapterSettingsError as exc:
@@ -118,6 +147,29 @@ async def _start_adapters(engine: Engine, app: Any) -> list[tuple[Adapter, Any, 
         print(f"loopbridge: the {platform} adapter is running", flush=True)
         started.append((adapter, adapter.client, info.token_id))
     return started
+
+
+async def revoke_orphaned_tokens(engine: Engine) -> None:
+    """Revoke the embedded adapters' tokens of servers on this host that died without
+    revoking them (a clean stop does); another host's are left to that host."""
+    here = socket.gethostname()
+    for platform in PLATFORMS:
+        for info in await engine.accounts.list_tokens(platform):
+            if not info.label.startswith(EMBEDDED_LABEL):
+                continue
+            owner = EMBEDDED_OWNER.fullmatch(info.label)
+            if owner is None or (owner[3] == here and _started(int(owner[1])) != owner[2]):
+                await engine.accounts.revoke_token(info.token_id)
+                log.warning("revoked %s's token %s of a server that died", platform, info.token_id)
+
+
+def _started(pid: int) -> str:
+    """When the process started, in clock ticks since boot ("" when there is no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
 
 
 def _listen(host: str, port: int) -> Any:

@@ -11,7 +11,13 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Respons
 from fastapi.responses import JSONResponse
 
 from bridge import errors
-from bridge.auth import SESSION_COOKIE, Authenticator, RateLimiter
+from bridge.auth import (
+    SESSION_COOKIE,
+    Authenticator,
+    LoginThrottle,
+    RateLimiter,
+    check_same_origin,
+)
 from bridge.errors import ApiError
 from bridge.limits import BodyLimit, JSONRoute
 from bridge.schemas import (
@@ -91,8 +97,11 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     app.add_middleware(BodyLimit, limit=CONTENT_LIMIT * 2)
     errors.install(app)
     app.state.engine = engine
+    settings = engine.settings
     app.state.auth = Authenticator(
-        engine.accounts, RateLimiter(engine.settings.rate_limit_per_minute)
+        engine.accounts,
+        RateLimiter(settings.rate_limit_per_minute),
+        LoginThrottle(settings.login_failures_per_name, settings.login_failures_per_address),
     )
 
     @app.get("/healthz", include_in_schema=False)
@@ -175,8 +184,9 @@ def _loop_routes(engine: Engine) -> APIRouter:
             raise ApiError("content_too_large", "content is over 1 MB")
         if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_LIMIT:
             raise ApiError("idempotency_key_too_long", "Idempotency-Key is over 256 characters")
+        author = body.author.model_dump() if body.author is not None else None
         stream = await engine.send(
-            user, loop_id, body.content, body.permission_mode, idempotency_key or None
+            user, loop_id, body.content, body.permission_mode, idempotency_key or None, author
         )
         return event_stream(stream.events, {"X-Turn-Id": stream.turn_id})
 
@@ -246,8 +256,7 @@ def _account_routes(engine: Engine) -> APIRouter:
 
     @router.post("/login", status_code=204, responses=_errors())
     async def login(body: Login, request: Request) -> Response:
-        if not await engine.accounts.check_password(body.username, body.password):
-            raise ApiError("invalid_credentials", "wrong user name or password")
+        await request.app.state.auth.login(request, body.username, body.password)
         secret = await engine.accounts.create_session(body.username)
         response = Response(status_code=204)
         response.set_cookie(
@@ -264,6 +273,7 @@ def _account_routes(engine: Engine) -> APIRouter:
     async def logout(request: Request) -> Response:
         secret = request.cookies.get(SESSION_COOKIE)
         if secret:
+            check_same_origin(request)
             await engine.accounts.end_session(secret)
         response = Response(status_code=204)
         response.delete_cookie(SESSION_COOKIE, path="/")

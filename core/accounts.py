@@ -28,6 +28,7 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 # not wait on the database (~1.5 ms each). Revoking through this server ends the trust at
 # once; revoking from another process (`loopbridge tokens revoke`) within this time.
 TOKEN_TRUST_SECONDS = 2.0
+HASHES_AT_ONCE = 2
 TOKEN_BY_HASH = select(tokens.c.id, tokens.c.user_id).where(
     tokens.c.hash == bindparam("hash"), tokens.c.revoked_at.is_(None)
 )
@@ -45,19 +46,66 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _hash_password(password: str, salt: bytes | None = None) -> str:
+@dataclass(frozen=True)
+class ScryptCost:
+    n: int
+    r: int
+    p: int
+
+    @property
+    def maxmem(self) -> int:
+        # scrypt needs 128·n·r·p bytes; the standard library refuses more than 32 MB unless told.
+        return 2 * 128 * self.n * self.r * self.p
+
+
+# OWASP's current guidance for scrypt; hashes made at a lower cost are redone at the next login.
+PASSWORD_COST = ScryptCost(2**17, 8, 1)
+LEGACY_COST = ScryptCost(2**14, 8, 1)  # the stored form `scrypt$salt$digest` used this
+
+
+def _hash_password(
+    password: str, salt: bytes | None = None, cost: ScryptCost = PASSWORD_COST
+) -> str:
     salt = salt or secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1)
-    return f"scrypt${salt.hex()}${digest.hex()}"
+    digest = hashlib.scrypt(
+        password.encode(), salt=salt, n=cost.n, r=cost.r, p=cost.p, maxmem=cost.maxmem
+    )
+    return f"scrypt${cost.n}:{cost.r}:{cost.p}${salt.hex()}${digest.hex()}"
+
+
+def _parse(stored: str) -> tuple[ScryptCost, bytes, str] | None:
+    parts = stored.split("$")
+    try:
+        if len(parts) == 3:
+            return LEGACY_COST, bytes.fromhex(parts[1]), parts[2]
+        if len(parts) == 4:
+            n, r, p = (int(value) for value in parts[1].split(":"))
+            return ScryptCost(n, r, p), bytes.fromhex(parts[2]), parts[3]
+    except ValueError:
+        return None
+    return None
 
 
 def _check_password(password: str, stored: str) -> bool:
-    try:
-        _, salt_hex, digest_hex = stored.split("$")
-    except ValueError:
+    parsed = _parse(stored)
+    if parsed is None:
         return False
-    expected = _hash_password(password, bytes.fromhex(salt_hex)).split("$")[2]
+    cost, salt, digest_hex = parsed
+    expected = _hash_password(password, salt, cost).rsplit("$", 1)[1]
     return hmac.compare_digest(expected, digest_hex)
+
+
+def _outdated(stored: str) -> bool:
+    parsed = _parse(stored)
+    return parsed is not None and parsed[0] != PASSWORD_COST
+
+
+# Checked when the name is unknown or has no password, so that such a login costs the same
+# scrypt work as a real one and its timing tells nothing.
+_DUMMY_HASH = (
+    f"scrypt${PASSWORD_COST.n}:{PASSWORD_COST.r}:{PASSWORD_COST.p}"
+    f"${secrets.token_hex(16)}${secrets.token_hex(64)}"
+)
 
 
 @dataclass(frozen=True)
@@ -72,11 +120,13 @@ class Accounts:
         self.db = db
         self._last_used: dict[str, datetime] = {}
         self._trusted: dict[str, _Trusted] = {}  # by token hash
+        # Each scrypt takes 128 MB for a moment: a burst of logins waits here, not in memory.
+        self._hashing = asyncio.Semaphore(HASHES_AT_ONCE)
 
     async def add_user(self, name: str, password: str | None = None) -> None:
         if not USER_PATTERN.fullmatch(name):
             raise EngineError("invalid_user_name", "a user name is 1-64 letters, digits, . _ @ -")
-        password_hash = await asyncio.to_thread(_hash_password, password) if password else None
+        password_hash = await self._hash(password) if password else None
         try:
             async with self.db.write() as conn:
                 await conn.execute(
@@ -85,8 +135,12 @@ class Accounts:
         except IntegrityError:
             raise EngineError("user_exists", f"user {name} already exists") from None
 
+    async def _hash(self, password: str) -> str:
+        async with self._hashing:
+            return await asyncio.to_thread(_hash_password, password)
+
     async def set_password(self, name: str, password: str) -> None:
-        password_hash = await asyncio.to_thread(_hash_password, password)
+        password_hash = await self._hash(password)
         async with self.db.write() as conn:
             await conn.execute(
                 update(users).where(users.c.id == name).values(password_hash=password_hash)
@@ -106,13 +160,19 @@ class Accounts:
                     raise
 
     async def check_password(self, name: str, password: str) -> bool:
+        """Whether the password is right; a hash of an older cost is redone when it is."""
         async with self.db.engine.connect() as conn:
             row = (
                 await conn.execute(select(users.c.password_hash).where(users.c.id == name))
             ).first()
-        if row is None or row.password_hash is None:
+        stored = row.password_hash if row is not None else None
+        async with self._hashing:
+            right = await asyncio.to_thread(_check_password, password, stored or _DUMMY_HASH)
+        if not right or stored is None:
             return False
-        return await asyncio.to_thread(_check_password, password, row.password_hash)
+        if _outdated(stored):
+            await self.set_password(name, password)
+        return True
 
     # ---- API tokens ------------------------------------------------------------------
 

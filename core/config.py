@@ -18,33 +18,42 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from core.errors import SettingsError
+from core.errors import EngineError, SettingsError
 
 PermissionMode = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk", "auto"]
 PERMISSION_MODES: tuple[str, ...] = PermissionMode.__args__
+MiB = 1024 * 1024
 
 
-class Profile(BaseModel):
-    """How the agent of a loop behaves: prompt addition, tools, model."""
+class Restricted(BaseModel):
+    """A named setting that may be limited to some API users (`users = ["alice"]`)."""
 
     model_config = ConfigDict(extra="forbid")
+    # None: everyone may use it.
+    users: list[str] | None = None
+
+    def allows(self, user: str) -> bool:
+        return self.users is None or user in self.users
+
+
+class Profile(Restricted):
+    """How the agent of a loop behaves: prompt addition, tools, model."""
+
     system_prompt: str = ""
     allowed_tools: list[str] = Field(default_factory=list)
     disallowed_tools: list[str] = Field(default_factory=list)
     model: str | None = None
 
 
-class Vault(BaseModel):
+class Vault(Restricted):
     """Environment variables handed to the agents of loops that choose this vault."""
 
-    model_config = ConfigDict(extra="forbid")
     env: dict[str, str] = Field(default_factory=dict)
 
 
-class Repo(BaseModel):
+class Repo(Restricted):
     """A repository a loop's working directory starts as a clone of."""
 
-    model_config = ConfigDict(extra="forbid")
     url: str
 
 
@@ -66,6 +75,16 @@ class Settings(BaseSettings):
     sandbox_idle_seconds: float = Field(1800.0, gt=0)
     rate_limit_per_minute: int = Field(1200, ge=1)
     cli_path: Path | None = None
+    # Limits that hold under abuse (see docs/security.md).
+    max_agents: int = Field(32, ge=1)
+    max_agents_per_user: int = Field(16, ge=1)
+    max_queued_per_user: int = Field(100, ge=1)
+    max_queued_bytes_per_user: int = Field(32 * MiB, ge=1)
+    max_connections: int = Field(1000, ge=1)
+    http_header_timeout: float = Field(10.0, gt=0)
+    http_body_timeout: float = Field(60.0, gt=0)
+    login_failures_per_name: int = Field(5, ge=1)  # a minute, then 429
+    login_failures_per_address: int = Field(20, ge=1)
     profiles: dict[str, Profile] = Field(default_factory=dict)
     vaults: dict[str, Vault] = Field(default_factory=dict)
     repos: dict[str, Repo] = Field(default_factory=dict)
@@ -97,6 +116,23 @@ class Settings(BaseSettings):
         if name == "default" and name not in self.vaults:
             return Vault()
         return self.vaults.get(name)
+
+    def check_access(
+        self, user: str, profiles: list[str], vault: str, repo: str | None
+    ) -> None:
+        """Refuse names the settings do not know (400) or keep for other users (403)."""
+        chosen: list[tuple[str, str, Restricted | None]] = [
+            *(("profile", name, self.profiles.get(name)) for name in profiles),
+            ("vault", vault, self.vault(vault)),
+            *([("repo", repo, self.repos.get(repo))] if repo is not None else []),
+        ]
+        for kind, name, setting in chosen:
+            if setting is None:
+                raise EngineError(f"unknown_{kind}", f"no {kind} named {name!r}")
+            if not setting.allows(user):
+                raise EngineError(
+                    f"{kind}_not_allowed", f"the {kind} {name!r} is kept for other users"
+                )
 
 
 def load_settings(**overrides: object) -> Settings:

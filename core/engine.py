@@ -22,6 +22,7 @@ from core.config import Settings
 from core.errors import EngineError
 from core.events import Event, EventStream, Overflow, Subscription
 from core.ids import aware, loop_id, new_id, utcnow
+from core.quotas import Admission, Quotas
 from core.runtime import (
     RESERVE_IDS,
     SERVER_STOPPED,
@@ -84,6 +85,7 @@ class HistoryItem:
     error: dict[str, str] | None
     started_at: datetime | None
     ended_at: datetime | None
+    author: dict[str, str] | None = None
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Engine:
         self._choose_sandbox = sandbox is None
         self._runtimes: dict[str, LoopRuntime] = {}
         self._opening: dict[str, asyncio.Lock] = {}
+        self.quotas = Quotas(settings, self._runtimes)
         self._purger: asyncio.Task[None] | None = None
         # Runtimes dropped from memory giving back their unused event ids.
         self._releases: set[asyncio.Task[None]] = set()
@@ -216,13 +219,7 @@ class Engine:
         repo: str | None = None,
     ) -> Loop:
         profiles = profiles or []
-        for name in profiles:
-            if name not in self.settings.profiles:
-                raise EngineError("unknown_profile", f"no profile named {name!r}")
-        if self.settings.vault(vault) is None:
-            raise EngineError("unknown_vault", f"no vault named {vault!r}")
-        if repo is not None and repo not in self.settings.repos:
-            raise EngineError("unknown_repo", f"no repo named {repo!r}")
+        self.settings.check_access(user, profiles, vault, repo)
         now = utcnow()
         loop = Loop(
             new_id("loop"), title, now, user, False, None, metadata or {}, profiles, vault, repo
@@ -404,21 +401,28 @@ class Engine:
         content: str,
         permission_mode: str | None = None,
         idempotency_key: str | None = None,
+        author: dict[str, str] | None = None,
     ) -> TurnStream:
         runtime = await self._owned_runtime(user, raw_id)
         if runtime.spec.archived:
             raise EngineError("loop_archived", "loop is archived")
+        # The settings may have changed since the loop was made: its owner must still be allowed.
+        spec = runtime.spec
+        self.settings.check_access(user, spec.profiles, spec.vault, spec.repo)
         mode = permission_mode or self.settings.default_permission_mode
-        request_hash = hashlib.sha256(
-            json.dumps([runtime.id, content, permission_mode]).encode()
-        ).hexdigest()
+        # Without an author the hash is what it was before authors, so older records match.
+        hashed = [runtime.id, content, permission_mode, *([author] if author else [])]
+        request_hash = hashlib.sha256(json.dumps(hashed).encode()).hexdigest()
+        admission = self.quotas.admission(user, runtime, len(content.encode()))
         try:
             turn, earlier = await self._record_turn(
-                user, runtime, content, mode, idempotency_key, request_hash
+                user, runtime, content, mode, idempotency_key, request_hash, admission, author
             )
         except IntegrityError:
             # The same key raced in from another request: answer like the replay it is.
             turn, earlier = None, await self._idempotent_turn(user, idempotency_key, request_hash)
+        finally:
+            admission.release()  # no wait from here on: the turn is counted in its queue
         if earlier is not None:
             return await self._replay_turn(*earlier)
         assert turn is not None
@@ -447,15 +451,18 @@ class Engine:
         mode: str,
         key: str | None,
         request_hash: str,
+        admission: Admission,
+        author: dict[str, str] | None,
     ) -> tuple[Turn | None, tuple[str, str] | None]:
         """Store a new turn with its idempotency record, in one transaction; or, when the key
-        was seen before, the (loop, turn) it ran."""
+        was seen before, the (loop, turn) it ran. A new turn must pass the caps first."""
         async with self.db.write() as conn:
             if key is not None:
                 earlier = await self._earlier_turn(conn, user, key, request_hash)
                 if earlier is not None:
                     return None, earlier
-            turn = runtime.new_turn(content, mode)
+            admission.take()
+            turn = runtime.new_turn(content, mode, author=author, size=admission.size)
             if key is not None:
                 record = {"user_id": user, "key": key, "request_hash": request_hash,
                           "loop_id": runtime.id, "turn_id": turn.id, "created_at": utcnow()}
@@ -720,6 +727,7 @@ def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
             error=row.error,
             started_at=aware(row.started_at) if row.started_at else None,
             ended_at=aware(row.ended_at) if row.ended_at else None,
+            author={"id": row.author_id, "name": row.author_name} if row.author_id else None,
         )
     ended = turn.ended or ("running" if turn.started_at else "queued")
     return HistoryItem(
@@ -730,5 +738,6 @@ def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
         error=turn.error,
         started_at=turn.started_at,
         ended_at=turn.ended_at,
+        author=turn.author,
         **turn.history_fields(),
     )

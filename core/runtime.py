@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class Turn:
     trigger: str
     user_text: str
     permission_mode: str
+    # The person the caller speaks for ({"id", "name"}), told to the agent; None: the caller.
+    author: dict[str, str] | None = None
+    size: int = 0  # bytes of user_text, for the caps on queued messages
     text: list[str] = field(default_factory=list)
     tool_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     choices: list[dict[str, Any]] = field(default_factory=list)
@@ -85,6 +89,13 @@ class Turn:
     def pending_choice_id(self) -> str | None:
         return next(iter(self.pending), None)
 
+    @property
+    def prompt(self) -> str:
+        """What the agent reads: who wrote the message, when the caller said, then the text."""
+        if self.author is None:
+            return self.user_text
+        return f"{attribution(self.author)}\n{self.user_text}"
+
     def new_row(self, loop_id: str, ended: str) -> dict[str, Any]:
         """The turns-table row of a turn that has just begun or been queued."""
         return {
@@ -94,6 +105,8 @@ class Turn:
             "trigger": self.trigger,
             "user_text": self.user_text,
             "permission_mode": self.permission_mode,
+            "author_id": self.author["id"] if self.author else None,
+            "author_name": self.author["name"] if self.author else None,
             "ended": ended,
             "started_at": self.started_at,
             **self.history_fields(),
@@ -144,6 +157,7 @@ class LoopRuntime:
         self.unsaved: dict[str, Turn] = {}
         self.sandbox_held = False
         self.closed = False
+        self.active_at = time.monotonic()  # the last message or turn end: the LRU order of agents
 
     # ---- what the engine calls -------------------------------------------------
 
@@ -151,12 +165,21 @@ class LoopRuntime:
     def busy(self) -> bool:
         return self.current is not None or bool(self.queue)
 
-    def new_turn(self, text: str, permission_mode: str, trigger: str = "message") -> Turn:
+    def new_turn(
+        self,
+        text: str,
+        permission_mode: str,
+        trigger: str = "message",
+        author: dict[str, str] | None = None,
+        size: int = 0,
+    ) -> Turn:
         self.spec.turn_count += 1
-        return Turn(new_id("turn"), self.spec.turn_count, trigger, text, permission_mode)
+        number = self.spec.turn_count
+        return Turn(new_id("turn"), number, trigger, text, permission_mode, author, size)
 
     def enqueue(self, turn: Turn) -> None:
         self._cancel_idle()
+        self.active_at = time.monotonic()
         if self.busy:
             self.emit("queued", {"position": len(self.queue) + 1}, turn.id)
         self.queue.append(turn)
@@ -252,6 +275,12 @@ class LoopRuntime:
             and self.channel.subscriber_count == 0
         )
 
+    def release_agent(self) -> None:
+        """Stop this idle loop's agent to make room for another; its next turn resumes it."""
+        session, self.agent = self.agent, None
+        if session is not None:
+            self._later(session.stop())
+
     def dispose(self) -> None:
         self.closed = True
         self._cancel_idle()
@@ -326,7 +355,7 @@ class LoopRuntime:
         assert self.agent is not None
         try:
             await self.agent.set_permission_mode(turn.permission_mode)
-            await self.agent.query(turn.user_text)
+            await self.agent.query(turn.prompt)
         except Exception as exc:  # the CLI went away between turns
             await self._finish(turn, "error", _error("agent_failed", str(exc), turn.id))
             await self._stop_agent()
@@ -362,6 +391,7 @@ class LoopRuntime:
         self.emit(name, data, turn.id)
         if self.current is turn:
             self.current = None
+        self.active_at = time.monotonic()
         ended = {"done": "done", "interrupted": "interrupted"}.get(name, "error")
         error = {"code": data["code"], "message": data["message"]} if ended == "error" else None
         turn.ended, turn.error, turn.ended_at = ended, error, utcnow()
@@ -625,6 +655,12 @@ class LoopRuntime:
         await self.ctx.db.write_retrying(
             lambda conn: conn.execute(query), f"loop {self.id}: saving its session id"
         )
+
+
+def attribution(author: dict[str, str]) -> str:
+    """`[from Alice Smith (slack:U123)]`: one line, and no bracket that could close it early."""
+    plain = str.maketrans("[]", "()")
+    return f"[from {author['name'].translate(plain)} ({author['id'].translate(plain)})]"
 
 
 def _error(code: str, message: str, turn_id: str) -> dict[str, Any]:

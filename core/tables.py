@@ -77,6 +77,9 @@ turns = Table(
     Column("trigger", String(16), nullable=False),
     Column("user_text", Text, nullable=False),
     Column("permission_mode", String(32), nullable=True),
+    # The person the caller spoke for (the message's `author`), when it named one.
+    Column("author_id", String(200), nullable=True),
+    Column("author_name", String(200), nullable=True),
     Column("assistant_text", Text, nullable=False, default=""),
     Column("tool_calls", JSON, nullable=False),
     Column("choices", JSON, nullable=False),

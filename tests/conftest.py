@@ -14,6 +14,7 @@ import pytest_asyncio
 import uvicorn
 
 from bridge.net import listen
+from bridge.protocol import server_config
 from bridge.server import create_app
 from bridge.standin import StandinModel
 from core.config import load_settings
@@ -83,7 +84,7 @@ async def start_server(home: Path, **settings: object) -> Server:
     app = create_app(engine, manage_engine=False)
     listener = listen("127.0.0.1", 0)
     port = listener.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+    config = server_config(app, engine.settings, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started:  # noqa: ASYNC110 - uvicorn has no started event

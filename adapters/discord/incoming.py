@@ -40,7 +40,7 @@ class Incoming:
 def actor_of(user: discord.User | discord.Member) -> Actor:
     """A Discord user with their roles (in a guild), for the who-may-do-what settings."""
     roles = getattr(user, "roles", None) or ()
-    return Actor(str(user.id), frozenset(str(role.id) for role in roles))
+    return Actor(str(user.id), frozenset(str(role.id) for role in roles), user.display_name)
 
 
 def conversation_key(channel: object, bound_channels: frozenset[str]) -> ConversationKey | None:

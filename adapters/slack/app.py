@@ -47,9 +47,12 @@ PLATFORM = "slack"
 # Message subtypes that are a person writing; edits, joins and bot posts are not.
 PERSON_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
 ACTION_IDS = re.compile(r"^lb_")
+TIMESTAMP = re.compile(r"[0-9]{1,12}")  # seconds since 1970, in ASCII digits only
 RATE_LIMIT_RETRIES = 3
 RESULTS_KEPT = 1000
 NOT_ALLOWED_TO_WRITE = "You are not allowed to talk to the agent here."
+# Where a message event names its writer (`user_profile`), best first.
+NAME_FIELDS = ("display_name", "real_name", "name")
 
 
 class SlackAdapter:
@@ -109,7 +112,9 @@ class SlackAdapter:
             )
             await self._socket.connect_async()
         else:
-            self._runner = web.AppRunner(self.app.web_app(path=self.settings.http_path))
+            events = self.app.web_app(path=self.settings.http_path)
+            events.middlewares.append(_plain_timestamp)
+            self._runner = web.AppRunner(events)
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
             await site.start()
@@ -175,8 +180,10 @@ class SlackAdapter:
         direct = event.get("channel_type") == "im" or channel.startswith("D")
         key = ConversationKey(PLATFORM, team_id, channel, str(event.get("thread_ts") or ts))
         text = from_slack(raw.replace(mention, " ")).strip()
+        profile = event.get("user_profile") or {}
+        name = next((str(profile[k]) for k in NAME_FIELDS if profile.get(k)), "")
         return IncomingMessage(
-            key, ts, Actor(str(user)), text, mentioned=mention in raw, direct=direct
+            key, ts, Actor(str(user), name=name), text, mentioned=mention in raw, direct=direct
         )
 
     async def _run_turn(self, incoming: IncomingMessage, event: dict[str, Any]) -> None:
@@ -246,6 +253,16 @@ class SlackAdapter:
             )
         except SlackApiError as exc:
             log.warning("could not answer %s privately: %s", user, exc.response.get("error"))
+
+
+@web.middleware
+async def _plain_timestamp(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A request whose `X-Slack-Request-Timestamp` is not a plain number is not from Slack:
+    401 here, because Slack's verifier reads it with `int()` and fails with a 500."""
+    stamp = request.headers.get("X-Slack-Request-Timestamp")
+    if stamp is not None and not TIMESTAMP.fullmatch(stamp):
+        return web.json_response({"error": "invalid_timestamp"}, status=401)
+    return await handler(request)
 
 
 OUTCOME_MARKS = OutcomeMarks(

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MARKER = re.compile(r"\[\[\s*([A-Za-z_][\w-]*)\s*(?::\s*(.*?))?\s*\]\]", re.DOTALL)
+# The line the engine puts before a message that names its author: not typed by the person.
+ATTRIBUTION = re.compile(r"\A\[from [^\n]*\]\n")
 DEFAULT_LONG_DELTAS = 2000
 DEFAULT_STAMPED_DELTAS = 100
 DEFAULT_SLOW_SECONDS = 3.0
@@ -369,7 +371,7 @@ def human_texts(messages: list[dict[str, Any]]) -> list[str]:
     between them (after an API failure), so each text block counts, not each message.
     """
     return [
-        block["text"].strip()
+        ATTRIBUTION.sub("", block["text"].strip())
         for message in messages
         if message.get("role") == "user"
         for block in _blocks(message)
