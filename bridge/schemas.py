@@ -17,6 +17,7 @@ TITLE_LIMIT = 200
 METADATA_LIMIT = 16 * 1024
 CONTENT_LIMIT = 1024 * 1024
 IDEMPOTENCY_KEY_LIMIT = 256
+ATTACHMENTS_LIMIT = 20
 
 
 class Strict(BaseModel):
@@ -32,11 +33,24 @@ class CreateLoop(Strict):
     profiles: list[str] = Field(default_factory=list)
     vault: str = "default"
     repo: str | None = None
+    branch: str | None = Field(
+        None, description="[ext] the loop's own branch of its repo, made when missing"
+    )
+
+
+class Attachment(Strict):
+    path: str = Field(description="a file of the loop's working directory")
 
 
 class SendMessage(Strict):
     content: str
     permission_mode: PermissionMode | None = None
+    # Counted by the handler (too_many_attachments), not by validation.
+    attachments: list[Attachment] | None = Field(
+        None,
+        description="[ext] files of the working directory; images reach the model as images",
+        json_schema_extra={"maxItems": ATTACHMENTS_LIMIT},
+    )
 
 
 class Login(Strict):
@@ -68,6 +82,7 @@ class LoopOut(BaseModel):
     profiles: list[str]
     vault: str
     repo: str | None
+    branch: str | None = None
 
 
 class LoopDetail(LoopOut):
@@ -98,6 +113,17 @@ class ChoiceRecord(BaseModel):
     source: str
 
 
+class AttachmentOut(BaseModel):
+    path: str
+
+
+class FileShared(BaseModel):
+    path: str
+    size: int
+    media_type: str
+    caption: str | None
+
+
 class ErrorInfo(BaseModel):
     code: str
     message: str
@@ -114,6 +140,8 @@ class HistoryItem(BaseModel):
     error: ErrorInfo | None
     started_at: Timestamp | None
     ended_at: Timestamp | None
+    attachments: list[AttachmentOut] = Field(default_factory=list)
+    files_shared: list[FileShared] = Field(default_factory=list)
 
 
 class HistoryPage(BaseModel):
@@ -121,6 +149,22 @@ class HistoryPage(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+class FileEntry(BaseModel):
+    path: str = Field(description="relative to the working directory")
+    type: Literal["file", "dir"]
+    size: int | None = Field(description="bytes; null for a directory")
+    modified_at: Timestamp
+
+
+class FileList(BaseModel):
+    data: list[FileEntry]
+
+
+class FileWritten(BaseModel):
+    path: str
+    size: int
 
 
 # The token endpoints keep the camelCase names of the contract.

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from bridge import errors
 from bridge.auth import SESSION_COOKIE, Authenticator, RateLimiter
 from bridge.errors import ApiError
-from bridge.limits import BodyLimit, JSONRoute
+from bridge.limits import BodyLimit, JSONRoute, file_upload
 from bridge.schemas import (
     CONTENT_LIMIT,
     IDEMPOTENCY_KEY_LIMIT,
@@ -88,7 +88,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, limit=CONTENT_LIMIT * 2)
+    app.add_middleware(BodyLimit, limit=CONTENT_LIMIT * 2, streamed=file_upload)
     errors.install(app)
     app.state.engine = engine
     app.state.auth = Authenticator(
@@ -103,6 +103,9 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
 
     app.include_router(_loop_routes(engine), prefix="/api/v1")
     app.include_router(_account_routes(engine), prefix="/api/v1")
+    from bridge.files import file_routes  # it imports this module's dependencies
+
+    app.include_router(file_routes(engine), prefix="/api/v1")
     return app
 
 
@@ -116,7 +119,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
         if metadata_size(body.metadata) > METADATA_LIMIT:
             raise ApiError("metadata_too_large", "metadata is over 16 KB as JSON")
         loop = await engine.create_loop(
-            user, body.title, body.metadata, body.profiles, body.vault, body.repo
+            user, body.title, body.metadata, body.profiles, body.vault, body.repo, body.branch
         )
         return asdict(loop)
 
@@ -166,8 +169,14 @@ def _loop_routes(engine: Engine) -> APIRouter:
             raise ApiError("content_too_large", "content is over 1 MB")
         if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_LIMIT:
             raise ApiError("idempotency_key_too_long", "Idempotency-Key is over 256 characters")
+        attachments = [a.path for a in body.attachments] if body.attachments else None
         stream = await engine.send(
-            user, loop_id, body.content, body.permission_mode, idempotency_key or None
+            user,
+            loop_id,
+            body.content,
+            body.permission_mode,
+            idempotency_key or None,
+            attachments=attachments,
         )
         return event_stream(stream.events, {"X-Turn-Id": stream.turn_id})
 

@@ -46,6 +46,9 @@ class Repo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     url: str
+    # Checked out after the clone (the remote's default when unset); a loop's own
+    # branch is made from it.
+    branch: str | None = None
 
 
 class Settings(BaseSettings):

@@ -16,18 +16,21 @@ import claude_agent_sdk
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from core import files
 from core.accounts import Accounts
 from core.config import Settings
 from core.errors import EngineError
 from core.events import Event, EventStream, Overflow, Subscription
 from core.ids import aware, loop_id, new_id, utcnow
 from core.runtime import SERVER_STOPPED, Context, LoopRuntime, LoopSpec, Turn, agent_env_from
-from core.sandbox import LocalSandbox, Sandbox, choose_sandbox
+from core.sandbox import LocalSandbox, Sandbox, SandboxSpec, choose_sandbox
+from core.sandbox.base import branch_problem
 from core.storage import Database, EventWriter
 from core.tables import events, idempotency, loops, turns
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 REPLAY_BATCH = 500
+ATTACHMENTS_LIMIT = 20
 # Built once: a statement built per call costs ~0.2 ms before it reaches the database.
 INSERT_TURN = insert(turns)
 INSERT_IDEMPOTENCY = insert(idempotency)
@@ -45,6 +48,7 @@ class Loop:
     profiles: list[str]
     vault: str
     repo: str | None
+    branch: str | None = None  # [ext] the branch its repo's clone is on
     turn_count: int = 0
     busy: bool = False
     queue_depth: int = 0
@@ -71,6 +75,8 @@ class HistoryItem:
     error: dict[str, str] | None
     started_at: datetime | None
     ended_at: datetime | None
+    attachments: list[dict[str, str]]
+    files_shared: list[dict[str, Any]]
 
 
 @dataclass
@@ -181,6 +187,7 @@ class Engine:
         profiles: list[str] | None = None,
         vault: str = "default",
         repo: str | None = None,
+        branch: str | None = None,
     ) -> Loop:
         profiles = profiles or []
         for name in profiles:
@@ -190,9 +197,17 @@ class Engine:
             raise EngineError("unknown_vault", f"no vault named {vault!r}")
         if repo is not None and repo not in self.settings.repos:
             raise EngineError("unknown_repo", f"no repo named {repo!r}")
+        if branch is not None:
+            if repo is None:
+                raise EngineError("invalid_branch", "a branch needs a repo")
+            if (problem := branch_problem(branch)) is not None:
+                raise EngineError("invalid_branch", f"branch {branch!r} {problem}")
+        if repo is not None:
+            branch = branch or self.settings.repos[repo].branch
         now = utcnow()
         loop = Loop(
-            new_id("loop"), title, now, user, False, None, metadata or {}, profiles, vault, repo
+            new_id("loop"), title, now, user, False, None, metadata or {}, profiles, vault, repo,
+            branch,
         )
         async with self.db.write() as conn:
             await conn.execute(
@@ -207,6 +222,7 @@ class Engine:
                     profiles=profiles,
                     vault=vault,
                     repo=repo,
+                    branch=branch,
                     turn_count=0,
                     last_seq=0,
                 )
@@ -326,6 +342,7 @@ class Engine:
                     list(fresh.profiles),
                     fresh.vault,
                     fresh.repo,
+                    fresh.branch,
                 )
                 runtime = LoopRuntime(self._context(), spec, last_seq)
                 self._runtimes[row.id] = runtime
@@ -356,17 +373,20 @@ class Engine:
         content: str,
         permission_mode: str | None = None,
         idempotency_key: str | None = None,
+        attachments: list[str] | None = None,
     ) -> TurnStream:
         runtime = await self._owned_runtime(user, raw_id)
         if runtime.spec.archived:
             raise EngineError("loop_archived", "loop is archived")
         mode = permission_mode or self.settings.default_permission_mode
-        request_hash = hashlib.sha256(
-            json.dumps([runtime.id, content, permission_mode]).encode()
-        ).hexdigest()
+        attached = await self._check_attachments(runtime.id, attachments or [])
+        hashed: list[Any] = [runtime.id, content, permission_mode]
+        if attached:  # without attachments, the same hash as before they existed
+            hashed.append(attached)
+        request_hash = hashlib.sha256(json.dumps(hashed).encode()).hexdigest()
         try:
             turn, earlier = await self._record_turn(
-                user, runtime, content, mode, idempotency_key, request_hash
+                user, runtime, content, mode, idempotency_key, request_hash, attached
             )
         except IntegrityError:
             # The same key raced in from another request: answer like the replay it is.
@@ -399,6 +419,7 @@ class Engine:
         mode: str,
         key: str | None,
         request_hash: str,
+        attachments: list[dict[str, str]] | None = None,
     ) -> tuple[Turn | None, tuple[str, str] | None]:
         """Store a new turn with its idempotency record, in one transaction; or, when the key
         was seen before, the (loop, turn) it ran."""
@@ -408,6 +429,7 @@ class Engine:
                 if earlier is not None:
                     return None, earlier
             turn = runtime.new_turn(content, mode)
+            turn.attachments = attachments or []
             if key is not None:
                 record = {"user_id": user, "key": key, "request_hash": request_hash,
                           "loop_id": runtime.id, "turn_id": turn.id, "created_at": utcnow()}
@@ -587,6 +609,39 @@ class Engine:
         in_memory = [*([runtime.current] if runtime.current else []), *runtime.queue]
         return {**runtime.unsaved, **{t.id: t for t in in_memory}}
 
+    # ---- files [ext] ---------------------------------------------------------------------
+
+    async def workdir(self, user: str, raw_id: str, *, write: bool = False) -> Path:
+        """The loop's working directory on this host, after the owner check. To write, the
+        loop must not be archived, and the directory is made (its repo cloned) if no turn
+        has made it yet."""
+        row = await self._owned_row(user, raw_id)
+        if write and row.archived:
+            raise EngineError("loop_archived", "loop is archived: its files are read-only")
+        workdir = self.sandbox.workdir(row.id)
+        if write and not workdir.is_dir():
+            await self.sandbox.prepare_dirs(self.repo_spec(row.id, row.repo, row.branch))
+        return workdir
+
+    def repo_spec(self, loop: str, repo: str | None, branch: str | None) -> SandboxSpec:
+        """What preparing the loop's directories needs to know (no agent environment)."""
+        settings = self.settings.repos.get(repo) if repo else None
+        if settings is None:
+            return SandboxSpec(loop, {})
+        return SandboxSpec(loop, {}, settings.url, settings.branch, branch)
+
+    async def _check_attachments(self, loop: str, paths: list[str]) -> list[dict[str, str]]:
+        """Each attachment is a file of the working directory; images within the limit."""
+        if len(paths) > ATTACHMENTS_LIMIT:
+            raise EngineError(
+                "too_many_attachments", f"at most {ATTACHMENTS_LIMIT} attachments a message"
+            )
+        if not paths:
+            return []
+        return await asyncio.to_thread(
+            files.check_attachments, self.sandbox.workdir(loop), paths
+        )
+
     async def wait_idle(self) -> None:
         """Wait until every write of every runtime is done (tests and shutdown)."""
         for runtime in list(self._runtimes.values()):
@@ -614,6 +669,7 @@ def _loop_from_row(row: Any) -> Loop:
         profiles=list(row.profiles),
         vault=row.vault,
         repo=row.repo,
+        branch=row.branch,
         turn_count=row.turn_count,
     )
 
@@ -632,6 +688,8 @@ def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
             error=row.error,
             started_at=aware(row.started_at) if row.started_at else None,
             ended_at=aware(row.ended_at) if row.ended_at else None,
+            attachments=row.attachments or [],
+            files_shared=row.files_shared or [],
         )
     ended = turn.ended or ("running" if turn.started_at else "queued")
     return HistoryItem(
@@ -642,5 +700,6 @@ def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
         error=turn.error,
         started_at=turn.started_at,
         ended_at=turn.ended_at,
+        attachments=turn.attachments,
         **turn.history_fields(),
     )
