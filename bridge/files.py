@@ -121,4 +121,3 @@ async def _chunks(opened: files.OpenFile) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         opened.close()
-

@@ -201,7 +201,8 @@ async def test_upload_over_the_limit_is_refused_while_it_streams(server):
     r = await put(server, loop, "big.bin", body())
     assert (r.status_code, error_code(r)) == (400, "file_too_large")
     r = await server.http.put(
-        f"/loops/{loop}/files/big.bin", headers={"Content-Length": str(UPLOAD_LIMIT + 1)},
+        f"/loops/{loop}/files/big.bin",
+        headers={"Content-Length": str(UPLOAD_LIMIT + 1)},
         content=b"\0" * (UPLOAD_LIMIT + 1),
     )
     assert (r.status_code, error_code(r)) == (400, "file_too_large")
@@ -347,16 +348,25 @@ async def test_share_file_reaches_every_stream_the_history_and_stays_downloadabl
     await put(server, loop, "out/report.csv", b"q,total\n3,42\n")
     watched: list[Ev] = []
     watcher = asyncio.create_task(_watch_until(server, loop, "done", watched))
-    await until(lambda: server.engine._runtimes.get(loop) and server.engine._runtimes[
-        loop].channel.subscriber_count > 0, what="the watcher")
+    await until(
+        lambda: (
+            server.engine._runtimes.get(loop)
+            and server.engine._runtimes[loop].channel.subscriber_count > 0
+        ),
+        what="the watcher",
+    )
     # The default permission mode: share_file must not ask anyone.
     evs = await turn(server.http, loop, "[[share: out/report.csv :: Q3 numbers]]")
     await asyncio.wait_for(watcher, 30)
     assert "requires_choice" not in names(evs)
     assert names(evs)[-1] == "done", evs
     shared = [e for e in evs if e.name == "file_shared"]
-    expected = {"path": "out/report.csv", "size": 13, "media_type": "text/csv",
-                "caption": "Q3 numbers"}
+    expected = {
+        "path": "out/report.csv",
+        "size": 13,
+        "media_type": "text/csv",
+        "caption": "Q3 numbers",
+    }
     assert [e.data for e in shared] == [expected]
     assert [e.data for e in watched if e.name == "file_shared"] == [expected]
     assert [e.id for e in watched if e.name == "file_shared"] == [shared[0].id]
@@ -376,8 +386,9 @@ async def test_share_file_needs_no_permission_in_any_mode(server, mode):
     evs = await turn(server.http, loop, "[[share: pic.png]]", permission_mode=mode)
     assert "requires_choice" not in names(evs)
     shared = [e.data for e in evs if e.name == "file_shared"]
-    assert shared == [{"path": "pic.png", "size": len(PNG), "media_type": "image/png",
-                       "caption": None}]
+    assert shared == [
+        {"path": "pic.png", "size": len(PNG), "media_type": "image/png", "caption": None}
+    ]
 
 
 async def test_share_file_takes_the_agents_absolute_path(server):
@@ -388,8 +399,9 @@ async def test_share_file_takes_the_agents_absolute_path(server):
     assert [e.data["path"] for e in evs if e.name == "file_shared"] == ["made.txt"]
 
 
-@pytest.mark.parametrize("path", ["missing.txt", "/etc/passwd", "../secret.txt", "out/passwd",
-                                  "passwd_link", "a"])
+@pytest.mark.parametrize(
+    "path", ["missing.txt", "/etc/passwd", "../secret.txt", "out/passwd", "passwd_link", "a"]
+)
 async def test_share_file_of_a_bad_path_is_an_error_to_the_agent_not_an_event(
     server, hostile, path
 ):
@@ -401,4 +413,3 @@ async def test_share_file_of_a_bad_path_is_an_error_to_the_agent_not_an_event(
     assert text_of(evs).startswith("Share failed")
     history = (await server.http.get(f"/loops/{hostile}/messages")).json()["data"]
     assert history[-1]["files_shared"] == []
-
