@@ -76,7 +76,8 @@ def file_routes(engine: Engine) -> APIRouter:
         "/loops/{loop_id}/files/{path:path}",
         status_code=201,
         response_model=FileWritten,
-        responses=error_responses(403, 404),
+        # 500 sandbox_spawn_failed: a repo loop's first write clones it, and that failed.
+        responses=error_responses(403, 404, 500),
         openapi_extra=UPLOAD_BODY,
         summary="Write one file (the raw request body)",
     )

@@ -22,8 +22,16 @@ from core.config import Settings
 from core.errors import EngineError
 from core.events import Event, EventStream, Overflow, Subscription
 from core.ids import aware, loop_id, new_id, utcnow
-from core.runtime import SERVER_STOPPED, Context, LoopRuntime, LoopSpec, Turn, agent_env_from
-from core.sandbox import LocalSandbox, Sandbox, SandboxSpec, choose_sandbox
+from core.runtime import (
+    SERVER_STOPPED,
+    Context,
+    LoopRuntime,
+    LoopSpec,
+    Turn,
+    agent_env_from,
+    sandbox_spec,
+)
+from core.sandbox import LocalSandbox, Sandbox, choose_sandbox
 from core.sandbox.base import branch_problem
 from core.storage import Database, EventWriter
 from core.tables import events, idempotency, loops, turns
@@ -620,15 +628,9 @@ class Engine:
             raise EngineError("loop_archived", "loop is archived: its files are read-only")
         workdir = self.sandbox.workdir(row.id)
         if write and not workdir.is_dir():
-            await self.sandbox.prepare_dirs(self.repo_spec(row.id, row.repo, row.branch))
+            spec = sandbox_spec(self.settings, row.id, {}, row.repo, row.branch)
+            await self.sandbox.prepare_dirs(spec)
         return workdir
-
-    def repo_spec(self, loop: str, repo: str | None, branch: str | None) -> SandboxSpec:
-        """What preparing the loop's directories needs to know (no agent environment)."""
-        settings = self.settings.repos.get(repo) if repo else None
-        if settings is None:
-            return SandboxSpec(loop, {})
-        return SandboxSpec(loop, {}, settings.url, settings.branch, branch)
 
     async def _check_attachments(self, loop: str, paths: list[str]) -> list[dict[str, str]]:
         """Each attachment is a file of the working directory; images within the limit."""

@@ -337,7 +337,6 @@ def check_attachments(root: Path, paths: list[str]) -> list[dict[str, str]]:
     checked = []
     for path in paths:
         rel = clean(path)
-        _resolved(root, rel, path)
         try:
             opened = open_file(root, path)
         except EngineError as exc:

@@ -347,13 +347,8 @@ class LoopRuntime:
     async def _ensure_agent(self, permission_mode: str) -> bool:
         if self.agent is not None and self.agent.alive:
             return False
-        repo = self.ctx.settings.repos.get(self.spec.repo) if self.spec.repo else None
-        spec = SandboxSpec(
-            self.id,
-            self._agent_env(),
-            repo.url if repo else None,
-            repo.branch if repo else None,
-            self.spec.branch,
+        spec = sandbox_spec(
+            self.ctx.settings, self.id, self._agent_env(), self.spec.repo, self.spec.branch
         )
         try:
             host, _ = await self.ctx.sandbox.acquire(spec)
@@ -609,6 +604,16 @@ class LoopRuntime:
 
 def _error(code: str, message: str, turn_id: str) -> dict[str, Any]:
     return {"code": code, "message": message, "turn_id": turn_id}
+
+
+def sandbox_spec(
+    settings: Settings, loop_id: str, env: dict[str, str], repo: str | None, branch: str | None
+) -> SandboxSpec:
+    """What a backend needs to prepare a loop: its repo's clone on the loop's branch."""
+    config = settings.repos.get(repo) if repo else None
+    if config is None:
+        return SandboxSpec(loop_id, env)
+    return SandboxSpec(loop_id, env, config.url, config.branch, branch)
 
 
 def agent_env_from(environ: os._Environ[str] | dict[str, str], run_as_root: bool) -> dict[str, str]:
