@@ -201,7 +201,8 @@ class OpenFile:
 
 
 def open_file(root: Path, path: str) -> OpenFile:
-    fd, rel = _open_target(root, path, os.O_RDONLY)
+    # O_NONBLOCK: a FIFO the agent made must not hold the opening thread forever.
+    fd, rel = _open_target(root, path, os.O_RDONLY | os.O_NONBLOCK)
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)

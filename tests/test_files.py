@@ -136,6 +136,7 @@ async def test_list_one_directory_without_git(server):
 async def test_wrong_kinds_and_missing_files(server):
     loop = await new_loop(server)
     await put(server, loop, "dir/file.txt", b"x")
+    os.mkfifo(workdir(server, loop) / "pipe")  # opening it must not wait for a writer
     cases = [
         (server.http.get(f"/loops/{loop}/files/nope.txt"), 404, "file_not_found"),
         (server.http.get(f"/loops/{loop}/files/dir"), 400, "not_a_file"),
@@ -147,6 +148,7 @@ async def test_wrong_kinds_and_missing_files(server):
         ),
         (put(server, loop, "dir", b"x"), 400, "not_a_file"),
         (put(server, loop, "dir/file.txt/below", b"x"), 400, "not_a_directory"),
+        (server.http.get(f"/loops/{loop}/files/pipe"), 404, "file_not_found"),
     ]
     for request, status, code in cases:
         r = await request
