@@ -48,6 +48,8 @@ def file_routes(engine: Engine) -> APIRouter:
         summary="List one directory of the loop's working directory",
     )
     async def list_files(loop_id: str, user: Owner, path: Annotated[str, Query()] = "") -> Any:
+        """Not recursive; `.git` is never listed; `size` is null for a directory. Errors:
+        400 `invalid_path`, `not_a_directory`; 404 `file_not_found`."""
         workdir = await engine.workdir(user, loop_id)
         entries = await asyncio.to_thread(files.list_dir, workdir, path)
         return {"data": [asdict(entry) for entry in entries]}
@@ -59,6 +61,8 @@ def file_routes(engine: Engine) -> APIRouter:
         summary="Download one file",
     )
     async def download_file(loop_id: str, path: str, user: Owner) -> Response:
+        """The bytes, streamed, with `Content-Type` and `Content-Length`. Errors: 400
+        `invalid_path`, `not_a_file`; 404 `file_not_found`."""
         workdir = await engine.workdir(user, loop_id)
         opened = await asyncio.to_thread(files.open_file, workdir, path)
         name = opened.path.rsplit("/", 1)[-1]
@@ -82,6 +86,10 @@ def file_routes(engine: Engine) -> APIRouter:
         summary="Write one file (the raw request body)",
     )
     async def upload_file(loop_id: str, path: str, request: Request, user: Owner) -> Any:
+        """Parents are made; an existing file is replaced at once when the body is complete.
+        Errors: 400 `invalid_path`, `file_too_large` (over 25 MiB), `not_a_file`,
+        `not_a_directory`, `loop_archived`; 500 `sandbox_spawn_failed` (a repo loop's
+        first write clones it)."""
         workdir = await engine.workdir(user, loop_id, write=True)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > files.UPLOAD_LIMIT:
