@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
@@ -24,6 +24,8 @@ from bridge.asgi import ASGIApp, StreamingASGITransport
 from bridge.schemas import (
     Author,
     ErrorResponse,
+    FileList,
+    FileWritten,
     HistoryPage,
     LoopDetail,
     LoopOut,
@@ -64,6 +66,19 @@ class LoopApiError(Exception):
             text = response.text[:200] or response.reason_phrase
             return cls(response.status_code, "http_error", f"http_{response.status_code}", text)
         return cls(response.status_code, body.type, body.code, body.message)
+
+
+@dataclass(frozen=True)
+class Download:
+    """A file being downloaded: its size and type, and its bytes as they arrive."""
+
+    path: str
+    size: int
+    media_type: str
+    chunks: AsyncIterator[bytes]
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks])
 
 
 @dataclass(frozen=True)
@@ -127,8 +142,12 @@ class LoopClient:
         profiles: list[str] | None = None,
         vault: str | None = None,
         repo: str | None = None,
+        branch: str | None = None,
     ) -> LoopOut:
-        body = _given(title=title, metadata=metadata, profiles=profiles, vault=vault, repo=repo)
+        body = _given(
+            title=title, metadata=metadata, profiles=profiles, vault=vault, repo=repo,
+            branch=branch,
+        )
         return await self._model(LoopOut, "POST", "/loops", json=body)
 
     async def list_loops(
@@ -181,6 +200,41 @@ class LoopClient:
     async def interrupt(self, loop_id: str) -> None:
         await self._request("POST", _loop_path(loop_id, "interrupt"))
 
+    # ---- files [ext] ---------------------------------------------------------------
+
+    async def list_files(self, loop_id: str, path: str = "") -> FileList:
+        """One directory of the loop's working directory (its root by default)."""
+        params = {"path": path} if path else {}
+        return await self._model(FileList, "GET", _loop_path(loop_id, "files"), params=params)
+
+    @contextlib.asynccontextmanager
+    async def download_file(self, loop_id: str, path: str) -> AsyncIterator[Download]:
+        """Stream one file: `async with client.download_file(loop, "out/a.csv") as d:` then
+        `async for chunk in d.chunks` (or `await d.read()`). Errors come before the bytes."""
+        request = self._http.build_request(
+            "GET", _file_path(loop_id, path), headers=self._auth(), timeout=self._stream_timeout
+        )
+        response = await self._http.send(request, stream=True)
+        try:
+            if not response.is_success:
+                await response.aread()
+                raise LoopApiError.from_response(response)
+            media_type = response.headers.get("content-type", "application/octet-stream")
+            size = int(response.headers.get("content-length", "0"))
+            yield Download(path, size, media_type.split(";")[0], response.aiter_bytes())
+        finally:
+            await response.aclose()
+
+    async def upload_file(
+        self, loop_id: str, path: str, content: bytes | AsyncIterable[bytes]
+    ) -> FileWritten:
+        """Write one file (parents made, an existing file replaced); `content` may be an
+        async iterable of chunks, sent as it comes (at most 25 MiB in all)."""
+        return await self._model(
+            FileWritten, "PUT", _file_path(loop_id, path), content=content,
+            timeout=self._stream_timeout,
+        )
+
     # ---- streams -------------------------------------------------------------------
 
     def send(
@@ -191,6 +245,7 @@ class LoopClient:
         permission_mode: PermissionMode | None = None,
         idempotency_key: str | None = "auto",
         author: Author | None = None,
+        attachments: list[str] | None = None,
     ) -> AsyncGenerator[StreamEventModel, None]:
         """Send a message and stream its turn until `done`, `interrupted` or `error`.
 
@@ -199,6 +254,8 @@ class LoopClient:
         With an Idempotency-Key (a fresh uuid4 by default) a broken stream is resumed
         by repeating the POST; the server replays the turn without running it again.
         `idempotency_key=None` sends none, and then a broken stream is not retried.
+        `attachments` are paths of files already in the loop's working directory
+        (`upload_file` puts them there); images among them reach the model as images.
         To leave early, close the iterator (`contextlib.aclosing`): that closes the
         connection at once, and the turn still runs to its end.
         """
@@ -209,6 +266,8 @@ class LoopClient:
             permission_mode=permission_mode,
             author=author.model_dump() if author is not None else None,
         )
+        if attachments:
+            body["attachments"] = [{"path": path} for path in attachments]
         path = _loop_path(loop_id, "messages")
 
         def connect(_: int | None) -> AsyncGenerator[StreamEventModel, None]:
@@ -313,6 +372,16 @@ class LoopClient:
 
 def _loop_path(loop_id: str, *rest: str) -> str:
     return "/".join(["/loops", *(quote(part, safe="") for part in (loop_id, *rest))])
+
+
+def _file_path(loop_id: str, path: str) -> str:
+    """The URL path of a file: each segment quoted, and dot segments too, so that no HTTP
+    library folds `a/../b` into another path; the server refuses them (`invalid_path`)."""
+    segments = [
+        quote(part, safe="") if part not in (".", "..") else part.replace(".", "%2E")
+        for part in path.split("/")
+    ]
+    return _loop_path(loop_id, "files") + "/" + "/".join(segments)
 
 
 def _given(**values: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ CODES: dict[str, tuple[int, str]] = {
     "loop_not_found": (404, "not_found_error"),
     "choice_not_found": (404, "not_found_error"),
     "token_not_found": (404, "not_found_error"),
+    "file_not_found": (404, "not_found_error"),
     "not_found": (404, "not_found_error"),
     "method_not_allowed": (405, "invalid_request_error"),
     "request_timeout": (408, "invalid_request_error"),

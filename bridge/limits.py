@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -16,15 +17,24 @@ from bridge.errors import BodyTooLarge, error_response
 
 # Deeper bodies are refused before they reach code that recurses on them.
 JSON_DEPTH_LIMIT = 64
+FILE_UPLOAD_PATH = re.compile(r"/api/v1/loops/[^/]+/files/")
+
+
+def file_upload(scope: Scope) -> bool:
+    """`PUT /files/{path}`: its route streams the body to disk under its own, larger cap."""
+    return scope["method"] == "PUT" and FILE_UPLOAD_PATH.match(scope["path"]) is not None
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, streamed: Callable[[Scope], bool] | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.streamed = streamed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.streamed is not None and self.streamed(scope)):
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")

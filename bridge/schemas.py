@@ -18,6 +18,7 @@ METADATA_LIMIT = 16 * 1024
 CONTENT_LIMIT = 1024 * 1024
 IDEMPOTENCY_KEY_LIMIT = 256
 AUTHOR_LIMIT = 200
+ATTACHMENTS_LIMIT = 20
 
 
 class Strict(BaseModel):
@@ -33,6 +34,13 @@ class CreateLoop(Strict):
     profiles: list[str] = Field(default_factory=list)
     vault: str = "default"
     repo: str | None = None
+    branch: str | None = Field(
+        None, description="[ext] the loop's own branch of its repo, made when missing"
+    )
+
+
+class Attachment(Strict):
+    path: str = Field(description="a file of the loop's working directory")
 
 
 class Author(Strict):
@@ -55,6 +63,12 @@ class SendMessage(Strict):
     content: str
     permission_mode: PermissionMode | None = None
     author: Author | None = None
+    # Counted by the handler (too_many_attachments), not by validation.
+    attachments: list[Attachment] | None = Field(
+        None,
+        description="[ext] files of the working directory; images reach the model as images",
+        json_schema_extra={"maxItems": ATTACHMENTS_LIMIT},
+    )
 
 
 class Login(Strict):
@@ -86,6 +100,7 @@ class LoopOut(BaseModel):
     profiles: list[str]
     vault: str
     repo: str | None
+    branch: str | None = None
 
 
 class LoopDetail(LoopOut):
@@ -116,6 +131,17 @@ class ChoiceRecord(BaseModel):
     source: str
 
 
+class AttachmentOut(BaseModel):
+    path: str
+
+
+class FileShared(BaseModel):
+    path: str
+    size: int
+    media_type: str
+    caption: str | None
+
+
 class ErrorInfo(BaseModel):
     code: str
     message: str
@@ -133,6 +159,8 @@ class HistoryItem(BaseModel):
     error: ErrorInfo | None
     started_at: Timestamp | None
     ended_at: Timestamp | None
+    attachments: list[AttachmentOut] = Field(default_factory=list)
+    files_shared: list[FileShared] = Field(default_factory=list)
 
 
 class HistoryPage(BaseModel):
@@ -140,6 +168,22 @@ class HistoryPage(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+class FileEntry(BaseModel):
+    path: str = Field(description="relative to the working directory")
+    type: Literal["file", "dir"]
+    size: int | None = Field(description="bytes; null for a directory")
+    modified_at: Timestamp
+
+
+class FileList(BaseModel):
+    data: list[FileEntry]
+
+
+class FileWritten(BaseModel):
+    path: str
+    size: int
 
 
 # The token endpoints keep the camelCase names of the contract.

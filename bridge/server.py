@@ -19,7 +19,7 @@ from bridge.auth import (
     check_same_origin,
 )
 from bridge.errors import ApiError
-from bridge.limits import BodyLimit, JSONRoute
+from bridge.limits import BodyLimit, JSONRoute, file_upload
 from bridge.schemas import (
     CONTENT_LIMIT,
     IDEMPOTENCY_KEY_LIMIT,
@@ -94,7 +94,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, limit=CONTENT_LIMIT * 2)
+    app.add_middleware(BodyLimit, limit=CONTENT_LIMIT * 2, streamed=file_upload)
     errors.install(app)
     app.state.engine = engine
     settings = engine.settings
@@ -121,6 +121,9 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
 
     app.include_router(_loop_routes(engine), prefix="/api/v1")
     app.include_router(_account_routes(engine), prefix="/api/v1")
+    from bridge.files import file_routes  # it imports this module's dependencies
+
+    app.include_router(file_routes(engine), prefix="/api/v1")
     return app
 
 
@@ -134,7 +137,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
         if metadata_size(body.metadata) > METADATA_LIMIT:
             raise ApiError("metadata_too_large", "metadata is over 16 KB as JSON")
         loop = await engine.create_loop(
-            user, body.title, body.metadata, body.profiles, body.vault, body.repo
+            user, body.title, body.metadata, body.profiles, body.vault, body.repo, body.branch
         )
         return asdict(loop)
 
@@ -185,8 +188,15 @@ def _loop_routes(engine: Engine) -> APIRouter:
         if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_LIMIT:
             raise ApiError("idempotency_key_too_long", "Idempotency-Key is over 256 characters")
         author = body.author.model_dump() if body.author is not None else None
+        attachments = [a.path for a in body.attachments] if body.attachments else None
         stream = await engine.send(
-            user, loop_id, body.content, body.permission_mode, idempotency_key or None, author
+            user,
+            loop_id,
+            body.content,
+            body.permission_mode,
+            idempotency_key or None,
+            author,
+            attachments=attachments,
         )
         return event_stream(stream.events, {"X-Turn-Id": stream.turn_id})
 

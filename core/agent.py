@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from claude_agent_sdk import (
@@ -61,9 +61,13 @@ class AgentSession:
         self._task = spawn(self._own(), "agent-session")
         await asyncio.shield(self._ready)
 
-    async def query(self, text: str) -> None:
+    async def query(self, prompt: str | list[dict[str, Any]]) -> None:
+        """Send a message: plain text, or content blocks (text and images)."""
         assert self._client is not None
-        await self._client.query(text)
+        if isinstance(prompt, str):
+            await self._client.query(prompt)
+        else:
+            await self._client.query(_one_message(prompt))
 
     async def set_permission_mode(self, mode: str) -> None:
         if mode != self.permission_mode and self._client is not None:
@@ -115,6 +119,15 @@ class AgentSession:
         tail = " | ".join(line.strip() for line in self._stderr[-3:] if line.strip())
         text = f"{type(exc).__name__}: {exc}".strip()
         return f"{text} ({tail})" if tail else text
+
+
+async def _one_message(content: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    # The SDK's streaming input: user messages whose content is a list of blocks.
+    yield {
+        "type": "user",
+        "message": {"role": "user", "content": content},
+        "parent_tool_use_id": None,
+    }
 
 
 def summarize_input(tool: str, tool_input: dict[str, Any]) -> str:

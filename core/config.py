@@ -55,6 +55,9 @@ class Repo(Restricted):
     """A repository a loop's working directory starts as a clone of."""
 
     url: str
+    # Checked out after the clone (the remote's default when unset); a loop's own
+    # branch is made from it.
+    branch: str | None = None
 
 
 class Settings(BaseSettings):

@@ -17,6 +17,7 @@ import claude_agent_sdk
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from core import files
 from core.accounts import Accounts
 from core.config import Settings
 from core.errors import EngineError
@@ -31,8 +32,10 @@ from core.runtime import (
     LoopSpec,
     Turn,
     agent_env_from,
+    sandbox_spec,
 )
 from core.sandbox import LocalSandbox, Sandbox, choose_sandbox
+from core.sandbox.base import branch_problem
 from core.storage import Database, EventLogUnavailable, EventWriter, private_dir
 from core.tables import events, idempotency, loops, turns
 from core.tasks import spawn
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 REPLAY_BATCH = 500
 LOGGED_HISTORY = ("assistant_delta", "tool_call", "tool_result")
+ATTACHMENTS_LIMIT = 20
 # Built once: a statement built per call costs ~0.2 ms before it reaches the database.
 INSERT_TURN = insert(turns)
 INSERT_IDEMPOTENCY = insert(idempotency)
@@ -59,6 +63,7 @@ class Loop:
     profiles: list[str]
     vault: str
     repo: str | None
+    branch: str | None = None  # [ext] the branch its repo's clone is on
     turn_count: int = 0
     busy: bool = False
     queue_depth: int = 0
@@ -86,6 +91,8 @@ class HistoryItem:
     started_at: datetime | None
     ended_at: datetime | None
     author: dict[str, str] | None = None
+    attachments: list[dict[str, str]]
+    files_shared: list[dict[str, Any]]
 
 
 @dataclass
@@ -217,12 +224,21 @@ class Engine:
         profiles: list[str] | None = None,
         vault: str = "default",
         repo: str | None = None,
+        branch: str | None = None,
     ) -> Loop:
         profiles = profiles or []
         self.settings.check_access(user, profiles, vault, repo)
+        if branch is not None:
+            if repo is None:
+                raise EngineError("invalid_branch", "a branch needs a repo")
+            if (problem := branch_problem(branch)) is not None:
+                raise EngineError("invalid_branch", f"branch {branch!r} {problem}")
+        if repo is not None:
+            branch = branch or self.settings.repos[repo].branch
         now = utcnow()
         loop = Loop(
-            new_id("loop"), title, now, user, False, None, metadata or {}, profiles, vault, repo
+            new_id("loop"), title, now, user, False, None, metadata or {}, profiles, vault, repo,
+            branch,
         )
         async with self.db.write() as conn:
             await conn.execute(
@@ -237,6 +253,7 @@ class Engine:
                     profiles=profiles,
                     vault=vault,
                     repo=repo,
+                    branch=branch,
                     turn_count=0,
                     event_id_reserved=0,
                 )
@@ -360,6 +377,7 @@ class Engine:
                     list(fresh.profiles),
                     fresh.vault,
                     fresh.repo,
+                    fresh.branch,
                 )
                 runtime = LoopRuntime(self._context(), spec, seq, reserved)
                 self._runtimes[row.id] = runtime
@@ -402,6 +420,7 @@ class Engine:
         permission_mode: str | None = None,
         idempotency_key: str | None = None,
         author: dict[str, str] | None = None,
+        attachments: list[str] | None = None,
     ) -> TurnStream:
         runtime = await self._owned_runtime(user, raw_id)
         if runtime.spec.archived:
@@ -410,13 +429,25 @@ class Engine:
         spec = runtime.spec
         self.settings.check_access(user, spec.profiles, spec.vault, spec.repo)
         mode = permission_mode or self.settings.default_permission_mode
-        # Without an author the hash is what it was before authors, so older records match.
-        hashed = [runtime.id, content, permission_mode, *([author] if author else [])]
+        attached = await self._check_attachments(runtime.id, attachments or [])
+        # Without an author or attachments the hash is what it was before they existed,
+        # so older records match.
+        hashed: list[Any] = [runtime.id, content, permission_mode, *([author] if author else [])]
+        if attached:
+            hashed.append(attached)
         request_hash = hashlib.sha256(json.dumps(hashed).encode()).hexdigest()
         admission = self.quotas.admission(user, runtime, len(content.encode()))
         try:
             turn, earlier = await self._record_turn(
-                user, runtime, content, mode, idempotency_key, request_hash, admission, author
+                user,
+                runtime,
+                content,
+                mode,
+                idempotency_key,
+                request_hash,
+                admission,
+                author,
+                attached,
             )
         except IntegrityError:
             # The same key raced in from another request: answer like the replay it is.
@@ -453,6 +484,7 @@ class Engine:
         request_hash: str,
         admission: Admission,
         author: dict[str, str] | None,
+        attachments: list[dict[str, str]] | None = None,
     ) -> tuple[Turn | None, tuple[str, str] | None]:
         """Store a new turn with its idempotency record, in one transaction; or, when the key
         was seen before, the (loop, turn) it ran. A new turn must pass the caps first."""
@@ -463,6 +495,7 @@ class Engine:
                     return None, earlier
             admission.take()
             turn = runtime.new_turn(content, mode, author=author, size=admission.size)
+            turn.attachments = attachments or []
             if key is not None:
                 record = {"user_id": user, "key": key, "request_hash": request_hash,
                           "loop_id": runtime.id, "turn_id": turn.id, "created_at": utcnow()}
@@ -653,6 +686,33 @@ class Engine:
         in_memory = [*([runtime.current] if runtime.current else []), *runtime.queue]
         return {**runtime.unsaved, **{t.id: t for t in in_memory}}
 
+    # ---- files [ext] ---------------------------------------------------------------------
+
+    async def workdir(self, user: str, raw_id: str, *, write: bool = False) -> Path:
+        """The loop's working directory on this host, after the owner check. To write, the
+        loop must not be archived, and the directory is made (its repo cloned) if no turn
+        has made it yet."""
+        row = await self._owned_row(user, raw_id)
+        if write and row.archived:
+            raise EngineError("loop_archived", "loop is archived: its files are read-only")
+        workdir = self.sandbox.workdir(row.id)
+        if write and not workdir.is_dir():
+            spec = sandbox_spec(self.settings, row.id, {}, row.repo, row.branch)
+            await self.sandbox.prepare_dirs(spec)
+        return workdir
+
+    async def _check_attachments(self, loop: str, paths: list[str]) -> list[dict[str, str]]:
+        """Each attachment is a file of the working directory; images within the limit."""
+        if len(paths) > ATTACHMENTS_LIMIT:
+            raise EngineError(
+                "too_many_attachments", f"at most {ATTACHMENTS_LIMIT} attachments a message"
+            )
+        if not paths:
+            return []
+        return await asyncio.to_thread(
+            files.check_attachments, self.sandbox.workdir(loop), paths
+        )
+
     async def wait_idle(self) -> None:
         """Wait until every write of every runtime is done (tests and shutdown)."""
         for runtime in list(self._runtimes.values()):
@@ -709,6 +769,7 @@ def _loop_from_row(row: Any) -> Loop:
         profiles=list(row.profiles),
         vault=row.vault,
         repo=row.repo,
+        branch=row.branch,
         turn_count=row.turn_count,
     )
 
@@ -728,6 +789,8 @@ def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
             started_at=aware(row.started_at) if row.started_at else None,
             ended_at=aware(row.ended_at) if row.ended_at else None,
             author={"id": row.author_id, "name": row.author_name} if row.author_id else None,
+            attachments=row.attachments or [],
+            files_shared=row.files_shared or [],
         )
     ended = turn.ended or ("running" if turn.started_at else "queued")
     return HistoryItem(
@@ -739,5 +802,6 @@ def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
         started_at=turn.started_at,
         ended_at=turn.ended_at,
         author=turn.author,
+        attachments=turn.attachments,
         **turn.history_fields(),
     )

@@ -28,12 +28,15 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core import agent as sdk
+from core import files
 from core.choices import EVICTED, INTERRUPTED, Choice, decision, make_choice, validate_answer
 from core.config import Settings
 from core.errors import EngineError
 from core.events import Channel, Event
 from core.ids import new_id, utcnow
-from core.sandbox import Sandbox, SandboxSpec
+from core.sandbox import AgentHost, Sandbox, SandboxSpec
+from core.share import SERVER as SHARE_SERVER
+from core.share import SHARE_TOOL, share_server
 from core.storage import TRANSIENT, Database, EventWriter
 from core.tables import loops, turns
 from core.tasks import spawn
@@ -74,6 +77,8 @@ class Turn:
     text: list[str] = field(default_factory=list)
     tool_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     choices: list[dict[str, Any]] = field(default_factory=list)
+    attachments: list[dict[str, str]] = field(default_factory=list)
+    files_shared: list[dict[str, Any]] = field(default_factory=list)
     pending: dict[str, Choice] = field(default_factory=dict)
     started_at: datetime | None = None
     ended: str | None = None
@@ -109,6 +114,7 @@ class Turn:
             "author_name": self.author["name"] if self.author else None,
             "ended": ended,
             "started_at": self.started_at,
+            "attachments": self.attachments,
             **self.history_fields(),
         }
 
@@ -117,6 +123,7 @@ class Turn:
             "assistant_text": "".join(self.text),
             "tool_calls": list(self.tool_calls.values()),
             "choices": self.choices,
+            "files_shared": self.files_shared,
         }
 
 
@@ -132,6 +139,7 @@ class LoopSpec:
     profiles: list[str]
     vault: str
     repo: str | None
+    branch: str | None = None
 
 
 class LoopRuntime:
@@ -148,6 +156,7 @@ class LoopRuntime:
         self.queue: deque[Turn] = deque()
         self.current: Turn | None = None
         self.agent: sdk.AgentSession | None = None
+        self.host: AgentHost | None = None
         self._changed = asyncio.Condition()
         self._worker = spawn(self._work(), f"loop-{spec.id}")
         self._idle_timers: list[asyncio.TimerHandle] = []
@@ -355,10 +364,16 @@ class LoopRuntime:
         assert self.agent is not None
         try:
             await self.agent.set_permission_mode(turn.permission_mode)
-            await self.agent.query(turn.prompt)
+            await self.agent.query(await self._prompt(turn))
         except Exception as exc:  # the CLI went away between turns
             await self._finish(turn, "error", _error("agent_failed", str(exc), turn.id))
             await self._stop_agent()
+
+    async def _prompt(self, turn: Turn) -> str | list[dict[str, Any]]:
+        if not turn.attachments:
+            return turn.prompt
+        workdir = self.ctx.sandbox.workdir(self.id)
+        return await asyncio.to_thread(files.prompt_content, workdir, turn.prompt, turn.attachments)
 
     def _begin(self, turn: Turn, cold: bool) -> None:
         turn.started_at = utcnow()
@@ -423,7 +438,9 @@ class LoopRuntime:
     async def _ensure_agent(self, permission_mode: str) -> bool:
         if self.agent is not None and self.agent.alive:
             return False
-        spec = SandboxSpec(self.id, self._agent_env(), self._repo_url())
+        spec = sandbox_spec(
+            self.ctx.settings, self.id, self._agent_env(), self.spec.repo, self.spec.branch
+        )
         try:
             host, _ = await self.ctx.sandbox.acquire(spec)
         except EngineError:
@@ -432,6 +449,7 @@ class LoopRuntime:
             log.exception("loop %s: the sandbox did not start", self.id)
             raise EngineError("sandbox_spawn_failed", f"the sandbox did not start: {exc}") from exc
         self.sandbox_held = True
+        self.host = host
         for resume in dict.fromkeys([self.spec.session_id, None]):
             session = sdk.AgentSession(
                 self._options(host, permission_mode, resume), self._on_message, self._on_exit
@@ -461,7 +479,9 @@ class LoopRuntime:
             system_prompt={"type": "preset", "preset": "claude_code", "append": prompt}
             if prompt
             else {"type": "preset", "preset": "claude_code"},
-            allowed_tools=sorted({t for p in profiles for t in p.allowed_tools}),
+            # share_file needs no permission in any mode.
+            allowed_tools=sorted({SHARE_TOOL, *(t for p in profiles for t in p.allowed_tools)}),
+            mcp_servers={SHARE_SERVER: share_server(self._share_file)},
             disallowed_tools=sorted({t for p in profiles for t in p.disallowed_tools}),
             model=model,
             setting_sources=[],
@@ -476,11 +496,6 @@ class LoopRuntime:
         if vault is not None:
             env.update(vault.env)
         return env
-
-    def _repo_url(self) -> str | None:
-        if self.spec.repo is None:
-            return None
-        return self.ctx.settings.repos[self.spec.repo].url
 
     async def _stop_agent(self) -> None:
         session, self.agent = self.agent, None
@@ -553,6 +568,8 @@ class LoopRuntime:
         turn = self.current
         if turn is None or turn.interrupt_requested:
             return PermissionResultDeny(message="No turn is running.", interrupt=True)
+        if tool == SHARE_TOOL:  # in case a mode asks anyway: it never needs a person
+            return PermissionResultAllow(updated_input=tool_input)
         choice = make_choice(tool, tool_input, context.title)
         turn.pending[choice.id] = choice
         self.emit(
@@ -563,6 +580,30 @@ class LoopRuntime:
         self._arm_evict(turn)
         outcome = await choice.future
         return decision(choice, outcome)
+
+    async def _share_file(self, path: str, caption: str | None) -> str:
+        """The agent's share_file: a file of its working directory, given to the people."""
+        turn = self.current
+        if turn is None or turn.finished.is_set():
+            raise ValueError("no turn is running")
+        host = self.host
+        workdir = self.ctx.sandbox.workdir(self.id)
+        insides = [str(workdir), *([host.inside] if host and host.inside else [])]
+        try:
+            relative = files.agent_relative(path, *insides)
+            opened = await asyncio.to_thread(files.open_file, workdir, relative)
+        except EngineError as exc:
+            raise ValueError(f"cannot share {path}: {exc.message}") from None
+        opened.close()
+        data = {
+            "path": opened.path,
+            "size": opened.size,
+            "media_type": opened.media_type,
+            "caption": caption,
+        }
+        turn.files_shared.append(data)
+        self.emit("file_shared", data, turn.id)
+        return f"Shared {opened.path} ({opened.size} bytes) with the people in this conversation."
 
     def _end_choices(self, turn: Turn, outcome: str) -> None:
         for choice in turn.pending.values():
@@ -665,6 +706,16 @@ def attribution(author: dict[str, str]) -> str:
 
 def _error(code: str, message: str, turn_id: str) -> dict[str, Any]:
     return {"code": code, "message": message, "turn_id": turn_id}
+
+
+def sandbox_spec(
+    settings: Settings, loop_id: str, env: dict[str, str], repo: str | None, branch: str | None
+) -> SandboxSpec:
+    """What a backend needs to prepare a loop: its repo's clone on the loop's branch."""
+    config = settings.repos.get(repo) if repo else None
+    if config is None:
+        return SandboxSpec(loop_id, env)
+    return SandboxSpec(loop_id, env, config.url, config.branch, branch)
 
 
 def agent_env_from(environ: os._Environ[str] | dict[str, str], run_as_root: bool) -> dict[str, str]:

@@ -61,6 +61,7 @@ loops = Table(
     Column("profiles", JSON, nullable=False),
     Column("vault", String(200), nullable=False),
     Column("repo", String(200), nullable=True),
+    Column("branch", String(200), nullable=True),
     Column("session_id", String(64), nullable=True),
     Column("turn_count", Integer, nullable=False, default=0),
     # Event ids up to here may have been published: numbering goes on above it.
@@ -83,6 +84,8 @@ turns = Table(
     Column("assistant_text", Text, nullable=False, default=""),
     Column("tool_calls", JSON, nullable=False),
     Column("choices", JSON, nullable=False),
+    Column("attachments", JSON, nullable=True),  # [{"path"}] the message named
+    Column("files_shared", JSON, nullable=True),  # file_shared events' data
     Column("ended", String(16), nullable=False),  # queued | running | done | interrupted | error
     Column("error", JSON, nullable=True),
     Column("started_at", DateTime(timezone=True), nullable=True),

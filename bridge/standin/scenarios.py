@@ -20,6 +20,8 @@ What the bundled CLI (2.1.33x) sends, as observed:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import time
@@ -54,6 +56,10 @@ MACHINE_TEXT_PREFIXES = (
     "<local-command-",
     "<command-",
     "[Request interrupted by user",
+    # After a ToolSearch result (its content: tool_reference blocks).
+    "Tool loaded.",
+    # Beside an image a message carries: where the CLI saved a copy.
+    "[Image: source:",
 )
 
 
@@ -110,6 +116,13 @@ class ApiError:
 class ToolResult:
     text: str
     is_error: bool
+    tool: str | None = None  # the name of the tool_use it answers
+
+
+@dataclass(frozen=True)
+class Image:
+    media_type: str
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,11 @@ class Context:
     human_count: int
     tool_result: ToolResult | None
     stamp_delay: float
+    # Tools the request offers by schema, and deferred ones it only names (see ``share``).
+    tools: tuple[str, ...] = ()
+    deferred: tuple[str, ...] = ()
+    # Images in the person's latest message.
+    images: tuple[Image, ...] = ()
 
 
 Scenario = Callable[[Context], Reply | ApiError]
@@ -261,6 +279,45 @@ def ask(ctx: Context) -> Reply:
     return text_reply(f"You chose: {ctx.tool_result.text}")
 
 
+def share(ctx: Context) -> Reply:
+    """``[[share: PATH :: CAPTION]]``: the agent's share_file tool, called as a model must.
+
+    Observed: the CLI offers SDK MCP tools as *deferred* tools. A ``role: system`` entry
+    says "The following deferred tools are now available via ToolSearch. …" and names
+    each on its own line (``mcp__loopbridge__share_file``); they have no schema in
+    ``tools`` until the model calls ``ToolSearch`` with ``select:<name>``, whose result
+    holds their definitions in a ``<functions>`` block. Then the tool is called by that
+    name like any other.
+    """
+    path, _, caption = (ctx.argument or "").partition("::")
+    name = next((n for n in (*ctx.tools, *ctx.deferred) if n.endswith("__share_file")), None)
+    if name is None:
+        return text_reply("No share_file tool is listed.")
+    tool_input = {"path": path.strip(), **({"caption": caption.strip()} if caption.strip() else {})}
+    result = ctx.tool_result
+    if result is None:
+        if name in ctx.tools:
+            return _tool(name, tool_input)
+        return _tool("ToolSearch", {"query": f"select:{name}"})
+    if result.tool == "ToolSearch":
+        if result.is_error or name not in result.text:
+            return text_reply(f"ToolSearch did not load {name}: {_preview(result)}")
+        return _tool(name, tool_input)
+    verdict = "Share failed" if result.is_error else "Shared"
+    return text_reply(f"{verdict}: {_preview(result)}")
+
+
+def image(ctx: Context) -> Reply:
+    """``[[image]]``: says what images the person's message holds (type, size, digest)."""
+    if not ctx.images:
+        return text_reply("I see no image.")
+    seen = [
+        f"{img.media_type} {len(img.data)} bytes sha256={hashlib.sha256(img.data).hexdigest()}"
+        for img in ctx.images
+    ]
+    return text_reply(f"I see {len(seen)} image(s): " + "; ".join(seen))
+
+
 def fail(ctx: Context) -> ApiError:
     return ApiError(500, "api_error", "stand-in failure")
 
@@ -279,6 +336,8 @@ SCENARIOS: dict[str, Scenario] = {
     "bashbg": bashbg,
     "write": write,
     "ask": ask,
+    "share": share,
+    "image": image,
     "fail": fail,
     "overloaded": overloaded,
 }
@@ -330,6 +389,9 @@ def respond(body: dict[str, Any], stamp_delay: float) -> Reply | ApiError:
         human_count=len(human),
         tool_result=_trailing_tool_result(messages),
         stamp_delay=stamp_delay,
+        tools=tuple(t["name"] for t in body.get("tools") or [] if isinstance(t.get("name"), str)),
+        deferred=deferred_tools(body),
+        images=_latest_images(messages),
     )
     return scenario(ctx)
 
@@ -399,13 +461,73 @@ def _trailing_tool_result(messages: list[dict[str, Any]]) -> ToolResult | None:
         return None
     for block in _blocks(messages[-1]):
         if block.get("type") == "tool_result":
-            return ToolResult(_result_text(block.get("content")), bool(block.get("is_error")))
+            tool = _tool_name(messages[:-1], block.get("tool_use_id"))
+            return ToolResult(
+                _result_text(block.get("content")), bool(block.get("is_error")), tool
+            )
     return None
+
+
+def _tool_name(messages: list[dict[str, Any]], tool_use_id: Any) -> str | None:
+    for message in reversed(messages):
+        for block in _blocks(message):
+            if block.get("type") == "tool_use" and block.get("id") == tool_use_id:
+                return block.get("name")
+    return None
+
+
+DEFERRED_HEADER = "deferred tools are now available via ToolSearch"
+
+
+def deferred_tools(body: dict[str, Any]) -> tuple[str, ...]:
+    """The tool names the CLI lists as deferred (loadable through ToolSearch)."""
+    texts = [body.get("system")] + [
+        m.get("content") for m in body.get("messages", []) if m.get("role") == "system"
+    ]
+    names: list[str] = []
+    for text in _all_text(texts):
+        at = text.find(DEFERRED_HEADER)
+        if at < 0:
+            continue
+        listing = text[at:].split(":\n", 1)[-1]
+        for line in listing.splitlines():
+            if not line.strip():
+                break
+            names.append(line.strip())
+    return tuple(names)
+
+
+def _all_text(items: list[Any]) -> Iterator[str]:
+    for item in items:
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, list):
+            for block in item:
+                if isinstance(block, dict) and isinstance(block.get("text"), str):
+                    yield block["text"]
+
+
+def _latest_images(messages: list[dict[str, Any]]) -> tuple[Image, ...]:
+    """The images of the newest user message that holds text a person typed."""
+    for message in reversed(messages):
+        if message.get("role") == "user" and human_texts([message]):
+            return tuple(
+                Image(source.get("media_type", ""), base64.b64decode(source.get("data", "")))
+                for block in _blocks(message)
+                if block.get("type") == "image"
+                and (source := block.get("source") or {}).get("type") == "base64"
+            )
+    return ()
 
 
 def _result_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
+        # ToolSearch answers with tool_reference blocks: each names a tool it loaded.
+        return "\n".join(
+            part.get("text", "") if part.get("type") == "text" else part.get("tool_name", "")
+            for part in content
+            if part.get("type") in ("text", "tool_reference")
+        )
     return ""

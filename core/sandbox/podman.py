@@ -402,7 +402,9 @@ class PodmanSandbox(Sandbox):
         workdir = self.workdir(spec.loop_id)
         # The SDK needs a host directory to spawn the launcher in; the CLI's own
         # working directory is /work inside the container.
-        return AgentHost(cli_path=str(self.launcher), cwd=str(workdir), env=env, workdir=workdir)
+        return AgentHost(
+            cli_path=str(self.launcher), cwd=str(workdir), env=env, workdir=workdir, inside=WORKDIR
+        )
 
     # -- containers ----------------------------------------------------------
 
