@@ -90,9 +90,9 @@ class HistoryItem:
     error: dict[str, str] | None
     started_at: datetime | None
     ended_at: datetime | None
-    author: dict[str, str] | None = None
     attachments: list[dict[str, str]]
     files_shared: list[dict[str, Any]]
+    author: dict[str, str] | None = None
 
 
 @dataclass
