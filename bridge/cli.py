@@ -336,10 +336,18 @@ async def _demo(args: argparse.Namespace) -> None:
             "CLAUDE_CODE_MAX_RETRIES": "1",
         }
     )
+    # A data directory the person named is theirs to keep; the containers go all the same.
     kept = given is not None or args.keep
 
+    if args.keep:
+        ending = "kept, with its containers, when the demo ends"
+    elif kept:
+        ending = "kept when the demo ends; its containers are removed"
+    else:
+        ending = "removed, with its containers, when the demo ends (--keep keeps them)"
+
     def show(port: int) -> None:
-        print(_demo_guide(args.host, port, url, home, token, kept), flush=True)
+        print(_demo_guide(args.host, port, url, home, token, ending), flush=True)
 
     try:
         token = await _demo_token()
@@ -347,15 +355,14 @@ async def _demo(args: argparse.Namespace) -> None:
     finally:
         with contextlib.suppress(Exception):
             await model.stop()
-        if not kept:
-            await _remove_demo(home)
+        if not args.keep:
+            await _remove_demo(home, data=not kept)
 
 
-def _demo_guide(host: str, port: int, model: str, home: str, token: str, kept: bool) -> str:
+def _demo_guide(host: str, port: int, model: str, home: str, token: str, ending: str) -> str:
     base = f"http://{host}:{port}/api/v1"
     auth = shlex.quote(f"Authorization: Bearer {token}")
     loopbridge = _loopbridge_command()
-    ending = "kept when the demo ends" if kept else "removed when the demo ends (--keep keeps it)"
     return (
         "\nThis demo runs the real Claude Code agent against a SCRIPTED STAND-IN MODEL "
         f"at {model}:\nno API key is used, and the answers are canned "
@@ -380,8 +387,9 @@ def _loopbridge_command() -> str:
     return shlex.quote(str(beside)) if beside.is_file() else "loopbridge"
 
 
-async def _remove_demo(home: str) -> None:
-    """The demo's containers (labelled with its data directory) and the directory itself."""
+async def _remove_demo(home: str, *, data: bool) -> None:
+    """The demo's containers (labelled with its data directory), and with `data` the
+    directory itself."""
     from core.errors import EngineError
     from core.sandbox.image import podman_argv, podman_env, run
     from core.sandbox.podman import SERVER_LABEL
@@ -395,7 +403,8 @@ async def _remove_demo(home: str) -> None:
         )
         if ids := found.split():
             await run(*podman, "rm", "--force", *ids, env=podman_env())
-    await asyncio.to_thread(shutil.rmtree, data_dir, ignore_errors=True)
+    if data:
+        await asyncio.to_thread(shutil.rmtree, data_dir, ignore_errors=True)
 
 
 async def _demo_token() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -382,6 +383,18 @@ def streamed_text(sse: str) -> str:
     return "".join(texts)
 
 
+async def containers_of(home: Path) -> list[str]:
+    """The ids of the containers a server with this data directory made (podman's label)."""
+    if shutil.which("podman") is None:
+        return []
+    podman = await asyncio.create_subprocess_exec(
+        "podman", "ps", "--all", "--quiet", "--filter", f"label=loopbridge.server={home}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await asyncio.wait_for(podman.communicate(), 60)
+    return out.decode().split()
+
+
 async def test_the_readmes_example_works_against_the_demo_which_leaves_nothing_behind():
     if not (ROOT / ".venv" / "bin" / "loopbridge").is_file():
         pytest.skip("the README's commands use .venv/bin/loopbridge, and there is no .venv here")
@@ -415,7 +428,9 @@ async def test_the_readmes_example_works_against_the_demo_which_leaves_nothing_b
         assert shell.returncode == 0, err.decode()
         assert streamed_text(out.decode()) == "Echo #1: hello"
         assert await asyncio.to_thread(home.is_dir)
+        print("the demo's containers:", await containers_of(home))  # none without podman
     finally:
         demo.terminate()
         await asyncio.wait_for(demo.wait(), 60)
     assert not await asyncio.to_thread(home.exists), "the demo's data directory is gone"
+    assert await containers_of(home) == [], "the demo's containers are removed when it ends"
