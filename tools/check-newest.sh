@@ -17,9 +17,11 @@ trap 'rm -rf "$tmp"' EXIT
 venv="$tmp/venv"
 python3 -m venv "$venv"
 echo "== installing the newest releases (no lock)"
-"$venv/bin/pip" install -q --upgrade pip >/dev/null
-if ! "$venv/bin/pip" install -q --upgrade -e '.[test,postgres]'; then
-  echo "BROKEN: the newest releases do not install together (see pip's message above)"
+"$venv/bin/pip" install -q --upgrade pip >"$tmp/pip.log" 2>&1
+# pip's warnings (build backends' deprecations…) go to a log, shown if the install fails.
+if ! "$venv/bin/pip" install -q --upgrade -e '.[test,postgres]' >>"$tmp/pip.log" 2>&1; then
+  tail -30 "$tmp/pip.log"
+  echo "BROKEN: the newest releases do not install together (pip's message above)"
   exit 1
 fi
 
