@@ -6,7 +6,9 @@ stalls. A flusher task makes the platform calls:
 
 - a message is posted as soon as it exists, and edited at most once per
   `edit_interval` (counted from the end of the previous call, so the platform
-  never sees two edits closer than that);
+  never sees two edits closer than that) — except its first words: a message
+  that shows no text yet (the turn's placeholder) shows the first text at once,
+  and the throttle starts from there;
 - when the text outgrows `part_limit`, the part is sealed on a fence-aware
   boundary and the rest continues in a new message;
 - a choice seals the current part, so the answer goes on below the buttons;
@@ -116,7 +118,8 @@ class TurnRenderer:
 
     def add_text(self, text: str) -> None:
         self._pending += text
-        self._changed.set()
+        # A message waiting for its first words shows them at once (see _first_words).
+        self._poke(urgent=self._tail is not None and not _has_text(self._tail.shown))
 
     def tool_call(self, tool_use_id: str, tool: str, summary: str | None) -> None:
         self._sync()
@@ -224,7 +227,7 @@ class TurnRenderer:
             if slot.settled:
                 continue
             now = self.clock()
-            if now < slot.ready_at:
+            if now < slot.ready_at and not _first_words(slot):
                 next_due = _earliest(next_due, slot.ready_at)
                 if slot.message_id is None:
                     break  # later messages must not be posted before this one
@@ -381,6 +384,21 @@ class TurnRenderer:
             self._slots.remove(slot)
             self._text_slots.remove(slot)
         self._tail = first if self._tail in waiting else self._tail
+
+
+def _has_text(view: MessageView | ChoiceView | None) -> bool:
+    return isinstance(view, MessageView) and bool(view.text)
+
+
+def _first_words(slot: _Slot) -> bool:
+    """A posted message that shows no text yet now has some: it is not held for the
+    edit interval (a failed call still waits out its backoff)."""
+    return (
+        slot.message_id is not None
+        and slot.failures == 0
+        and _has_text(slot.view)
+        and not _has_text(slot.shown)
+    )
 
 
 def _earliest(current: float | None, candidate: float) -> float:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from bridge.serve import run
 from core.errors import EngineError, SettingsError
 
 DEMO_USER = "demo"
+MAX_PORT = 65535
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,61 +44,134 @@ def _message(exc: Exception) -> str:
     return exc.message if isinstance(exc, EngineError) else str(exc)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loopbridge", description=__doc__)
-    commands = parser.add_subparsers(title="commands")
+# Environment variables each command reads (beside LOOPBRIDGE_CONFIG, the settings file).
+ENGINE_ENV = ("home", "database_url")
+SERVER_ENV = (
+    *ENGINE_ENV, "sandbox", "default_permission_mode", "agent_idle_seconds",
+    "sandbox_idle_seconds", "rate_limit_per_minute", "cli_path",
+)
+MODEL_ENV = (
+    "ANTHROPIC_API_KEY (the model key, handed to agents)",
+    "ANTHROPIC_BASE_URL (default: Anthropic's API)",
+)
+SERVE_MORE = (
+    "LOOPBRIDGE_SLACK_* (docs/slack.md) and LOOPBRIDGE_DISCORD_* (docs/discord.md) start the "
+    "adapters inside the server",
+)
+UNSET_DEFAULTS = {
+    "database_url": "SQLite in the data directory",
+    "cli_path": "the CLI bundled with claude-agent-sdk",
+    "podman_url": "podman on this machine",
+}
+ADAPTER_ENV = (
+    "LOOPBRIDGE_API_URL (the server, e.g. http://127.0.0.1:8642)",
+    "LOOPBRIDGE_API_TOKEN (`loopbridge tokens create --user NAME`)",
+)
 
-    serve = commands.add_parser("serve", help="run the Loop API server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8642)
-    serve.set_defaults(run=_serve)
 
-    demo = commands.add_parser("demo", help="run the server with a scripted stand-in model")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8642)
-    demo.set_defaults(run=_demo)
+def _environment(fields: tuple[str, ...] = (), more: tuple[str, ...] = ()) -> str:
+    """The help's list of the environment variables a command reads, with defaults."""
+    from core.config import ENV_PREFIX, Settings
 
-    slack = commands.add_parser(
-        "slack", help="run the Slack adapter against LOOPBRIDGE_API_URL (see docs/slack.md)"
+    lines = ["environment:"]
+    for name in fields:
+        default = Settings.model_fields[name].default
+        shown = UNSET_DEFAULTS.get(name, "none") if default is None else str(default)
+        lines.append(f"  {ENV_PREFIX}{name.upper()} (default: {shown})")
+    lines += [f"  {line}" for line in more]
+    lines.append("  LOOPBRIDGE_CONFIG (a TOML file of settings; the environment wins over it)")
+    return "\n".join(lines)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults shown, and the environment list kept as written."""
+
+
+def _command(
+    commands: Any, name: str, summary: str, run: Any, environment: str = ""
+) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        name, help=summary, description=summary, epilog=environment or None,
+        formatter_class=_Help,
     )
-    slack.set_defaults(run=_slack)
+    parser.set_defaults(run=run)
+    return parser
 
-    discord = commands.add_parser(
-        "discord", help="run the Discord adapter against LOOPBRIDGE_API_URL"
+
+def _listening(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8642, help="TCP port (0: any free one)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loopbridge", description=__doc__, formatter_class=_Help,
+        epilog="`loopbridge COMMAND --help` lists a command's options, their defaults and "
+        "the environment variables it reads.",
+    )
+    commands = parser.add_subparsers(title="commands")
+    server_env = _environment(SERVER_ENV, (*MODEL_ENV, *SERVE_MORE))
+
+    _listening(_command(commands, "serve", "run the Loop API server", _serve, server_env))
+
+    demo = _command(
+        commands, "demo", "run the server with a scripted stand-in model (no API key)", _demo,
+        "environment:\n  LOOPBRIDGE_HOME (default: a new temporary directory, removed at the "
+        "end unless --keep)",
+    )
+    _listening(demo)
+    demo.add_argument(
+        "--keep", action="store_true",
+        help="keep the demo's data directory and its containers when it ends",
+    )
+
+    _command(
+        commands, "slack", "run the Slack adapter against LOOPBRIDGE_API_URL (docs/slack.md)",
+        _slack, _environment(more=(*ADAPTER_ENV, "LOOPBRIDGE_SLACK_* (docs/slack.md)")),
+    )
+    discord = _command(
+        commands, "discord", "run the Discord adapter against LOOPBRIDGE_API_URL (docs/discord.md)",
+        _discord, _environment(more=(*ADAPTER_ENV, "LOOPBRIDGE_DISCORD_* (docs/discord.md)")),
     )
     discord.add_argument(
         "--invite-url", action="store_true", help="print the URL that adds the bot to a server"
     )
-    discord.set_defaults(run=_discord)
 
+    accounts_env = _environment(ENGINE_ENV)
     users = commands.add_parser("users", help="manage users").add_subparsers(title="users")
-    add = users.add_parser("add", help="add a user")
-    add.add_argument("name")
-    add.add_argument("--password-stdin", action="store_true", help="read a password for login")
-    add.set_defaults(run=_users_add)
+    add = _command(users, "add", "add a user", _users_add, accounts_env)
+    add.add_argument("name", help="the user's name")
+    add.add_argument(
+        "--password-stdin", action="store_true",
+        help="read a password (for the browser login) from standard input",
+    )
 
     tokens = commands.add_parser("tokens", help="manage API tokens").add_subparsers(title="tokens")
-    create = tokens.add_parser("create", help="create a token (prints it last)")
-    create.add_argument("--user", required=True)
-    create.add_argument("--label", default="")
-    create.set_defaults(run=_tokens_create)
-    listing = tokens.add_parser("list", help="list a user's tokens")
-    listing.add_argument("--user", required=True)
-    listing.set_defaults(run=_tokens_list)
-    revoke = tokens.add_parser("revoke", help="revoke a token")
-    revoke.add_argument("token_id")
-    revoke.set_defaults(run=_tokens_revoke)
+    create = _command(tokens, "create", "create a token (printed last)", _tokens_create,
+                      accounts_env)
+    create.add_argument("--user", required=True, help="whose token (made if new)")
+    create.add_argument("--label", default="", help="a note to tell tokens apart")
+    listing = _command(tokens, "list", "list a user's tokens", _tokens_list, accounts_env)
+    listing.add_argument("--user", required=True, help="whose tokens")
+    revoke = _command(tokens, "revoke", "revoke a token", _tokens_revoke, accounts_env)
+    revoke.add_argument("token_id", help="the token's id (tok_…, from `tokens list`)")
 
     sandbox = commands.add_parser("sandbox", help="the podman sandbox").add_subparsers(
         title="sandbox"
     )
-    build = sandbox.add_parser("build", help="build the sandbox image from Debian packages")
-    build.set_defaults(run=_sandbox_build)
-
-    doctor = commands.add_parser(
-        "doctor", help="check podman, the image, the agent CLI, the model API and the database"
+    _command(
+        sandbox, "build", "build the sandbox image from Debian packages", _sandbox_build,
+        _environment(("home", "sandbox_image", "podman_url")),
     )
-    doctor.set_defaults(run=_doctor)
+
+    doctor = _command(
+        commands, "doctor",
+        "check the data directory, podman, the image, the agent CLI, the model API and key, "
+        "and the database", _doctor, _environment((*SERVER_ENV, "sandbox_image"), MODEL_ENV),
+    )
+    doctor.add_argument(
+        "--offline", action="store_true", help="skip the checks that reach the model API"
+    )
     return parser
 
 
@@ -103,11 +180,13 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _with_accounts(work: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
     from core.accounts import Accounts
-    from core.config import load_settings
+    from core.config import load_settings, prepare_data_dir
+    from core.database_url import check_database_url
     from core.storage import Database
 
     settings = load_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings)
+    check_database_url(settings.resolved_database_url)
     db = Database(settings.resolved_database_url)
     try:
         await _migrate(db)
@@ -176,11 +255,11 @@ async def _tokens_revoke(args: argparse.Namespace) -> None:
 
 
 async def _sandbox_build(args: argparse.Namespace) -> None:
-    from core.config import load_settings
+    from core.config import load_settings, prepare_data_dir
     from core.sandbox.image import build_image, recipe_path
 
     settings = load_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings)
     recipe = recipe_path(settings.data_dir)
     print(f"building {settings.sandbox_image} from {recipe}", flush=True)
     await build_image(
@@ -195,7 +274,7 @@ async def _doctor(args: argparse.Namespace) -> None:
     from bridge.doctor import doctor
     from core.config import load_settings
 
-    if not await doctor(load_settings()):
+    if not await doctor(load_settings(), offline=args.offline):
         raise SystemExit(1)
 
 
@@ -205,23 +284,25 @@ async def _doctor(args: argparse.Namespace) -> None:
 async def _slack(args: argparse.Namespace) -> None:
     from adapters.settings import AdapterSettingsError
     from adapters.slack.runner import run_slack
+    from adapters.startup import PlatformError
 
     try:
         await run_slack()
-    except AdapterSettingsError as exc:
+    except (AdapterSettingsError, PlatformError) as exc:
         raise CommandError(str(exc)) from None
 
 
 async def _discord(args: argparse.Namespace) -> None:
     from adapters.discord.runner import print_invite_url, run_discord
     from adapters.settings import AdapterSettingsError
+    from adapters.startup import PlatformError
 
     try:
         if args.invite_url:
             print_invite_url()
         else:
             await run_discord()
-    except AdapterSettingsError as exc:
+    except (AdapterSettingsError, PlatformError) as exc:
         raise CommandError(str(exc)) from None
 
 
@@ -231,6 +312,8 @@ async def _discord(args: argparse.Namespace) -> None:
 async def _serve(args: argparse.Namespace, on_ready: Callable[[int], None] | None = None) -> None:
     from bridge.serve import ServeError, serve
 
+    if not 0 <= args.port <= MAX_PORT:
+        raise CommandError(f"--port {args.port} is not a TCP port (0 to {MAX_PORT})")
     try:
         await serve(args.host, args.port, on_ready)
     except ServeError as exc:
@@ -242,7 +325,8 @@ async def _demo(args: argparse.Namespace) -> None:
 
     model = StandinModel()
     url = await model.start()
-    home = os.environ.get("LOOPBRIDGE_HOME") or tempfile.mkdtemp(prefix="loopbridge-demo-")
+    given = os.environ.get("LOOPBRIDGE_HOME")
+    home = given or tempfile.mkdtemp(prefix="loopbridge-demo-")
     os.environ.update(
         {
             "LOOPBRIDGE_HOME": home,
@@ -252,30 +336,75 @@ async def _demo(args: argparse.Namespace) -> None:
             "CLAUDE_CODE_MAX_RETRIES": "1",
         }
     )
-    token = await _demo_token()
+    # A data directory the person named is theirs to keep; the containers go all the same.
+    kept = given is not None or args.keep
+
+    if args.keep:
+        ending = "kept, with its containers, when the demo ends"
+    elif kept:
+        ending = "kept when the demo ends; its containers are removed"
+    else:
+        ending = "removed, with its containers, when the demo ends (--keep keeps them)"
 
     def show(port: int) -> None:
-        base = f"http://{args.host}:{port}/api/v1"
-        auth = f"Authorization: Bearer {token}"
-        print(
-            "\nThis demo runs the real Claude Code agent against a SCRIPTED STAND-IN MODEL "
-            f"at {url}:\nno API key is used, and the answers are canned "
-            "(it echoes; [[bash: CMD]] runs a command, [[ask]] asks a question).\n"
-            f"Data directory: {home}\n\nStream a turn:\n\n"
-            f"  LOOP=$(curl -s -X POST {base}/loops -H {shlex.quote(auth)} "
-            "-H 'Content-Type: application/json' -d '{\"title\": \"demo\"}' "
-            "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])')\n"
-            f"  curl -sN -X POST {base}/loops/$LOOP/messages -H {shlex.quote(auth)} "
-            "-H 'Content-Type: application/json' -d '{\"content\": \"hello\"}'\n\n"
-            f"API docs: {base}/docs   ·   Ctrl-C stops the demo.",
-            flush=True,
-        )
+        print(_demo_guide(args.host, port, url, home, token, ending), flush=True)
 
     try:
+        token = await _demo_token()
         await _serve(args, on_ready=show)
     finally:
         with contextlib.suppress(Exception):
             await model.stop()
+        if not args.keep:
+            await _remove_demo(home, data=not kept)
+
+
+def _demo_guide(host: str, port: int, model: str, home: str, token: str, ending: str) -> str:
+    base = f"http://{host}:{port}/api/v1"
+    auth = shlex.quote(f"Authorization: Bearer {token}")
+    loopbridge = _loopbridge_command()
+    return (
+        "\nThis demo runs the real Claude Code agent against a SCRIPTED STAND-IN MODEL "
+        f"at {model}:\nno API key is used, and the answers are canned "
+        "(it echoes; [[bash: CMD]] runs a command, [[ask]] asks a question).\n"
+        f"Data directory: {home} ({ending})\n\nStream a turn:\n\n"
+        f"  LOOP=$(curl -s -X POST {base}/loops -H {auth} "
+        "-H 'Content-Type: application/json' -d '{\"title\": \"demo\"}' "
+        "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])')\n"
+        f"  curl -sN -X POST {base}/loops/$LOOP/messages -H {auth} "
+        "-H 'Content-Type: application/json' -d '{\"content\": \"hello\"}'\n\n"
+        "The README's commands work against this demo from another shell once it has the "
+        "demo's data directory:\n\n"
+        f"  export LOOPBRIDGE_HOME={shlex.quote(home)}\n"
+        f"  {loopbridge} tokens create --user alice\n\n"
+        f"API docs: {base}/docs   ·   Ctrl-C stops the demo."
+    )
+
+
+def _loopbridge_command() -> str:
+    """How to run this very `loopbridge` from another shell (the venv need not be active)."""
+    beside = Path(sys.executable).parent / "loopbridge"
+    return shlex.quote(str(beside)) if beside.is_file() else "loopbridge"
+
+
+async def _remove_demo(home: str, *, data: bool) -> None:
+    """The demo's containers (labelled with its data directory), and with `data` the
+    directory itself."""
+    from core.errors import EngineError
+    from core.sandbox.image import podman_argv, podman_env, run
+    from core.sandbox.podman import SERVER_LABEL
+
+    data_dir = await asyncio.to_thread(os.path.realpath, home)
+    with contextlib.suppress(EngineError, OSError):
+        podman = podman_argv(os.environ.get("LOOPBRIDGE_PODMAN_URL"))
+        found = await run(
+            *podman, "ps", "--all", "--quiet", "--filter", f"label={SERVER_LABEL}={data_dir}",
+            env=podman_env(),
+        )
+        if ids := found.split():
+            await run(*podman, "rm", "--force", *ids, env=podman_env())
+    if data:
+        await asyncio.to_thread(shutil.rmtree, data_dir, ignore_errors=True)
 
 
 async def _demo_token() -> str:

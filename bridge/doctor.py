@@ -22,6 +22,7 @@ from sqlalchemy import make_url
 from sqlalchemy.engine import Connection
 
 from core.config import Settings
+from core.database_url import check_database_url
 from core.engine import bundled_cli
 from core.errors import EngineError, SettingsError
 from core.sandbox.image import (
@@ -36,6 +37,8 @@ from core.sandbox.podman import CLI_DIR, DEFAULT_MODEL_URL, INSTALL
 from core.storage import MIGRATIONS, Database
 
 TIMEOUT_SECONDS = 20.0
+MODEL_TIMEOUT = 5.0
+ANTHROPIC_VERSION = "2023-06-01"
 BUILD = "loopbridge sandbox build"
 
 
@@ -52,18 +55,21 @@ class Check:
         return f"{mark} {self.name:<8} {self.detail}{fix}"
 
 
-async def doctor(settings: Settings) -> bool:
-    """Print one line per check; whether all passed."""
+async def doctor(settings: Settings, *, offline: bool = False) -> bool:
+    """Print one line per check; whether all passed. `offline` skips the model API."""
     cli = settings.cli_path or bundled_cli()
     model = os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_MODEL_URL
+    home = check_home(settings)
     checks = await asyncio.gather(
         bounded("sandbox", check_sandbox(settings)),
         bounded("podman", check_podman(settings)),
         bounded("image", check_image(settings, cli)),
         bounded("cli", check_cli(cli)),
-        bounded("model", check_model(model)),
-        bounded("database", check_database(settings.resolved_database_url)),
+        bounded("model", check_model(model, offline)),
+        bounded("key", check_key(model, os.environ.get("ANTHROPIC_API_KEY"), offline)),
+        bounded("database", check_database(settings, home.ok)),
     )
+    checks = [home, *checks]
     for check in checks:
         print(check.line(), flush=True)
     return all(check.ok for check in checks)
@@ -172,21 +178,74 @@ async def check_cli(cli: Path) -> Check:
     return Check("cli", True, f"{version.strip()} at {cli}")
 
 
-async def check_model(url: str) -> Check:
-    """Any HTTP answer will do: this checks the way there, not the key."""
+def check_home(settings: Settings) -> Check:
+    """The data directory is a writable directory, or can be made (nothing is made here)."""
+    home = settings.data_dir
+    shown = f"LOOPBRIDGE_HOME={settings.home}"
+    if home.is_dir():
+        if os.access(home, os.W_OK | os.X_OK):
+            return Check("home", True, f"{home}")
+        return Check("home", False, f"{shown} is not writable", "fix its permissions")
+    if home.exists():
+        return Check("home", False, f"{shown} is a file, not a directory", "point it elsewhere")
+    parent = next((p for p in home.parents if p.exists()), None)
+    if parent is not None and parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+        return Check("home", True, f"{home} will be made at the first start")
+    return Check("home", False, f"{shown} cannot be made (in {parent})", "point it elsewhere")
+
+
+async def check_model(url: str, offline: bool = False) -> Check:
+    """Any HTTP answer will do: this checks the way there (check_key checks the key)."""
+    if offline:
+        return Check("model", True, f"{url} not tried (--offline)")
     try:
-        async with httpx.AsyncClient(timeout=5) as http:
+        async with httpx.AsyncClient(timeout=MODEL_TIMEOUT) as http:
             response = await http.get(url)
     except httpx.HTTPError as exc:
         reason = str(exc) or type(exc).__name__
-        fix = "start the model endpoint, or point ANTHROPIC_BASE_URL at one"
+        fix = "start the model endpoint, or point ANTHROPIC_BASE_URL at one (--offline skips this)"
         return Check("model", False, f"{url} is unreachable: {reason}", fix)
     return Check("model", True, f"{url} answers (HTTP {response.status_code})")
 
 
-async def check_database(url: str) -> Check:
-    shown = make_url(url).render_as_string(hide_password=True)
+async def check_key(url: str, key: str | None, offline: bool = False) -> Check:
+    """ANTHROPIC_API_KEY is set and the model API takes it: listing models costs nothing
+    and answers 401 for a key it refuses."""
+    fix = "export ANTHROPIC_API_KEY=sk-ant-… (console.anthropic.com → API keys)"
+    if not key:
+        return Check("key", False, "ANTHROPIC_API_KEY is not set: agents cannot reach the model",
+                     fix)
+    if offline:
+        return Check("key", True, "ANTHROPIC_API_KEY is set (not tried: --offline)")
+    headers = {"x-api-key": key, "anthropic-version": ANTHROPIC_VERSION}
+    try:
+        async with httpx.AsyncClient(timeout=MODEL_TIMEOUT) as http:
+            response = await http.get(f"{url.rstrip('/')}/v1/models", params={"limit": 1},
+                                      headers=headers)
+    except httpx.HTTPError:
+        return Check("key", True, "ANTHROPIC_API_KEY is set (not tried: the model API is "
+                     "unreachable, see above)")
+    if response.status_code in (401, 403):
+        return Check("key", False, f"{url} refused ANTHROPIC_API_KEY (HTTP "
+                     f"{response.status_code})", fix)
+    if response.is_success:
+        return Check("key", True, f"ANTHROPIC_API_KEY accepted by {url}")
+    return Check("key", True, f"ANTHROPIC_API_KEY is set ({url} answered HTTP "
+                 f"{response.status_code} to a model list: the key is not verified)")
+
+
+async def check_database(settings: Settings, home_ok: bool = True) -> Check:
+    url = settings.resolved_database_url
     fix = "check LOOPBRIDGE_DATABASE_URL and that the database server runs"
+    try:
+        parts = check_database_url(url)
+    except SettingsError as exc:
+        if not settings.database_url and not settings.data_dir.is_dir():
+            # The default database goes in a data directory that start-up will make.
+            return Check("database", home_ok, "SQLite in the data directory, made at the "
+                         "first start" if home_ok else "no data directory (see home)")
+        return Check("database", False, str(exc), "set LOOPBRIDGE_DATABASE_URL as it says")
+    shown = parts.render_as_string(hide_password=True)
     if sqlite_not_created(url):
         # Connecting would create it; the server does that, with its schema, at start.
         return Check("database", True, f"{shown} will be created at the server's first start")
@@ -198,7 +257,8 @@ async def check_database(url: str) -> Check:
         async with db.engine.connect() as conn:
             current = await conn.run_sync(revision)
     except Exception as exc:  # any driver's connection error
-        return Check("database", False, f"{shown}: {type(exc).__name__}: {exc}", fix)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return Check("database", False, f"{shown}: {type(exc).__name__}: {reason}", fix)
     finally:
         await db.close()
     head = newest_revision()

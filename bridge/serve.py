@@ -5,21 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import logging
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Coroutine, Generator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import uvicorn
 
 from bridge.net import listen, raise_file_limit
 from bridge.protocol import server_config
 from bridge.server import create_app
-from core.config import load_settings
+from core.config import load_settings, prepare_data_dir
+from core.database_url import check_database_url
 from core.engine import Engine, bundled_cli
 from core.errors import SettingsError
 
@@ -55,10 +59,6 @@ class ServeError(Exception):
     """The server cannot start; the message says what to fix."""
 
 
-class Adapter(Protocol):
-    async def stop(self) -> None: ...
-
-
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGTERM/SIGINT once it has stopped, which would end the process
     before the engine closes its turns and sandboxes; here the caller's cleanup runs first.
@@ -83,6 +83,8 @@ class _Server(uvicorn.Server):
 
 async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = None) -> None:
     settings = load_settings()
+    prepare_data_dir(settings)
+    check_database_url(settings.resolved_database_url)
     cli = settings.cli_path or bundled_cli()
     if not cli.is_file():
         raise SettingsError(
@@ -99,7 +101,7 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
     except Exception as exc:
         raise SettingsError(f"cannot start the engine: {type(exc).__name__}: {exc}") from None
     app = create_app(engine, manage_engine=False)
-    adapters: list[tuple[Adapter, Any, str]] = []
+    adapters: list[_Embedded] = []
     try:
         adapters = await _start_adapters(engine, app)
         bound = listener.getsockname()[1]
@@ -113,39 +115,85 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
         settle_heap()
         await server.serve(sockets=[listener])
     finally:
-        for adapter, client, token_id in adapters:
-            with contextlib.suppress(Exception):
-                await adapter.stop()
-                await client.aclose()
-            await engine.accounts.revoke_token(token_id)
+        for embedded in adapters:
+            await embedded.stop()
+            await engine.accounts.revoke_token(embedded.token_id)
         await engine.close()
 
 
-async def _start_adapters(engine: Engine, app: Any) -> list[tuple[Adapter, Any, str]]:
+@dataclass
+class _Embedded:
+    """An adapter inside the server: running, or still trying to reach its platform."""
+
+    platform: str
+    token_id: str
+    adapter: Any = None
+    retrying: asyncio.Task[None] | None = None
+
+    def report(self, line: str) -> None:
+        print(f"loopbridge: the {self.platform} adapter: {line}", file=sys.stderr, flush=True)
+
+    def running(self, adapter: Any) -> None:
+        self.adapter = adapter
+        print(f"loopbridge: the {self.platform} adapter is running", flush=True)
+
+    def retry(self, start: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        from adapters.startup import start_with_retries
+
+        async def keep_trying() -> None:
+            adapter = await start_with_retries(start, self.report, first_delay=2.0)
+            if adapter is not None:
+                self.running(adapter)
+
+        self.retrying = asyncio.create_task(keep_trying())
+
+    async def stop(self) -> None:
+        if self.retrying is not None:
+            self.retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.retrying
+        if self.adapter is not None:
+            with contextlib.suppress(Exception):
+                await self.adapter.stop()
+                await self.adapter.client.aclose()
+
+
+async def _start_adapters(engine: Engine, app: Any) -> list[_Embedded]:
     """The Slack and Discord adapters whose settings are present, on in-process clients.
 
     Each gets a token of its own user (`slack`, `discord`) for this run, revoked at stop.
+    A platform that refuses the adapter leaves it off, one that cannot be reached is
+    tried again with backoff: either way the API serves (see adapters/startup.py).
     """
     from adapters.discord.runner import start_embedded as start_discord
     from adapters.settings import AdapterSettingsError
     from adapters.slack.runner import start_embedded as start_slack
+    from adapters.startup import PlatformRefused, PlatformUnreachable
 
     await revoke_orphaned_tokens(engine)
     me = os.getpid()
     label = f"{EMBEDDED_LABEL} (pid {me} started {_started(me)} on {socket.gethostname()})"
-    started: list[tuple[Adapter, Any, str]] = []
-    for platform, start in (("slack", start_slack), ("discord", start_discord)):
+    started: list[_Embedded] = []
+    for platform, start_on in (("slack", start_slack), ("discord", start_discord)):
         await engine.accounts.ensure_user(platform)
         info, token = await engine.accounts.create_token(platform, label)
+        embedded = _Embedded(platform, info.token_id)
+        start = functools.partial(start_on, app, token)
         try:
-            adapter = await start(app, token)
+            adapter = await start()
         except AdapterSettingsError as exc:
             raise SettingsError(str(exc)) from None
-        if adapter is None:
-            await engine.accounts.revoke_token(info.token_id)
-            continue
-        print(f"loopbridge: the {platform} adapter is running", flush=True)
-        started.append((adapter, adapter.client, info.token_id))
+        except PlatformRefused as exc:
+            embedded.report(f"{exc}; it stays off (fix the setting and restart)")
+        except PlatformUnreachable as exc:
+            embedded.report(f"{exc}; trying again in the background")
+            embedded.retry(start)
+        else:
+            if adapter is None:
+                await engine.accounts.revoke_token(info.token_id)
+                continue
+            embedded.running(adapter)
+        started.append(embedded)
     return started
 
 

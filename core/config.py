@@ -23,6 +23,7 @@ from core.errors import EngineError, SettingsError
 PermissionMode = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk", "auto"]
 PERMISSION_MODES: tuple[str, ...] = PermissionMode.__args__
 MiB = 1024 * 1024
+ENV_PREFIX = "LOOPBRIDGE_"
 
 
 class Restricted(BaseModel):
@@ -147,7 +148,36 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        where = _where(first["loc"], overrides, toml_path)
         raise SettingsError(f"bad setting {where}: {first['msg']}") from None
     except ValueError as exc:
         raise SettingsError(f"cannot read the settings file {toml_path}: {exc}") from None
+
+
+def _where(loc: tuple[int | str, ...], overrides: dict[str, object], toml_path: str | None) -> str:
+    """The name a person wrote the bad value under: the environment variable, else the
+    key in the settings file (the field's name only for a value given in code)."""
+    path = ".".join(str(part) for part in loc) or "settings"
+    field = str(loc[0]) if loc else ""
+    env = f"{ENV_PREFIX}{field.upper()}"
+    if field and field not in overrides and any(name.upper() == env for name in os.environ):
+        return env
+    if toml_path and field not in overrides:
+        return f"{path} in {toml_path}"
+    return path
+
+
+def prepare_data_dir(settings: Settings) -> Path:
+    """The data directory, made if missing; one line naming LOOPBRIDGE_HOME if it cannot be."""
+    home = settings.data_dir
+    if home.exists() and not home.is_dir():
+        raise SettingsError(f"{ENV_PREFIX}HOME={settings.home} is a file, not a directory")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(
+            f"{ENV_PREFIX}HOME={settings.home} cannot be made: {exc.strerror}"
+        ) from None
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise SettingsError(f"{ENV_PREFIX}HOME={settings.home} is not writable")
+    return home

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +17,7 @@ from bridge.net import listen
 from tests.sse import text_of, turn
 
 LOOPBRIDGE = [sys.executable, "-m", "bridge.cli"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(home, *args, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
@@ -68,9 +71,10 @@ def test_users_add(tmp_path):
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"LOOPBRIDGE_AGENT_IDLE_SECONDS": "soon"}, "agent_idle_seconds"),
-        ({"LOOPBRIDGE_SANDBOX": "vm"}, "sandbox"),
-        ({"LOOPBRIDGE_DEFAULT_PERMISSION_MODE": "yolo"}, "default_permission_mode"),
+        # The variable a person set, not the field behind it.
+        ({"LOOPBRIDGE_AGENT_IDLE_SECONDS": "soon"}, "LOOPBRIDGE_AGENT_IDLE_SECONDS"),
+        ({"LOOPBRIDGE_SANDBOX": "vm"}, "bad setting LOOPBRIDGE_SANDBOX:"),
+        ({"LOOPBRIDGE_DEFAULT_PERMISSION_MODE": "yolo"}, "LOOPBRIDGE_DEFAULT_PERMISSION_MODE"),
         ({"LOOPBRIDGE_CONFIG": "/nonexistent/loopbridge.toml"}, "LOOPBRIDGE_CONFIG"),
         ({"LOOPBRIDGE_DATABASE_URL": "postgresql+nodriver://x/y"}, "LOOPBRIDGE_DATABASE_URL"),
         ({"LOOPBRIDGE_CLI_PATH": "/nonexistent/claude"}, "agent CLI is missing"),
@@ -85,6 +89,10 @@ def test_bad_settings_file_is_one_line(tmp_path):
     config.write_text("[profiles.x]\nsystem_prompt = 3\n")
     line = one_line_error(run(tmp_path, "serve", **{"LOOPBRIDGE_CONFIG": str(config)}))
     assert "profiles.x.system_prompt" in line
+    config.write_text('sandbox = "vm"\n')  # a key of the file, named with the file
+    assert f"bad setting sandbox in {config}:" in one_line_error(
+        run(tmp_path, "serve", LOOPBRIDGE_CONFIG=str(config))
+    )
     config.write_text("this is not toml =")
     assert "settings file" in one_line_error(run(tmp_path, "serve", LOOPBRIDGE_CONFIG=str(config)))
 
@@ -148,3 +156,281 @@ async def test_serve_stops_cleanly_on_sigterm(tmp_path):
     assert b"serving the Loop API" in line, await server.stderr.read()
     server.terminate()
     assert await asyncio.wait_for(server.wait(), 30) == 0  # not killed by the signal
+
+
+# ---- the first hour: every mistake is one line that says what to fix ------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("nonsense", "is not a database URL"),
+        ("sqlite:///x.db", "write sqlite+aiosqlite:///x.db"),
+        ("postgresql://u:secret@db/lb", "write postgresql+asyncpg://u:***@db/lb"),
+        ("mysql://db/lb", "MySQL and MariaDB are not supported"),
+        ("sqlite+aiosqlite:////nonexistent/dir/lb.db", "/nonexistent/dir does not exist"),
+    ],
+)
+def test_database_urls_that_cannot_work_are_one_line(tmp_path, url, expected):
+    for command in (["serve", "--port", "0"], ["tokens", "create", "--user", "x"]):
+        line = one_line_error(run(tmp_path, *command, LOOPBRIDGE_DATABASE_URL=url))
+        assert expected in line and "secret" not in line
+    if url.startswith("postgresql"):
+        assert "pip install 'loopbridge[postgres]'" in line
+    doctor = run(tmp_path, "doctor", "--offline", LOOPBRIDGE_DATABASE_URL=url,
+                 LOOPBRIDGE_SANDBOX="local")
+    assert doctor.returncode == 1 and "Traceback" not in doctor.stderr + doctor.stdout
+    [database] = [line for line in doctor.stdout.splitlines() if " database " in line]
+    assert database.startswith("FAIL") and expected in database
+
+
+def test_a_data_directory_that_cannot_be_one_is_one_line(tmp_path):
+    home = tmp_path / "a-file"
+    home.write_text("")
+    for command in (["serve", "--port", "0"], ["tokens", "create", "--user", "x"], ["demo"]):
+        line = one_line_error(run(home, *command))
+        assert f"LOOPBRIDGE_HOME={home} is a file" in line
+    doctor = run(home, "doctor", "--offline", LOOPBRIDGE_SANDBOX="local")
+    assert doctor.returncode == 1 and "Traceback" not in doctor.stderr
+    assert f"FAIL home     LOOPBRIDGE_HOME={home} is a file" in doctor.stdout
+
+
+def test_a_port_out_of_range_is_one_line(tmp_path):
+    assert "--port 99999 is not a TCP port" in one_line_error(
+        run(tmp_path, "serve", "--port", "99999")
+    )
+
+
+def test_help_shows_defaults_and_the_environment_each_command_reads():
+    def helped(*args: str) -> str:
+        result = subprocess.run([*LOOPBRIDGE, *args, "--help"], capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    serve = helped("serve")
+    assert "(default: 8642)" in serve and "(default: 127.0.0.1)" in serve
+    assert "LOOPBRIDGE_HOME (default: ~/.loopbridge)" in serve
+    assert "LOOPBRIDGE_SANDBOX (default: auto)" in serve and "ANTHROPIC_API_KEY" in serve
+    assert "LOOPBRIDGE_API_TOKEN" in helped("slack")
+    assert "LOOPBRIDGE_DATABASE_URL" in helped("tokens", "create")
+    assert "--offline" in helped("doctor")
+    assert "--keep" in helped("demo")
+
+
+# ---- doctor and the model key ---------------------------------------------------------------
+
+
+class ModelApi:
+    """A model endpoint that takes one key (`GET /v1/models` answers 200 or 401)."""
+
+    def __init__(self, key: str) -> None:
+        import http.server
+        import threading
+
+        wanted = key
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                ok = self.headers.get("x-api-key") == wanted or self.path == "/"
+                body = b'{"data": []}' if ok else b'{"type": "error"}'
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def key_line(home, **env: str) -> str:
+    result = run(home, "doctor", LOOPBRIDGE_SANDBOX="local", **env)
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stdout.splitlines() if " key " in line]
+    return line
+
+
+def test_doctor_checks_the_model_key(tmp_path):
+    api = ModelApi("sk-good")
+    try:
+        good = key_line(tmp_path, ANTHROPIC_BASE_URL=api.url, ANTHROPIC_API_KEY="sk-good")
+        assert good.startswith("ok") and "accepted" in good
+        bad = key_line(tmp_path, ANTHROPIC_BASE_URL=api.url, ANTHROPIC_API_KEY="sk-bad")
+        assert bad.startswith("FAIL") and "refused ANTHROPIC_API_KEY (HTTP 401)" in bad
+        missing = key_line(tmp_path, ANTHROPIC_BASE_URL=api.url, ANTHROPIC_API_KEY="")
+        assert missing.startswith("FAIL") and "ANTHROPIC_API_KEY is not set" in missing
+    finally:
+        api.close()
+    offline = run(tmp_path, "doctor", "--offline", LOOPBRIDGE_SANDBOX="local",
+                  ANTHROPIC_BASE_URL="http://127.0.0.1:9", ANTHROPIC_API_KEY="sk-x")
+    assert "not tried (--offline)" in offline.stdout and "unreachable" not in offline.stdout
+
+
+# ---- the adapters' platforms at start ---------------------------------------------------------
+
+
+async def serving(home, **env: str) -> tuple[asyncio.subprocess.Process, str]:
+    """`loopbridge serve` started; its process and API base URL, once it serves."""
+    server = await asyncio.create_subprocess_exec(
+        *LOOPBRIDGE, "serve", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LOOPBRIDGE_HOME": str(home), "LOOPBRIDGE_SANDBOX": "local", **env},
+    )
+    line = await asyncio.wait_for(server.stdout.readline(), 60)
+    if b"serving the Loop API" not in line:
+        server.kill()
+        raise AssertionError((line + await server.stderr.read()).decode())
+    return server, re.search(r"http://\S+/api/v1", line.decode()).group(0)
+
+
+async def stopped(server: asyncio.subprocess.Process) -> str:
+    server.terminate()
+    _, err = await asyncio.wait_for(server.communicate(), 30)
+    return err.decode()
+
+
+@pytest.mark.parametrize("reach", ["refused", "unreachable"])
+async def test_a_platform_that_will_not_have_the_adapter_leaves_the_api_serving(tmp_path, reach):
+    from tests.fakes.discord import FakeDiscord
+    from tests.fakes.slack import FakeSlack
+
+    slack, discord = FakeSlack(), FakeDiscord()
+    await slack.start()
+    await discord.start()
+    closed = listen("127.0.0.1", 0)  # a port where nothing answers
+    nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    env = {
+        "LOOPBRIDGE_SLACK_BOT_TOKEN": "xoxb-revoked", "LOOPBRIDGE_SLACK_APP_TOKEN": "xapp-x",
+        "LOOPBRIDGE_SLACK_API_URL": slack.api_url,
+        "LOOPBRIDGE_DISCORD_TOKEN": "revoked", "LOOPBRIDGE_DISCORD_API_URL": discord.api_url,
+        "LOOPBRIDGE_DISCORD_GATEWAY_URL": discord.gateway_url,
+    }
+    if reach == "unreachable":
+        env |= {"LOOPBRIDGE_SLACK_API_URL": nowhere + "/api/",
+                "LOOPBRIDGE_DISCORD_API_URL": nowhere + "/api/v10"}
+    try:
+        server, base = await serving(tmp_path, **env)
+        async with httpx.AsyncClient(timeout=30) as http:
+            answer = await http.get(f"{base}/loops")
+        assert answer.status_code == 401 and answer.json()["error"]["code"]  # the API serves
+        err = await stopped(server)
+    finally:
+        await slack.stop()
+        await discord.stop()
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    slack_lines = [line for line in lines if "slack adapter" in line]
+    discord_lines = [line for line in lines if "discord adapter" in line]
+    assert slack_lines and discord_lines, err
+    assert all(line.startswith("loopbridge: ") for line in slack_lines + discord_lines)
+    if reach == "refused":
+        assert slack_lines == [
+            "loopbridge: the slack adapter: Slack refused LOOPBRIDGE_SLACK_BOT_TOKEN "
+            "(invalid_auth); it stays off (fix the setting and restart)"]
+        assert len(discord_lines) == 1 and "Discord refused LOOPBRIDGE_DISCORD_TOKEN" in err
+    else:
+        assert "cannot reach Slack at" in slack_lines[0] and "trying again" in slack_lines[0]
+        assert "cannot reach Discord at" in discord_lines[0]
+
+
+async def test_the_adapters_alone_say_a_refused_token_in_one_line(tmp_path):
+    from tests.fakes.slack import FakeSlack
+
+    slack = FakeSlack()
+    await slack.start()
+    try:
+        result = await asyncio.to_thread(
+            run, tmp_path, "slack", LOOPBRIDGE_API_URL="http://127.0.0.1:9",
+            LOOPBRIDGE_API_TOKEN="la_x", LOOPBRIDGE_SLACK_BOT_TOKEN="xoxb-revoked",
+            LOOPBRIDGE_SLACK_APP_TOKEN="xapp-x", LOOPBRIDGE_SLACK_API_URL=slack.api_url,
+        )
+    finally:
+        await slack.stop()
+    assert "Slack refused LOOPBRIDGE_SLACK_BOT_TOKEN (invalid_auth)" in one_line_error(result)
+
+
+# ---- from the demo to the README's examples ---------------------------------------------------
+
+
+def readme_block(containing: str) -> str:
+    """The README's `sh` block that holds `containing`, as a person would copy it."""
+    text = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```sh\n(.*?)```", text, re.DOTALL):
+        if containing in block:
+            return block
+    raise AssertionError(f"no sh block with {containing!r} in the README")
+
+
+def streamed_text(sse: str) -> str:
+    """The answer's text out of a raw SSE stream, as curl printed it."""
+    import json
+
+    texts = []
+    for frame in sse.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in frame.splitlines() if ": " in line)
+        if fields.get("event") == "assistant_delta":
+            texts.append(json.loads(fields["data"])["text"])
+    return "".join(texts)
+
+
+async def containers_of(home: Path) -> list[str]:
+    """The ids of the containers a server with this data directory made (podman's label)."""
+    if shutil.which("podman") is None:
+        return []
+    podman = await asyncio.create_subprocess_exec(
+        "podman", "ps", "--all", "--quiet", "--filter", f"label=loopbridge.server={home}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await asyncio.wait_for(podman.communicate(), 60)
+    return out.decode().split()
+
+
+async def test_the_readmes_example_works_against_the_demo_which_leaves_nothing_behind():
+    if not (ROOT / ".venv" / "bin" / "loopbridge").is_file():
+        pytest.skip("the README's commands use .venv/bin/loopbridge, and there is no .venv here")
+    venv_bin = str(ROOT / ".venv" / "bin")
+    # A person's shell: no LOOPBRIDGE_HOME, the venv not activated.
+    env = {key: value for key, value in os.environ.items() if key != "LOOPBRIDGE_HOME"}
+    env["PATH"] = os.pathsep.join(
+        part for part in env.get("PATH", "").split(os.pathsep) if part.rstrip("/") != venv_bin
+    )
+    demo = await asyncio.create_subprocess_exec(
+        *LOOPBRIDGE, "demo", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )
+    try:
+        printed = ""
+        while "Ctrl-C" not in printed:
+            line = await asyncio.wait_for(demo.stdout.readline(), 60)
+            assert line, await demo.stderr.read()
+            printed += line.decode()
+        export = re.search(r"^  (export LOOPBRIDGE_HOME=.+)$", printed, re.MULTILINE).group(1)
+        home = Path(export.split("=", 1)[1])
+        port = re.search(r"http://127\.0\.0\.1:(\d+)/api/v1", printed).group(1)
+        # The block as written; only the port is the demo's (8642 may be taken here).
+        block = readme_block("tokens create --user alice").replace("localhost:8642",
+                                                                   f"localhost:{port}")
+        shell = await asyncio.create_subprocess_exec(
+            "bash", "-euo", "pipefail", "-c", f"{export}\n{block}", cwd=ROOT, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(shell.communicate(), 120)
+        assert shell.returncode == 0, err.decode()
+        assert streamed_text(out.decode()) == "Echo #1: hello"
+        assert await asyncio.to_thread(home.is_dir)
+        print("the demo's containers:", await containers_of(home))  # none without podman
+    finally:
+        demo.terminate()
+        await asyncio.wait_for(demo.wait(), 60)
+    assert not await asyncio.to_thread(home.exists), "the demo's data directory is gone"
+    assert await containers_of(home) == [], "the demo's containers are removed when it ends"

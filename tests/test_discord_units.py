@@ -46,9 +46,24 @@ async def test_the_budget_keeps_a_slot_in_hand_and_one_for_final_calls() -> None
     await asyncio.wait_for(waiting, 1.0)
 
 
-async def _take(budget: ChannelBudget, channel: int, *, live: bool) -> None:
-    async with budget.slot(channel, "edit", live=live):
+async def _take(
+    budget: ChannelBudget, channel: int, *, live: bool, first_words: bool = False
+) -> None:
+    async with budget.slot(channel, "edit", live=live, first_words=first_words):
         pass
+
+
+async def test_a_turns_first_words_take_the_slot_in_hand() -> None:
+    clock = Clock()
+    budget = ChannelBudget(5, 5.0, clock=clock)
+    for live in (True, True, True, False):  # a previous answer's edits and its final one
+        await _take(budget, 1, live=live)
+    # The next turn's first words find the slot kept in hand; nothing else would.
+    await asyncio.wait_for(_take(budget, 1, live=True, first_words=True), 1.0)
+    waiting = asyncio.create_task(_take(budget, 1, live=True, first_words=True))
+    await asyncio.sleep(0.01)
+    assert not waiting.done(), "Discord's whole budget is used: even first words wait"
+    waiting.cancel()
 
 
 async def test_a_slot_counts_from_when_its_call_finished() -> None:

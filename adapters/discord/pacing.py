@@ -13,7 +13,11 @@ never sees an empty bucket:
   counted from when its call *finished*, never earlier than Discord counted it;
 - live calls (the answer still growing) leave `reserve` slots free, so that the
   calls a person is waiting for — the final text, a sealed part, a choice — find
-  a slot at once instead of queueing behind an edit that will be replaced anyway.
+  a slot at once instead of queueing behind an edit that will be replaced anyway;
+- a turn's first words may take the slot in hand: a follow-up sent just after a
+  long answer (whose edits filled the budget) shows its first words at once.
+  discord.py then holds the channel's next call until Discord's bucket refills,
+  which the budget would have made it wait for anyway.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class _Channel:
 
 class ChannelBudget:
     """Fewer than `budget` posts, and fewer than `budget` edits, per channel in any `window`
-    seconds (`budget` is what Discord allows; one slot stays in hand)."""
+    seconds (`budget` is what Discord allows; one slot stays in hand for first words)."""
 
     def __init__(
         self,
@@ -48,6 +52,7 @@ class ChannelBudget:
         reserve: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.limit = max(1, budget)
         self.budget = max(1, budget - 1)
         self.window = window
         # A budget of one slot cannot hold one back.
@@ -57,11 +62,14 @@ class ChannelBudget:
         self._channels: dict[tuple[int, Kind], _Channel] = {}
 
     @contextlib.asynccontextmanager
-    async def slot(self, channel_id: int, kind: Kind, *, live: bool) -> AsyncIterator[None]:
-        """Held around one post or edit in `channel_id`."""
+    async def slot(
+        self, channel_id: int, kind: Kind, *, live: bool, first_words: bool = False
+    ) -> AsyncIterator[None]:
+        """Held around one post or edit in `channel_id`; `first_words`: the call that shows
+        a turn's first text (it may take the slot in hand)."""
         channel = self._channel((channel_id, kind))
         started = self.clock()
-        while (wait := self._wait(channel, live)) > 0:
+        while (wait := self._wait(channel, live, first_words)) > 0:
             channel.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(channel.changed.wait(), wait)
@@ -87,12 +95,15 @@ class ChannelBudget:
         while channel.finished and now - channel.finished[0] >= self.window:
             channel.finished.popleft()
 
-    def _wait(self, channel: _Channel, live: bool) -> float:
+    def _wait(self, channel: _Channel, live: bool, first_words: bool) -> float:
         """0 when a slot is free now, else how long until one may be."""
         self._expire(channel)
         now = self.clock()
         used = len(channel.finished) + channel.in_flight
-        if used + (self.reserve if live else 0) < self.budget:
+        if first_words:
+            if used < self.limit:
+                return 0.0
+        elif used + (self.reserve if live else 0) < self.budget:
             return 0.0
         if channel.finished:
             return channel.finished[0] + self.window - now

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import aiohttp
 import discord
 from pydantic import ValidationError
 
@@ -12,6 +13,7 @@ from adapters.discord.access import invite_url
 from adapters.discord.app import DiscordAdapter
 from adapters.discord.settings import DiscordSettings
 from adapters.settings import AdapterSettingsError, settings_error, standalone_client
+from adapters.startup import PlatformRefused, PlatformUnreachable, unreachable
 from bridge.asgi import ASGIApp
 from bridge.client import LoopClient
 
@@ -45,7 +47,8 @@ async def run_discord() -> None:
 
 async def start_embedded(app: ASGIApp, token: str) -> DiscordAdapter | None:
     """The adapter inside `loopbridge serve`, on an in-process client; None when Discord
-    is not configured. The caller stops it (`await adapter.stop()`, then
+    is not configured; PlatformRefused / PlatformUnreachable when Discord will not let
+    it in (see adapters/startup.py). The caller stops it (`await adapter.stop()`, then
     `await adapter.client.aclose()`)."""
     settings = load_discord_settings()
     if not settings.configured:
@@ -63,13 +66,17 @@ async def start_embedded(app: ASGIApp, token: str) -> DiscordAdapter | None:
 
 @contextlib.contextmanager
 def _refusals() -> Iterator[None]:
-    """Discord refusing to let the bot in, said as a setting to fix."""
+    """Discord refusing to let the bot in, or not answering, said in one line."""
     try:
         yield
     except discord.LoginFailure as exc:
-        raise AdapterSettingsError(f"Discord refused {ENV_PREFIX}TOKEN: {exc}") from None
+        raise PlatformRefused(f"Discord refused {ENV_PREFIX}TOKEN: {exc}") from None
     except discord.PrivilegedIntentsRequired:
-        raise AdapterSettingsError(
-            "switch on the Message Content intent (Developer Portal → Bot → "
-            "Privileged Gateway Intents)"
+        raise PlatformRefused(
+            "Discord refused the bot's intents: switch on the Message Content intent "
+            "(Developer Portal → Bot → Privileged Gateway Intents)"
         ) from None
+    except discord.DiscordServerError as exc:
+        raise PlatformUnreachable(f"Discord answered {exc.status}: {exc.text}") from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise unreachable("Discord", discord.http.Route.BASE, exc) from None

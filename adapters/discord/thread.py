@@ -9,9 +9,11 @@ known before the thread exists.
 Edits of a message that is still live (the answer growing) never hold up the
 turn's renderer: when the channel's budget has no slot for one, it waits in the
 background, and a newer live view replaces it meanwhile, so only the newest is
-sent. Any other call — a final text, a sealed part, a choice — first settles
-the message's live edit (drops it, or lets it finish if already on its way), so
-it always lands last.
+sent. A message's first words (the placeholder's first text) may take the slot
+the budget keeps in hand, so they show at once even when a previous answer's
+edits used the channel's budget. Any other call — a final text, a sealed part, a
+choice — first settles the message's live edit (drops it, or lets it finish if
+already on its way), so it always lands last.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class _LiveEdit:
     view: MessageView | None
     task: asyncio.Task[None] | None = None
     sending: bool = False
+    # The view brings the message's first words.
+    first_words: bool = False
 
 
 class DiscordThread:
@@ -80,6 +84,8 @@ class DiscordThread:
         self.channel = bot.get_partial_messageable(channel_id)
         self._start = start
         self._live: dict[str, _LiveEdit] = {}
+        # Messages that have shown some text (an edit of any other brings its first words).
+        self._worded: set[str] = set()
 
     def measure(self, markdown: str) -> int:
         return measure(markdown)
@@ -97,11 +103,16 @@ class DiscordThread:
                 content=answer_content(view) or None, embed=status_embed(view),
                 view=answer_view(view), allowed_mentions=NO_MENTIONS, files=files,
             )
+        if view.text:
+            self._worded.add(str(message.id))
         return str(message.id)
 
     async def edit(self, message_id: str, view: MessageView) -> None:
+        first_words = bool(view.text) and message_id not in self._worded
+        if view.text:
+            self._worded.add(message_id)
         if view.live:
-            self._edit_later(message_id, view)
+            self._edit_later(message_id, view, first_words)
             return
         await self._settle(message_id)
         async with self.budget.slot(self.channel.id, "edit", live=False):
@@ -113,19 +124,22 @@ class DiscordThread:
             view=answer_view(view), allowed_mentions=NO_MENTIONS,
         )
 
-    def _edit_later(self, message_id: str, view: MessageView) -> None:
+    def _edit_later(self, message_id: str, view: MessageView, first_words: bool) -> None:
         pending = self._live.get(message_id)
         if pending is not None and pending.task is not None and not pending.task.done():
             pending.view = view
             return
-        pending = _LiveEdit(view)
+        pending = _LiveEdit(view, first_words=first_words)
         pending.task = asyncio.create_task(self._send_live(message_id, pending))
         self._live[message_id] = pending
 
     async def _send_live(self, message_id: str, pending: _LiveEdit) -> None:
         try:
             while pending.view is not None:
-                async with self.budget.slot(self.channel.id, "edit", live=True):
+                first_words, pending.first_words = pending.first_words, False
+                async with self.budget.slot(
+                    self.channel.id, "edit", live=True, first_words=first_words
+                ):
                     view, pending.view = pending.view, None
                     pending.sending = True
                     try:

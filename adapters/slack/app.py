@@ -17,8 +17,10 @@ import contextlib
 import logging
 import re
 from collections import deque
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
@@ -37,6 +39,7 @@ from adapters.slack.blocks import resolved_blocks, selected_answers
 from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.settings import SlackSettings
 from adapters.slack.thread import NativeStreaming, SlackThread
+from adapters.startup import PlatformRefused, PlatformUnreachable, unreachable
 from adapters.tasks import HandlerTasks
 from adapters.views import OutcomeMarks, outcome_line
 from bridge.client import LoopClient
@@ -53,6 +56,13 @@ RESULTS_KEPT = 1000
 NOT_ALLOWED_TO_WRITE = "You are not allowed to talk to the agent here."
 # Where a message event names its writer (`user_profile`), best first.
 NAME_FIELDS = ("display_name", "real_name", "name")
+# Slack's answers at start that say a token or the app's setup is wrong (not a hiccup).
+REFUSALS = frozenset({
+    "invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired",
+    "not_allowed_token_type", "missing_scope", "no_permission", "team_access_not_granted",
+    "ekm_access_denied", "org_login_required", "invalid_token",
+})
+T = TypeVar("T")
 
 
 class SlackAdapter:
@@ -101,7 +111,15 @@ class SlackAdapter:
     # ---- running -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        identity = await self.web.auth_test()
+        """Connect; PlatformRefused / PlatformUnreachable (one line each) when it cannot."""
+        try:
+            await self._connect()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _connect(self) -> None:
+        identity = await self._reach(self.web.auth_test(), "LOOPBRIDGE_SLACK_BOT_TOKEN")
         self.bot_user_id = str(identity["user_id"])
         self.team_id = str(identity.get("team_id") or "")
         if self.settings.mode == "socket":
@@ -110,7 +128,7 @@ class SlackAdapter:
             self._socket = AsyncSocketModeHandler(
                 self.app, self.settings.app_token.get_secret_value(), web_client=self.web
             )
-            await self._socket.connect_async()
+            await self._reach(self._socket.connect_async(), "LOOPBRIDGE_SLACK_APP_TOKEN")
         else:
             events = self.app.web_app(path=self.settings.http_path)
             events.middlewares.append(_plain_timestamp)
@@ -122,6 +140,17 @@ class SlackAdapter:
             sockets = getattr(server, "sockets", None) or []
             self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
         log.info("Slack adapter connected as %s (%s mode)", self.bot_user_id, self.settings.mode)
+
+    async def _reach(self, call: Awaitable[T], token_setting: str) -> T:
+        try:
+            return await call
+        except SlackApiError as exc:
+            error = str(exc.response.get("error") or exc.response.status_code)
+            if error in REFUSALS:
+                raise PlatformRefused(f"Slack refused {token_setting} ({error})") from None
+            raise PlatformUnreachable(f"Slack answered {error}") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise unreachable("Slack", self.web.base_url, exc) from None
 
     async def stop(self) -> None:
         """Disconnect, then let turns in flight finish their last edits (briefly)."""

@@ -42,11 +42,16 @@ async def run_slack() -> None:
 
 async def start_embedded(app: ASGIApp, token: str) -> SlackAdapter | None:
     """The adapter inside `loopbridge serve`, on an in-process client; None when Slack
-    is not configured. The caller stops it (`await adapter.stop()`, then
+    is not configured; PlatformRefused / PlatformUnreachable when Slack will not let
+    it in (see adapters/startup.py). The caller stops it (`await adapter.stop()`, then
     `await adapter.client.aclose()`)."""
     settings = load_slack_settings()
     if not settings.configured:
         return None
     adapter = SlackAdapter(settings, LoopClient.in_process(app, token))
-    await adapter.start()
+    try:
+        await adapter.start()
+    except BaseException:
+        await adapter.client.aclose()
+        raise
     return adapter

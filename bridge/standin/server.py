@@ -14,7 +14,8 @@ import asyncio
 import itertools
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -56,6 +57,9 @@ class StandinModel:
         self.stamp_delay = stamp_delay
         self.url = ""
         self.requests: list[dict[str, Any]] = []
+        # When each streamed answer's first delta went out (monotonic clock), so a
+        # test or bench can measure what a person waits for from there.
+        self.first_deltas: list[float] = []
         self._message_ids = itertools.count(1)
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -125,7 +129,8 @@ def standin_app(model: StandinModel | None = None) -> Starlette:
             return JSONResponse(message.complete(answer), headers=headers)
         delay = owner.delta_delay if answer.delay is None else answer.delay
         return StreamingResponse(
-            _stream(message.events(answer), delay),
+            _stream(message.events(answer), delay, lambda: owner.first_deltas.append(
+                time.monotonic())),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", **headers},
         )
@@ -155,10 +160,14 @@ def _estimate_tokens(raw: bytes) -> int:
     return max(1, len(raw) // BYTES_PER_TOKEN)
 
 
-async def _stream(events: Iterator[tuple[bytes, bool]], delay: float) -> AsyncIterator[bytes]:
+async def _stream(
+    events: Iterator[tuple[bytes, bool]], delay: float, first_delta: Callable[[], None]
+) -> AsyncIterator[bytes]:
     """Sends events with ``delay`` between deltas; without a delay, in one write."""
     if delay <= 0:
-        yield b"".join(event for event, _ in events)
+        body = [event for event, _ in events]
+        first_delta()
+        yield b"".join(body)
         return
     pending: list[bytes] = []
     first = True
@@ -167,6 +176,8 @@ async def _stream(events: Iterator[tuple[bytes, bool]], delay: float) -> AsyncIt
             await asyncio.sleep(delay)
         pending.append(event)
         if is_delta:
+            if first:
+                first_delta()
             first = False
             yield b"".join(pending)
             pending.clear()
