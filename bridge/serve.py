@@ -52,11 +52,20 @@ class _Server(uvicorn.Server):
     """uvicorn re-raises SIGTERM/SIGINT once it has stopped, which would end the process
     before the engine closes its turns and sandboxes; here the caller's cleanup runs first."""
 
+    def __init__(self, config: uvicorn.Config, ready: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._ready = ready
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         with super().capture_signals():
             yield
             self._captured_signals.clear()
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        # Said only now: a SIGTERM from whoever read the line finds uvicorn's handler.
+        self._ready()
 
 
 async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = None) -> None:
@@ -81,12 +90,15 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
     adapters: list[_Embedded] = []
     try:
         adapters = await _start_adapters(engine, app)
-        server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        settle_heap()
         bound = listener.getsockname()[1]
-        print(f"loopbridge serving the Loop API on http://{host}:{bound}/api/v1", flush=True)
-        if on_ready is not None:
-            on_ready(bound)
+
+        def ready() -> None:
+            print(f"loopbridge serving the Loop API on http://{host}:{bound}/api/v1", flush=True)
+            if on_ready is not None:
+                on_ready(bound)
+
+        server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off"), ready)
+        settle_heap()
         await server.serve(sockets=[listener])
     finally:
         for embedded in adapters:
