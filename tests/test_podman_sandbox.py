@@ -204,12 +204,16 @@ async def loopbridge(home: Path, *args: str, **env: str) -> tuple[int, str]:
 async def test_doctor_passes_here_and_names_the_fix_for_what_fails(
     sandbox: PodmanSandbox, model: StandinModel, tmp_path: Path
 ) -> None:
-    code, out = await loopbridge(tmp_path, "doctor", ANTHROPIC_BASE_URL=model.url)
+    code, out = await loopbridge(
+        tmp_path, "doctor", ANTHROPIC_BASE_URL=model.url, ANTHROPIC_API_KEY="sk-standin"
+    )
     assert code == 0, out
-    checks = ["sandbox", "podman", "image", "cli", "model", "database"]
+    checks = ["home", "sandbox", "podman", "image", "cli", "model", "key", "database"]
     assert [line.split()[:2] for line in out.splitlines()] == [["ok", name] for name in checks]
 
-    code, out = await loopbridge(tmp_path, "doctor", ANTHROPIC_BASE_URL="http://127.0.0.1:9")
+    code, out = await loopbridge(
+        tmp_path, "doctor", ANTHROPIC_BASE_URL="http://127.0.0.1:9", ANTHROPIC_API_KEY="sk-x"
+    )
     assert code == 1
     failed = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert len(failed) == 1 and failed[0].split()[1] == "model"
