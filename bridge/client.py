@@ -31,6 +31,7 @@ from bridge.schemas import (
     StreamEventModel,
     TokenCreated,
     TokenList,
+    ViewLink,
 )
 
 API_PREFIX = "/api/v1"
@@ -179,6 +180,11 @@ class LoopClient:
 
     async def interrupt(self, loop_id: str) -> None:
         await self._request("POST", _loop_path(loop_id, "interrupt"))
+
+    async def create_view_link(self, loop_id: str, *, days: float | None = None) -> ViewLink:
+        """[ext] A read-only link to the loop's page, for people who are not users."""
+        body = _given(days=days)
+        return await self._model(ViewLink, "POST", _loop_path(loop_id, "view-links"), json=body)
 
     # ---- streams -------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_token": (401, "authentication_error"),
     "invalid_credentials": (401, "authentication_error"),
     "not_loop_owner": (403, "permission_error"),
+    "invalid_view_link": (403, "permission_error"),
     "loop_not_found": (404, "not_found_error"),
     "choice_not_found": (404, "not_found_error"),
     "token_not_found": (404, "not_found_error"),

@@ -68,6 +68,9 @@ class LoopOut(BaseModel):
     profiles: list[str]
     vault: str
     repo: str | None
+    active_at: Timestamp | None = Field(
+        None, description="[ext] when the loop last started a turn (or was created)"
+    )
 
 
 class LoopDetail(LoopOut):
@@ -89,6 +92,14 @@ class ToolCall(BaseModel):
     tool: str
     input_summary: str | None = None
     ok: bool | None = None
+    # [ext] for people to read; long strings are cut.
+    input: dict[str, Any] | None = Field(None, description="[ext] the tool's input, cut")
+    output: str | None = Field(None, description="[ext] the tool's result as text, cut")
+    diff: str | None = Field(None, description="[ext] a unified diff, for Write and Edit")
+    event_id: int | None = Field(None, description="[ext] the id of its `tool_call` event")
+    text_offset: int | None = Field(
+        None, description="[ext] how much of `assistant_text` came before the call"
+    )
 
 
 class ChoiceRecord(BaseModel):
@@ -96,6 +107,21 @@ class ChoiceRecord(BaseModel):
     kind: Literal["permission", "question"]
     answer: dict[str, Any]
     source: str
+    payload: dict[str, Any] | None = Field(
+        None, description="[ext] what was asked (the requires_choice payload), cut"
+    )
+    event_id: int | None = Field(None, description="[ext] the id of its `requires_choice` event")
+    text_offset: int | None = Field(
+        None, description="[ext] how much of `assistant_text` came before it was asked"
+    )
+
+
+class PendingChoice(BaseModel):
+    """[ext] The choice a running turn waits on, as `requires_choice` gave it."""
+
+    choice_id: str
+    kind: Literal["permission", "question"]
+    payload: dict[str, Any]
 
 
 class ErrorInfo(BaseModel):
@@ -114,6 +140,7 @@ class HistoryItem(BaseModel):
     error: ErrorInfo | None
     started_at: Timestamp | None
     ended_at: Timestamp | None
+    pending_choice: PendingChoice | None = None
 
 
 class HistoryPage(BaseModel):
@@ -121,6 +148,22 @@ class HistoryPage(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+    last_event_id: int = Field(
+        0,
+        description="[ext] the newest event this page reflects: `GET /events` with "
+        "`last_event_id` (or `Last-Event-ID`) set to it continues the page exactly",
+    )
+
+
+class ViewLink(BaseModel):
+    """[ext] A read-only link to one loop's page, for people who are not users."""
+
+    url: str
+    expires_at: Timestamp
+
+
+class CreateViewLink(Strict):
+    days: float | None = Field(None, gt=0, le=365, description="default LOOPBRIDGE_VIEW_LINK_DAYS")
 
 
 # The token endpoints keep the camelCase names of the contract.

@@ -108,6 +108,8 @@ class ApiError:
 class ToolResult:
     text: str
     is_error: bool
+    # The name of the tool whose result this is ("" when the request does not say).
+    tool: str = ""
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,32 @@ def ask(ctx: Context) -> Reply:
     return text_reply(f"You chose: {ctx.tool_result.text}")
 
 
+def edit(ctx: Context) -> Reply:
+    """``[[edit: PATH :: OLD :: NEW]]``: Read the file (the CLI edits only files it has
+    read), Edit OLD into NEW, then say so."""
+    path, _, rest = (ctx.argument or "").partition("::")
+    old, _, new = rest.partition("::")
+    path, old, new = path.strip(), old.strip(), new.strip()
+    result = ctx.tool_result
+    if result is None:
+        return _tool("Read", {"file_path": path})
+    if result.tool == "Read" and not result.is_error:
+        return _tool("Edit", {"file_path": path, "old_string": old, "new_string": new})
+    if result.is_error:
+        return text_reply(f"Edit failed: {_preview(result)}")
+    return text_reply(f"Edited {path}.")
+
+
+def html(ctx: Context) -> Reply:
+    """An answer full of markup a page must show as text, never run."""
+    return text_reply(
+        "Here is <script>alert(1)</script> and <img src=x onerror=alert(1)> "
+        'and <a href="javascript:alert(1)">a link</a>.\n\n'
+        "```html\n<script>alert(2)</script>\n```\n",
+        pieces=6,
+    )
+
+
 def fail(ctx: Context) -> ApiError:
     return ApiError(500, "api_error", "stand-in failure")
 
@@ -277,6 +305,8 @@ SCENARIOS: dict[str, Scenario] = {
     "bashbg": bashbg,
     "write": write,
     "ask": ask,
+    "edit": edit,
+    "html": html,
     "fail": fail,
     "overloaded": overloaded,
 }
@@ -397,8 +427,21 @@ def _trailing_tool_result(messages: list[dict[str, Any]]) -> ToolResult | None:
         return None
     for block in _blocks(messages[-1]):
         if block.get("type") == "tool_result":
-            return ToolResult(_result_text(block.get("content")), bool(block.get("is_error")))
+            text = _result_text(block.get("content"))
+            tool = _tool_name(messages[:-1], block.get("tool_use_id"))
+            return ToolResult(text, bool(block.get("is_error")), tool)
     return None
+
+
+def _tool_name(messages: list[dict[str, Any]], tool_use_id: str | None) -> str:
+    """The name of the tool a tool_use_id was given to, in the last assistant message."""
+    for message in reversed(messages):
+        if message.get("role") == "assistant":
+            for block in _blocks(message):
+                if block.get("type") == "tool_use" and block.get("id") == tool_use_id:
+                    return str(block.get("name", ""))
+            return ""
+    return ""
 
 
 def _result_text(content: Any) -> str:
