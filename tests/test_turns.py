@@ -96,10 +96,11 @@ async def test_permission_allowed_runs_the_tool(server):
     assert names(evs)[-1] == "done"
     assert (server.engine.sandbox.workdir(loop) / "allowed.txt").exists()
     history = (await server.http.get(f"/loops/{loop}/messages")).json()["data"]
-    assert history[0]["choices"] == [
-        {"choice_id": choice["choice_id"], "kind": "permission", "answer": {"allow": True},
-         "source": "api"}
-    ]
+    [record] = history[0]["choices"]
+    assert {key: record[key] for key in ("choice_id", "kind", "answer", "source")} == {
+        "choice_id": choice["choice_id"], "kind": "permission", "answer": {"allow": True},
+        "source": "api",
+    }
 
 
 async def test_permission_denied_tells_the_model_and_the_turn_ends_done(server):

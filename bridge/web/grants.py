@@ -101,7 +101,13 @@ class Keyring:
         """The grant's claims, when it is this server's, unexpired, and for `loop_id`."""
         version, _, rest = grant.partition(".")
         payload, _, signature = rest.partition(".")
-        if len(grant) > GRANT_LIMIT or version != VERSION or not payload or not signature:
+        if (
+            len(grant) > GRANT_LIMIT
+            or not grant.isascii()
+            or version != VERSION
+            or not payload
+            or not signature
+        ):
             raise GrantError("This link is not a loopbridge view link.")
         if not hmac.compare_digest(signature, self._sign(payload)):
             raise GrantError("This link is not valid: it was changed, or it has been revoked.")
@@ -110,7 +116,7 @@ class Keyring:
             granted = Grant(
                 str(claims["l"]), str(claims["u"]), datetime.fromtimestamp(claims["e"], UTC)
             )
-        except (ValueError, KeyError, TypeError, binascii.Error):
+        except (ValueError, KeyError, TypeError, OverflowError, OSError, binascii.Error):
             raise GrantError("This link is not a loopbridge view link.") from None
         if granted.loop_id != full_loop_id(loop_id):
             raise GrantError("This link is for another loop.")
