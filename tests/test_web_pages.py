@@ -321,3 +321,71 @@ async def test_screenshot_of_a_loop_page(alice: Watch, server, tmp_path) -> None
     target = Path(os.environ.get("LOOPBRIDGE_SCREENSHOT") or tmp_path / "loop-page.png")
     shot = await page.screenshot(path=str(target), full_page=True)
     assert len(shot) > 10_000
+
+
+
+class CuttableProxy:
+    """A TCP relay in front of the server whose open connections a test can cut, as a
+    flaky network would; new connections go on working."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.requests: list[bytes] = []
+        self._open: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+
+    def cut(self) -> None:
+        for writer in list(self._open):
+            writer.transport.abort()
+        self._open.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._open |= {writer, upstream}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, up: bool) -> None:
+            try:
+                while chunk := await source.read(65536):
+                    if up:
+                        self.requests.append(chunk)
+                    sink.write(chunk)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.transport.abort()
+
+        await asyncio.gather(pipe(reader, upstream, True), pipe(upstream_reader, writer, False))
+
+
+async def test_a_dropped_connection_resumes_without_a_gap(alice: Watch, server) -> None:
+    page = alice.page
+    loop = await new_loop(server, "reconnect")
+    proxy = CuttableProxy(int(server.url.rsplit(":", 1)[1]))
+    base = await proxy.start()
+    try:
+        await page.goto(f"{base}/loops/{loop}")
+        await expect(page.locator("#live")).to_have_text("live")
+        sending = asyncio.create_task(turn(server.http, loop, "[[slow: 8]]"))
+        answer = last_turn(page).locator(".assistant")
+        await expect(answer).to_contain_text("slow 1/10.")
+        proxy.cut()
+        await expect(page.locator("#live")).to_have_text("reconnecting…")
+        # The browser's EventSource reconnects by itself, saying where it was.
+        await expect(page.locator("#live")).to_have_text("live")
+        resumed = [r for r in proxy.requests if b"/events?" in r and b"last-event-id:" in r.lower()]
+        assert resumed, "the EventSource did not send Last-Event-ID"
+        await expect(last_turn(page).locator(".state")).to_have_text("done")
+        await expect(answer).to_have_text(SLOW_TEXT.strip())
+        assert (await sending)[-1].name == "done"
+    finally:
+        await proxy.stop()

@@ -200,7 +200,7 @@
 
   function diffBlock(diff) {
     const pre = el("pre", "diff");
-    for (const line of diff.split("\n")) {
+    for (const line of diff.replace(/\n$/, "").split("\n")) {
       let kind = "";
       if (line.startsWith("@@")) kind = "hunk";
       else if (line.startsWith("+++") || line.startsWith("---")) kind = "file";
@@ -346,9 +346,10 @@
     turn.usage = item.usage || null;
     turn.files = item.files_shared || [];
     turn.startedAt = item.started_at;
+    const offset = (mark) => unitsOf(turn.text, mark.text_offset || 0);
     const marks = [
-      ...(item.tool_calls || []).map((call) => ({ at: call.event_id || 0, make: () => toolEntry(call, call.text_offset || 0) })),
-      ...(item.choices || []).map((choice) => ({ at: choice.event_id || 0, make: () => choiceEntry(choice, choice.text_offset || 0) })),
+      ...(item.tool_calls || []).map((call) => ({ at: call.event_id || 0, make: () => toolEntry(call, offset(call)) })),
+      ...(item.choices || []).map((choice) => ({ at: choice.event_id || 0, make: () => choiceEntry(choice, offset(choice)) })),
     ];
     marks.sort((a, b) => a.at - b.at);
     turn.entries = marks.map((mark) => mark.make());
@@ -358,6 +359,18 @@
     renderHead(turn);
     renderFoot(turn);
     if (LIVE.has(turn.ended)) current = turn.ended === "running" ? turn : current;
+  }
+
+  // The server counts text in code points, a JavaScript string in UTF-16 units.
+  function unitsOf(text, codePoints) {
+    let units = 0;
+    let seen = 0;
+    for (const character of text) {
+      if (seen >= codePoints) break;
+      units += character.length;
+      seen += 1;
+    }
+    return units;
   }
 
   async function loadHistory() {
