@@ -337,3 +337,17 @@ async def test_the_key_file_is_made_private(tmp_path) -> None:
     assert len(ring.key()) == 32
     assert stat.S_IMODE((tmp_path / "home" / "view-links.key").stat().st_mode) == 0o600
     assert len((tmp_path / "home" / "view-links.key").read_text().strip()) == 64
+
+
+async def test_diffs_and_cuts_without_the_cli_patch() -> None:
+    from core.tool_record import clipped_input, edit_diff, output_text
+
+    change = {"file_path": "a.py", "old_string": "x = 1", "new_string": "x = 2"}
+    edit = edit_diff("Edit", change, None)
+    assert edit is not None and "-x = 1\n+x = 2" in edit
+    assert edit_diff("Bash", {"command": "ls"}, {"stdout": ""}) is None
+    assert edit_diff("Edit", {"file_path": "a.py"}, None) is None
+    assert clipped_input({"content": "y" * 5000, "n": 3})["content"].endswith(
+        "… [1000 more characters]"
+    )
+    assert output_text([{"type": "text", "text": "hi"}, {"type": "image"}]) == "hi\n[image]"
