@@ -16,12 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import httpx
+
 from adapters.actions import Action
 from adapters.background import BackgroundTurns
 from adapters.binding import STARTED_BY, Binding, ConversationKey, ThreadBindings
 from adapters.dedupe import RecentKeys
 from adapters.policy import Actor, Policy
 from adapters.render import RenderStats, TurnRenderer
+from adapters.settings import view_links_wanted
 from adapters.surface import Surface
 from adapters.turn_events import apply_event
 from adapters.views import TurnState
@@ -85,11 +88,14 @@ class Conversations:
         *,
         platform: str,
         permission_mode: PermissionMode | None = None,
+        view_links: bool | None = None,
     ) -> None:
         self.client = client
         self.policy = policy
         self.platform = platform
         self.permission_mode = permission_mode
+        # A loop's first reply links to its page (read-only, for everyone in the thread).
+        self.view_links = view_links_wanted() if view_links is None else view_links
         self.bindings = ThreadBindings(client)
         self.recent = RecentKeys()
         self.background = BackgroundTurns(client, platform)
@@ -143,6 +149,7 @@ class Conversations:
                 surface_for(binding, message),
                 binding.loop_id,
                 own_source_prefix=f"{self.platform}:",
+                link=await self._view_link(binding.loop_id) if created else "",
             )
             async with contextlib.aclosing(events), renderer.running():
                 # The lock keeps messages of one thread in order until the server has
@@ -155,6 +162,17 @@ class Conversations:
             )
         finally:
             order.leave()
+
+    async def _view_link(self, loop_id: str) -> str:
+        """A read-only link to a new loop's page, or "" (none wanted, or none to be had:
+        the answer matters more than its link)."""
+        if not self.view_links:
+            return ""
+        try:
+            return (await self.client.create_view_link(loop_id)).url
+        except (LoopApiError, httpx.HTTPError) as exc:
+            log.warning("no view link for loop %s: %s", loop_id, exc)
+            return ""
 
     async def _binding(self, message: IncomingMessage) -> tuple[Binding | None, bool]:
         if message.mentioned or message.direct:

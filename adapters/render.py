@@ -81,11 +81,13 @@ class TurnRenderer:
         loop_id: str,
         *,
         own_source_prefix: str = "",
+        link: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.surface = surface
         self.loop_id = loop_id
         self.own_source_prefix = own_source_prefix
+        self.link = link  # shown on the turn's first message
         self.clock = clock
         self.stats = RenderStats()
         self.state: TurnState = "running"
@@ -335,6 +337,7 @@ class TurnRenderer:
             self._attached = True
             self._attach_waiting()
         last = self._text_slots[-1] if self._text_slots else None
+        first = self._text_slots[0] if self._text_slots else None
         for slot in self._text_slots:
             is_tail = slot is self._tail
             if slot.attachment is not None:
@@ -362,6 +365,7 @@ class TurnRenderer:
                 stop=is_tail and state in ("queued", "running"),
                 note=self.note if (is_tail or slot is last) and state != "done" else None,
                 attachment=slot.attachment or "",
+                link=self.link if slot is first else "",
             )
 
     def _attach_waiting(self) -> None:

@@ -35,6 +35,21 @@ class ApiSettings(BaseSettings):
     api_token: SecretStr | None = None
 
 
+class LinkSettings(BaseSettings):
+    """`LOOPBRIDGE_PUBLIC_URL`: set, the first reply of a loop links to its page."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOPBRIDGE_", extra="ignore")
+
+    public_url: str | None = None
+
+
+def view_links_wanted() -> bool:
+    try:
+        return bool(LinkSettings().public_url)
+    except ValidationError:
+        return False
+
+
 class AdapterSettingsError(Exception):
     """A setting is missing or wrong; the message says which and how to fix it."""
 

@@ -30,6 +30,7 @@ class MessageView:
     `stop` asks for a Stop button; `note` is a short status line (queue position,
     error message). `attachment` is the rest of an answer too long to post as
     messages in good time, which the platform sends as a file with this message.
+    `link` is the URL of the loop's page ("View loop"), on a loop's first reply.
     """
 
     loop_id: str
@@ -41,6 +42,7 @@ class MessageView:
     stop: bool = False
     note: str | None = None
     attachment: str = ""
+    link: str = ""
 
     @property
     def shown_text(self) -> str:

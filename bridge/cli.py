@@ -156,6 +156,14 @@ def _parser() -> argparse.ArgumentParser:
     revoke = _command(tokens, "revoke", "revoke a token", _tokens_revoke, accounts_env)
     revoke.add_argument("token_id", help="the token's id (tok_…, from `tokens list`)")
 
+    keys = commands.add_parser("keys", help="the server's signing key").add_subparsers(
+        title="keys"
+    )
+    rotate = keys.add_parser(
+        "rotate", help="replace the key that signs view links: every link made before ends"
+    )
+    rotate.set_defaults(run=_keys_rotate)
+
     sandbox = commands.add_parser("sandbox", help="the podman sandbox").add_subparsers(
         title="sandbox"
     )
@@ -249,6 +257,17 @@ async def _tokens_revoke(args: argparse.Namespace) -> None:
         print(f"revoked {args.token_id}")
 
     await _with_accounts(work)
+
+
+async def _keys_rotate(args: argparse.Namespace) -> None:
+    from bridge.web.grants import rotate_key
+    from core.config import load_settings
+
+    try:
+        path = rotate_key(load_settings().data_dir)
+    except OSError as exc:
+        raise CommandError(f"cannot write the signing key: {exc}") from None
+    print(f"rotated the view-link signing key ({path}): every view link made before has ended")
 
 
 # ---- the sandbox and the doctor -----------------------------------------------------------

@@ -34,6 +34,7 @@ from bridge.schemas import (
     StreamEventModel,
     TokenCreated,
     TokenList,
+    ViewLink,
 )
 
 API_PREFIX = "/api/v1"
@@ -234,6 +235,10 @@ class LoopClient:
             FileWritten, "PUT", _file_path(loop_id, path), content=content,
             timeout=self._stream_timeout,
         )
+    async def create_view_link(self, loop_id: str, *, days: float | None = None) -> ViewLink:
+        """[ext] A read-only link to the loop's page, for people who are not users."""
+        body = _given(days=days)
+        return await self._model(ViewLink, "POST", _loop_path(loop_id, "view-links"), json=body)
 
     # ---- streams -------------------------------------------------------------------
 

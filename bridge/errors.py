@@ -23,6 +23,7 @@ CODES: dict[str, tuple[int, str]] = {
     "profile_not_allowed": (403, "permission_error"),
     "repo_not_allowed": (403, "permission_error"),
     "csrf_failed": (403, "permission_error"),
+    "invalid_view_link": (403, "permission_error"),
     "loop_not_found": (404, "not_found_error"),
     "choice_not_found": (404, "not_found_error"),
     "token_not_found": (404, "not_found_error"),

@@ -101,6 +101,9 @@ class LoopOut(BaseModel):
     vault: str
     repo: str | None
     branch: str | None = None
+    active_at: Timestamp | None = Field(
+        None, description="[ext] when the loop last started a turn (or was created)"
+    )
 
 
 class LoopDetail(LoopOut):
@@ -122,6 +125,14 @@ class ToolCall(BaseModel):
     tool: str
     input_summary: str | None = None
     ok: bool | None = None
+    # [ext] for people to read; long strings are cut.
+    input: dict[str, Any] | None = Field(None, description="[ext] the tool's input, cut")
+    output: str | None = Field(None, description="[ext] the tool's result as text, cut")
+    diff: str | None = Field(None, description="[ext] a unified diff, for Write and Edit")
+    event_id: int | None = Field(None, description="[ext] the id of its `tool_call` event")
+    text_offset: int | None = Field(
+        None, description="[ext] how much of `assistant_text` came before the call"
+    )
 
 
 class ChoiceRecord(BaseModel):
@@ -129,6 +140,21 @@ class ChoiceRecord(BaseModel):
     kind: Literal["permission", "question"]
     answer: dict[str, Any]
     source: str
+    payload: dict[str, Any] | None = Field(
+        None, description="[ext] what was asked (the requires_choice payload), cut"
+    )
+    event_id: int | None = Field(None, description="[ext] the id of its `requires_choice` event")
+    text_offset: int | None = Field(
+        None, description="[ext] how much of `assistant_text` came before it was asked"
+    )
+
+
+class PendingChoice(BaseModel):
+    """[ext] The choice a running turn waits on, as `requires_choice` gave it."""
+
+    choice_id: str
+    kind: Literal["permission", "question"]
+    payload: dict[str, Any]
 
 
 class AttachmentOut(BaseModel):
@@ -161,6 +187,7 @@ class HistoryItem(BaseModel):
     ended_at: Timestamp | None
     attachments: list[AttachmentOut] = Field(default_factory=list)
     files_shared: list[FileShared] = Field(default_factory=list)
+    pending_choice: PendingChoice | None = None
 
 
 class HistoryPage(BaseModel):
@@ -168,6 +195,22 @@ class HistoryPage(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+    last_event_id: int = Field(
+        0,
+        description="[ext] the newest event this page reflects: `GET /events` with "
+        "`last_event_id` (or `Last-Event-ID`) set to it continues the page exactly",
+    )
+
+
+class ViewLink(BaseModel):
+    """[ext] A read-only link to one loop's page, for people who are not users."""
+
+    url: str
+    expires_at: Timestamp
+
+
+class CreateViewLink(Strict):
+    days: float | None = Field(None, gt=0, le=365, description="default LOOPBRIDGE_VIEW_LINK_DAYS")
 
 
 class FileEntry(BaseModel):

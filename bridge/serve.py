@@ -69,10 +69,6 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._ready = ready
 
-    def __init__(self, config: uvicorn.Config, ready: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._ready = ready
-
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         with super().capture_signals():

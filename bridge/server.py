@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from bridge import errors
+from bridge import errors, web
 from bridge.auth import (
     SESSION_COOKIE,
     Authenticator,
@@ -28,6 +28,7 @@ from bridge.schemas import (
     ChoiceAnswer,
     CreateLoop,
     CreateToken,
+    CreateViewLink,
     ErrorResponse,
     HistoryPage,
     Login,
@@ -38,6 +39,7 @@ from bridge.schemas import (
     TokenCreated,
     TokenList,
     TokenOut,
+    ViewLink,
     metadata_size,
 )
 from bridge.sse import event_stream
@@ -69,6 +71,16 @@ async def _owner(loop_id: str, request: Request, user: User) -> str:
 
 
 Owner = Annotated[str, Depends(_owner)]
+
+
+async def _reader(loop_id: str, request: Request, grant: str | None = None) -> str:
+    """The owner, or [ext] a view link's `grant` for this loop: the read-only routes."""
+    if grant is not None:
+        return web.grant_reader(request, loop_id, grant)
+    return await _owner(loop_id, request, await _user(request))
+
+
+Reader = Annotated[str, Depends(_reader)]
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -124,6 +136,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     from bridge.files import file_routes  # it imports this module's dependencies
 
     app.include_router(file_routes(engine), prefix="/api/v1")
+    web.mount(app, engine)
     return app
 
 
@@ -207,10 +220,20 @@ def _loop_routes(engine: Engine) -> APIRouter:
     )
     async def watch_loop(
         loop_id: str,
-        user: Owner,
+        user: Reader,
         last_event_id: Annotated[str | None, Header()] = None,
+        resume_after: Annotated[
+            str | None,
+            Query(
+                alias="last_event_id",
+                description="[ext] where to resume when no Last-Event-ID header is sent "
+                "(an EventSource cannot send one at first); the header wins",
+            ),
+        ] = None,
     ) -> Response:
         resume = None
+        if last_event_id is None:
+            last_event_id = resume_after
         if last_event_id is not None:
             value = last_event_id.strip()
             # ASCII digits only (isdigit takes "²"), and few enough to fit a 64-bit integer.
@@ -224,7 +247,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
     )
     async def history(
         loop_id: str,
-        user: Owner,
+        user: Reader,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
         after: str | None = None,
     ) -> Any:
@@ -252,6 +275,19 @@ def _loop_routes(engine: Engine) -> APIRouter:
             raise ApiError("invalid_choice_payload", "source must be a short string")
         await engine.answer_choice(user, loop_id, choice_id, body, source)
         return Response(status_code=202)
+
+    @router.post(
+        "/loops/{loop_id}/view-links",
+        status_code=201,
+        response_model=ViewLink,
+        responses=_errors(403, 404),
+    )
+    async def create_view_link(
+        loop_id: str, request: Request, user: Owner, body: CreateViewLink | None = None
+    ) -> Any:
+        """[ext] A read-only link to the loop's page that ends after `days`."""
+        url, expires_at = web.mint(request, loop_id, user, body.days if body else None)
+        return ViewLink(url=url, expires_at=expires_at)
 
     @router.post("/loops/{loop_id}/interrupt", status_code=202, responses=_errors(403, 404))
     async def interrupt(loop_id: str, user: Owner) -> Response:

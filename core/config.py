@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     agent_idle_seconds: float = Field(600.0, gt=0)
     sandbox_idle_seconds: float = Field(1800.0, gt=0)
     rate_limit_per_minute: int = Field(1200, ge=1)
+    # Where people reach the server (view links point there); else the request's own URL.
+    public_url: str | None = None
+    view_link_days: float = Field(7.0, gt=0, le=365)
     cli_path: Path | None = None
     # Limits that hold under abuse (see docs/security.md).
     max_agents: int = Field(32, ge=1)

@@ -65,6 +65,7 @@ class Loop:
     repo: str | None
     branch: str | None = None  # [ext] the branch its repo's clone is on
     turn_count: int = 0
+    active_at: datetime | None = None
     busy: bool = False
     queue_depth: int = 0
     current_turn: dict[str, Any] | None = None
@@ -76,6 +77,13 @@ class Page:
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+@dataclass
+class HistoryPage(Page):
+    # The newest event the page reflects: following the loop's events after it
+    # continues the page with no gap and no repeat.
+    last_event_id: int = 0
 
 
 @dataclass
@@ -93,6 +101,7 @@ class HistoryItem:
     attachments: list[dict[str, str]]
     files_shared: list[dict[str, Any]]
     author: dict[str, str] | None = None
+    pending_choice: dict[str, Any] | None = None
 
 
 @dataclass
@@ -239,6 +248,7 @@ class Engine:
         loop = Loop(
             new_id("loop"), title, now, user, False, None, metadata or {}, profiles, vault, repo,
             branch,
+            active_at=now,
         )
         async with self.db.write() as conn:
             await conn.execute(
@@ -655,13 +665,19 @@ class Engine:
 
     async def history(
         self, user: str, raw_id: str, limit: int = 20, after: str | None = None
-    ) -> Page:
+    ) -> HistoryPage:
         row = await self._owned_row(user, raw_id)
-        # Taken before the read: a turn leaves `unsaved` only once its row is written, so
-        # every turn is either in this snapshot or already up to date in the database.
-        live = self._live_turns(row.id)
         query = select(turns).where(turns.c.loop_id == row.id)
+        # Turns in memory now or once the rows are read: a turn that ends meanwhile may
+        # have a stale row but is still the object that holds its final state.
+        before = self._runtimes.get(row.id)
+        live = _live_turns(before)
+        if before is None:
+            await self.writer.flush()  # the log's newest id must be on disk
         async with self.db.engine.connect() as conn:
+            stored_seq = await conn.scalar(
+                select(func.coalesce(func.max(events.c.seq), 0)).where(events.c.loop_id == row.id)
+            )
             if after is not None:
                 number = await conn.scalar(
                     select(turns.c.number).where(turns.c.id == after, turns.c.loop_id == row.id)
@@ -670,21 +686,17 @@ class Engine:
                     raise EngineError("invalid_cursor", f"no turn {after} in this loop")
                 query = query.where(turns.c.number > number)
             rows = (await conn.execute(query.order_by(turns.c.number).limit(limit + 1))).all()
+        # From here to the return nothing awaits: the items and the event id agree.
+        runtime = self._runtimes.get(row.id) or before
+        live.update(_live_turns(runtime))
         items = [_history_item(r, live.get(r.id)) for r in rows[:limit]]
-        return Page(
+        return HistoryPage(
             items,
             len(rows) > limit,
             items[0].turn_id if items else None,
             items[-1].turn_id if items else None,
+            last_event_id=runtime.seq if runtime is not None else stored_seq,
         )
-
-    def _live_turns(self, loop_id: str) -> dict[str, Turn]:
-        """The loop's turns whose newest state is still in memory."""
-        runtime = self._runtimes.get(loop_id)
-        if runtime is None:
-            return {}
-        in_memory = [*([runtime.current] if runtime.current else []), *runtime.queue]
-        return {**runtime.unsaved, **{t.id: t for t in in_memory}}
 
     # ---- files [ext] ---------------------------------------------------------------------
 
@@ -771,7 +783,15 @@ def _loop_from_row(row: Any) -> Loop:
         repo=row.repo,
         branch=row.branch,
         turn_count=row.turn_count,
+        active_at=aware(row.active_at),
     )
+
+
+def _live_turns(runtime: LoopRuntime | None) -> dict[str, Turn]:
+    if runtime is None:
+        return {}
+    in_memory = [*([runtime.current] if runtime.current else []), *runtime.queue]
+    return {**runtime.unsaved, **{t.id: t for t in in_memory}}
 
 
 def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
@@ -803,5 +823,6 @@ def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
         ended_at=turn.ended_at,
         author=turn.author,
         attachments=turn.attachments,
+        pending_choice=turn.pending_choice,
         **turn.history_fields(),
     )

@@ -22,13 +22,14 @@ from claude_agent_sdk import (
     ResultMessage,
     StreamEvent,
     ToolPermissionContext,
+    ToolResultBlock,
     UserMessage,
 )
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core import agent as sdk
-from core import files
+from core import files, tool_record
 from core.choices import EVICTED, INTERRUPTED, Choice, decision, make_choice, validate_answer
 from core.config import Settings
 from core.errors import EngineError
@@ -76,6 +77,11 @@ class Turn:
     size: int = 0  # bytes of user_text, for the caps on queued messages
     text: list[str] = field(default_factory=list)
     tool_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The full input of tool calls still running, for the diff of an edit.
+    tool_inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    text_length: int = 0
+    # Where each choice was asked: its event's id and how much text came before it.
+    choice_marks: dict[str, dict[str, int]] = field(default_factory=dict)
     choices: list[dict[str, Any]] = field(default_factory=list)
     attachments: list[dict[str, str]] = field(default_factory=list)
     files_shared: list[dict[str, Any]] = field(default_factory=list)
@@ -100,6 +106,12 @@ class Turn:
         if self.author is None:
             return self.user_text
         return f"{attribution(self.author)}\n{self.user_text}"
+    def pending_choice(self) -> dict[str, Any] | None:
+        """The choice the turn waits on, as its `requires_choice` event told it."""
+        choice = next((c for c in self.pending.values() if c.pending), None)
+        if choice is None:
+            return None
+        return {"choice_id": choice.id, "kind": choice.kind, "payload": choice.payload}
 
     def new_row(self, loop_id: str, ended: str) -> dict[str, Any]:
         """The turns-table row of a turn that has just begun or been queued."""
@@ -214,7 +226,9 @@ class LoopRuntime:
             raise EngineError("choice_not_found", f"no pending choice {choice_id}")
         answer = validate_answer(choice, body)
         turn.choices.append(
-            {"choice_id": choice.id, "kind": choice.kind, "answer": answer, "source": source}
+            {"choice_id": choice.id, "kind": choice.kind, "answer": answer, "source": source,
+             "payload": tool_record.clipped_input(choice.payload),
+             **turn.choice_marks.pop(choice.id, {})}
         )
         del turn.pending[choice_id]
         self._cancel_evict()
@@ -527,23 +541,46 @@ class LoopRuntime:
                 kind, text = delta
                 if kind == "assistant":
                     turn.text.append(text)
+                    turn.text_length += len(text)
                 self.emit(f"{kind}_delta", {"text": text}, turn.id)
         elif isinstance(message, AssistantMessage):
             for block in sdk.tool_uses(message):
                 if block.id in turn.tool_calls:
                     continue
                 summary = sdk.summarize_input(block.name, block.input)
-                data = {"tool_use_id": block.id, "tool": block.name, "input_summary": summary}
-                turn.tool_calls[block.id] = {**data, "ok": None}
-                self.emit("tool_call", data, turn.id)
+                data = {"tool_use_id": block.id, "tool": block.name, "input_summary": summary,
+                        "input": tool_record.clipped_input(block.input)}
+                call = {**data, "ok": None, "output": None, "diff": None,
+                        "text_offset": turn.text_length}
+                turn.tool_calls[block.id] = call
+                turn.tool_inputs[block.id] = block.input
+                call["event_id"] = self.emit("tool_call", data, turn.id).seq
         elif isinstance(message, UserMessage):
-            for result in sdk.tool_results(message):
-                ok = not result.is_error
-                if result.tool_use_id in turn.tool_calls:
-                    turn.tool_calls[result.tool_use_id]["ok"] = ok
-                self.emit("tool_result", {"tool_use_id": result.tool_use_id, "ok": ok}, turn.id)
+            results = sdk.tool_results(message)
+            # The CLI's own account of a tool's run (e.g. an edit's patch), one per result.
+            account = message.tool_use_result if len(results) == 1 else None
+            for result in results:
+                self._tool_result(turn, result, account)
         elif isinstance(message, ResultMessage):
             await self._end_with_result(turn, message)
+
+    def _tool_result(
+        self, turn: Turn, result: ToolResultBlock, account: dict[str, Any] | None
+    ) -> None:
+        ok = not result.is_error
+        data: dict[str, Any] = {
+            "tool_use_id": result.tool_use_id,
+            "ok": ok,
+            "output": tool_record.output_text(result.content),
+        }
+        call = turn.tool_calls.get(result.tool_use_id)
+        if call is not None:
+            tool_input = turn.tool_inputs.pop(result.tool_use_id, {})
+            diff = tool_record.edit_diff(call["tool"], tool_input, account) if ok else None
+            if diff is not None:
+                data["diff"] = diff
+            call.update(ok=ok, output=data["output"], diff=diff)
+        self.emit("tool_result", data, turn.id)
 
     async def _end_with_result(self, turn: Turn, result: ResultMessage) -> None:
         if turn.interrupt_requested:
@@ -572,11 +609,12 @@ class LoopRuntime:
             return PermissionResultAllow(updated_input=tool_input)
         choice = make_choice(tool, tool_input, context.title)
         turn.pending[choice.id] = choice
-        self.emit(
+        asked = self.emit(
             "requires_choice",
             {"choice_id": choice.id, "kind": choice.kind, "payload": choice.payload},
             turn.id,
         )
+        turn.choice_marks[choice.id] = {"event_id": asked.seq or 0, "text_offset": turn.text_length}
         self._arm_evict(turn)
         outcome = await choice.future
         return decision(choice, outcome)

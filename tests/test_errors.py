@@ -735,7 +735,8 @@ WRONG_METHODS = [
     ("POST", "/healthz"),
     ("OPTIONS", LOOPS),
 ]
-UNKNOWN_ROUTES = ["/", "/nope", API, f"{API}/nope", "/api/v2/loops", f"{MESSAGES}/x", f"{API}/me"]
+# "/" is the pages' root now (it redirects to /loops): no longer an unknown route.
+UNKNOWN_ROUTES = ["/nope", API, f"{API}/nope", "/api/v2/loops", f"{MESSAGES}/x", f"{API}/me"]
 
 CASES: list[Case] = [
     # POST /loops

@@ -54,7 +54,7 @@ async def test_bash_tool_runs_in_the_workdir(server):
     call = next(e for e in evs if e.name == "tool_call")
     assert call.data["tool"] == "Bash" and "made.txt" in call.data["input_summary"]
     result = next(e for e in evs if e.name == "tool_result")
-    assert result.data == {"tool_use_id": call.data["tool_use_id"], "ok": True}
+    assert result.data["tool_use_id"] == call.data["tool_use_id"] and result.data["ok"] is True
     workdir = server.engine.sandbox.workdir(loop)
     assert (workdir / "made.txt").read_text() == "made\n"
     assert text_of(evs).startswith("Tool ok")
@@ -96,10 +96,11 @@ async def test_permission_allowed_runs_the_tool(server):
     assert names(evs)[-1] == "done"
     assert (server.engine.sandbox.workdir(loop) / "allowed.txt").exists()
     history = (await server.http.get(f"/loops/{loop}/messages")).json()["data"]
-    assert history[0]["choices"] == [
-        {"choice_id": choice["choice_id"], "kind": "permission", "answer": {"allow": True},
-         "source": "api"}
-    ]
+    [record] = history[0]["choices"]
+    assert {key: record[key] for key in ("choice_id", "kind", "answer", "source")} == {
+        "choice_id": choice["choice_id"], "kind": "permission", "answer": {"allow": True},
+        "source": "api",
+    }
 
 
 async def test_permission_denied_tells_the_model_and_the_turn_ends_done(server):

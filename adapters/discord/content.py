@@ -48,6 +48,8 @@ def status_embed(view: MessageView) -> discord.Embed | None:
         lines.append(THINKING)
     elif not view.text.strip() and not lines:
         lines.append(NO_TEXT)  # Discord refuses a message with nothing in it
+    if view.link:
+        lines.append(f"🔗 [View loop]({view.link})")
     if not lines:
         return None
     return discord.Embed(description=_cut("\n".join(lines), EMBED_LIMIT))

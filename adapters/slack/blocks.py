@@ -20,6 +20,7 @@ CONTROLS_BLOCK = "lb_controls"
 CHOICE_BLOCK = "lb_choice"
 CHOICE_ACTIONS_BLOCK = "lb_choice_actions"
 OUTCOME_BLOCK = "lb_outcome"
+LINK_BLOCK = "lb_link"
 # A question's select menu lives in a block named after the question.
 QUESTION_BLOCK_PREFIX = "lb_q|"
 # Slack's limits on elements.
@@ -46,9 +47,17 @@ def message_blocks(view: MessageView) -> tuple[str, list[Block]]:
     status = status_line(view)
     if status:
         blocks.append(context_block(STATUS_BLOCK, status))
+    blocks.extend(link_blocks(view))
     if view.stop:
         blocks.append(controls_block(view.loop_id))
     return (text or status or "…"), blocks
+
+
+def link_blocks(view: MessageView) -> list[Block]:
+    """The "View loop" link of a loop's first reply."""
+    if not view.link:
+        return []
+    return [context_block(LINK_BLOCK, f":link: <{view.link}|View loop>")]
 
 
 def status_line(view: MessageView) -> str:

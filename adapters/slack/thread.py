@@ -30,6 +30,7 @@ from adapters.slack.blocks import (
     choice_blocks,
     context_block,
     controls_block,
+    link_blocks,
     message_blocks,
     status_line,
 )
@@ -204,7 +205,9 @@ class SlackThread:
                 await self.web.chat_appendStream(channel=self.channel, ts=ts, markdown_text=piece)
                 stream.sent += piece
             if not view.live:
-                await self.web.chat_stopStream(channel=self.channel, ts=ts)
+                # A finished stream takes blocks below its text: the link, if any.
+                links = {"blocks": link_blocks(view)} if view.link else {}
+                await self.web.chat_stopStream(channel=self.channel, ts=ts, **links)
                 del self._streams[ts]
         except SlackApiError as exc:
             log.info("streaming to %s failed (%s): editing instead", ts, exc.response.get("error"))

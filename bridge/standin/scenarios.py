@@ -316,6 +316,30 @@ def image(ctx: Context) -> Reply:
         for img in ctx.images
     ]
     return text_reply(f"I see {len(seen)} image(s): " + "; ".join(seen))
+def edit(ctx: Context) -> Reply:
+    """``[[edit: PATH :: OLD :: NEW]]``: Read the file (the CLI edits only files it has
+    read), Edit OLD into NEW, then say so."""
+    path, _, rest = (ctx.argument or "").partition("::")
+    old, _, new = rest.partition("::")
+    path, old, new = path.strip(), old.strip(), new.strip()
+    result = ctx.tool_result
+    if result is None:
+        return _tool("Read", {"file_path": path})
+    if result.tool == "Read" and not result.is_error:
+        return _tool("Edit", {"file_path": path, "old_string": old, "new_string": new})
+    if result.is_error:
+        return text_reply(f"Edit failed: {_preview(result)}")
+    return text_reply(f"Edited {path}.")
+
+
+def html(ctx: Context) -> Reply:
+    """An answer full of markup a page must show as text, never run."""
+    return text_reply(
+        "Here is <script>alert(1)</script> and <img src=x onerror=alert(1)> "
+        'and <a href="javascript:alert(1)">a link</a>.\n\n'
+        "```html\n<script>alert(2)</script>\n```\n",
+        pieces=6,
+    )
 
 
 def fail(ctx: Context) -> ApiError:
@@ -338,6 +362,8 @@ SCENARIOS: dict[str, Scenario] = {
     "ask": ask,
     "share": share,
     "image": image,
+    "edit": edit,
+    "html": html,
     "fail": fail,
     "overloaded": overloaded,
 }
