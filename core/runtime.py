@@ -311,13 +311,16 @@ class LoopRuntime:
 
     # ---- events -------------------------------------------------------------------
 
-    def emit(self, name: str, data: dict[str, Any], turn_id: str | None) -> None:
+    def emit(self, name: str, data: dict[str, Any], turn_id: str | None) -> int:
+        """Publish an event (or hold it until its id is reserved); the id it gets."""
+        event_id = self.seq + len(self._held) + 1
         if self._reserving is None and self.seq + len(self._held) >= self._reserve_at:
             self._reserving = self._later(self._reserve())
         if self._held or self.seq >= self.reserved:
             self._held.append((name, data, turn_id))  # published once ids are reserved
         else:
             self._publish(name, data, turn_id)
+        return event_id
 
     def _publish(self, name: str, data: dict[str, Any], turn_id: str | None) -> None:
         self.seq += 1
@@ -554,7 +557,7 @@ class LoopRuntime:
                         "text_offset": turn.text_length}
                 turn.tool_calls[block.id] = call
                 turn.tool_inputs[block.id] = block.input
-                call["event_id"] = self.emit("tool_call", data, turn.id).seq
+                call["event_id"] = self.emit("tool_call", data, turn.id)
         elif isinstance(message, UserMessage):
             results = sdk.tool_results(message)
             # The CLI's own account of a tool's run (e.g. an edit's patch), one per result.
@@ -609,12 +612,12 @@ class LoopRuntime:
             return PermissionResultAllow(updated_input=tool_input)
         choice = make_choice(tool, tool_input, context.title)
         turn.pending[choice.id] = choice
-        asked = self.emit(
+        event_id = self.emit(
             "requires_choice",
             {"choice_id": choice.id, "kind": choice.kind, "payload": choice.payload},
             turn.id,
         )
-        turn.choice_marks[choice.id] = {"event_id": asked.seq or 0, "text_offset": turn.text_length}
+        turn.choice_marks[choice.id] = {"event_id": event_id, "text_offset": turn.text_length}
         self._arm_evict(turn)
         outcome = await choice.future
         return decision(choice, outcome)
