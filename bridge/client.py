@@ -235,6 +235,7 @@ class LoopClient:
             FileWritten, "PUT", _file_path(loop_id, path), content=content,
             timeout=self._stream_timeout,
         )
+
     async def create_view_link(self, loop_id: str, *, days: float | None = None) -> ViewLink:
         """[ext] A read-only link to the loop's page, for people who are not users."""
         body = _given(days=days)

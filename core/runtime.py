@@ -106,6 +106,8 @@ class Turn:
         if self.author is None:
             return self.user_text
         return f"{attribution(self.author)}\n{self.user_text}"
+
+    @property
     def pending_choice(self) -> dict[str, Any] | None:
         """The choice the turn waits on, as its `requires_choice` event told it."""
         choice = next((c for c in self.pending.values() if c.pending), None)
