@@ -145,6 +145,10 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
+def signed_ms(seconds: float) -> str:
+    return f"{seconds * 1000:+.0f} ms"
+
+
 def verdict(ok: bool) -> str:
     return "yes" if ok else "**NO**"
 
@@ -176,9 +180,9 @@ def render(colds: dict[str, list[float]], warm: dict[str, list[TurnTiming]]) -> 
         rows.append([
             tier,
             ms(cold_median), ms(p99(cold)),
-            f"+{ms(cold_median - cold_local)} ({cold_median / cold_local:.2f}×)",
+            f"{signed_ms(cold_median - cold_local)} ({cold_median / cold_local:.2f}×)",
             ms(warm_median), ms(p99(first)),
-            f"{warm_median - warm_local:+.3f} s ({warm_median / warm_local:.2f}×)",
+            f"{signed_ms(warm_median - warm_local)} ({warm_median / warm_local:.2f}×)",
         ])
     head = ["tier", "cold median", "cold p99", "cold vs local", "warm median", "warm p99",
             "warm vs local"]
@@ -187,7 +191,7 @@ def render(colds: dict[str, list[float]], warm: dict[str, list[TurnTiming]]) -> 
         extra = statistics.median(colds["bubblewrap"]) - cold_local
         lines.append(
             f"bubblewrap cold start within {BUBBLEWRAP_COLD_TARGET_S} s of local: "
-            f"{verdict(extra < BUBBLEWRAP_COLD_TARGET_S)} (+{ms(extra)})"
+            f"{verdict(extra < BUBBLEWRAP_COLD_TARGET_S)} ({signed_ms(extra)})"
         )
     if "podman" in colds:
         cold = statistics.median(colds["podman"])
@@ -197,7 +201,7 @@ def render(colds: dict[str, list[float]], warm: dict[str, list[TurnTiming]]) -> 
             overhead = statistics.median(t.first_delta for t in warm[tier]) - warm_local
             lines.append(
                 f"{tier} warm overhead to first delta < {OVERHEAD_TARGET_MS:.0f} ms: "
-                f"{verdict(overhead * 1000 < OVERHEAD_TARGET_MS)} ({overhead * 1000:+.0f} ms)"
+                f"{verdict(overhead * 1000 < OVERHEAD_TARGET_MS)} ({signed_ms(overhead)})"
             )
     return "\n".join(lines)
 

@@ -8,9 +8,9 @@ agent only the environment the engine chose, which keeps secrets out of the
 agent's own environment, not out of its reach.
 
 When the server is root, the agent runs as the unprivileged `loopbridge-agent`
-user instead, in a mount namespace of its own where the first directory on the
-way to the data directory that others may not enter (or the data directory
-itself) is replaced by an empty tmpfs holding only the loop's working directory
+user instead, in a mount namespace of its own where `/tmp` and the first
+directory on the way to the data directory that others may not enter (or the
+data directory itself) are empty tmpfs, holding only the loop's working directory
 and home, at their usual paths. So the data directory stays 0700 on the host, and
 the agent reaches its own directories but no other loop's, nor the database.
 """
@@ -27,6 +27,8 @@ from core.errors import EngineError
 from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
 from core.sandbox.image import run
 from core.sandbox.users import AGENT_USER, AgentUser, agent_user, give_tree
+
+TMP = Path("/tmp")
 
 # The SDK hands the launcher its whole environment; it keeps what the engine chose.
 # As root, it then makes the private view, becomes the agent's user, and asks the
@@ -48,13 +50,15 @@ def check(result, what):
 
 
 if view:
-    top, binds, uid, gid = json.loads(view)
+    tops, binds, uid, gid = json.loads(view)
     cwd = os.getcwd()
     check(libc.unshare(0x20000), "make a mount namespace (the agent's own view)")
     check(libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "make / private")
     # Opened in the new namespace (a bind's source must be in it), before the tmpfs hides them.
     held = [(os.open(path, os.O_PATH), path, read_only) for path, read_only in binds]
-    check(libc.mount(b"tmpfs", top.encode(), b"tmpfs", 0x2 | 0x4, b"mode=0755"), "hide " + top)
+    for top in tops:
+        mode = b"mode=1777" if top == "/tmp" else b"mode=0755"
+        check(libc.mount(b"tmpfs", top.encode(), b"tmpfs", 0x2 | 0x4, mode), "hide " + top)
     for fd, path, read_only in held:
         os.makedirs(path, mode=0o755, exist_ok=True)
         source = f"/proc/self/fd/{fd}".encode()
@@ -132,10 +136,11 @@ class LocalSandbox(Sandbox):
         env["LOOPBRIDGE_SERVER_PID"] = str(os.getpid())
         if self.user is not None:
             binds = [(str(workdir), False), (str(home), False)]
-            top = hidden_top(self.data_dir)
-            if self.cli_path.is_relative_to(top):
+            # A /tmp of its own too: the CLI keeps its tasks' output there.
+            tops = [TMP, *(t for t in [hidden_top(self.data_dir)] if not t.is_relative_to(TMP))]
+            if any(self.cli_path.is_relative_to(top) for top in tops):
                 binds.append((str(self.cli_path.parent), True))
-            view = [str(top), binds, self.user.uid, self.user.gid]
+            view = [[str(top) for top in tops], binds, self.user.uid, self.user.gid]
             env["LOOPBRIDGE_AGENT_VIEW"] = json.dumps(view)
         return env
 
