@@ -820,11 +820,12 @@ def render_breakdown(f: FanOut) -> str:
     rows = []
     for number, lags in enumerate(watched):
         own = sender[number] if number < len(sender) else []
-        got = received[number] if number < len(received) else []
+        got = _lag_cells(received[number]) if number < len(received) else []
         rows.append([f"{number * BLOCK + 1}–{number * BLOCK + BLOCK}", *_lag_cells(lags),
-                     ms(max(lags)), *_lag_cells(own), *_lag_cells(got)])  # fmt: skip
-    header = ["deltas", "watchers p50 (ms)", "p99", "max", "sender p50 (ms)", "p99",
-              "engine got it p50 (ms, `--trace`)", "p99"]  # fmt: skip
+                     ms(max(lags)), *_lag_cells(own), *got])  # fmt: skip
+    header = ["deltas", "watchers p50 (ms)", "p99", "max", "sender p50 (ms)", "p99"]
+    if received:  # `--trace`: when the engine got each delta from the agent, before fan-out
+        header += ["engine got it p50 (ms)", "p99"]
     text = f"Lag vs stamp per block of {BLOCK} deltas:\n\n{table(header, rows)}"
     if f.stalls:
         stamps = [stamp for _, stamp in f.sender]
