@@ -27,6 +27,12 @@ class Strict(BaseModel):
 
 
 class CreateLoop(Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"title": "kanban refactor", "metadata": {"slack_thread": "C123:1716.42"}}]
+        },
+    )
     title: str = Field("untitled", max_length=TITLE_LIMIT)
     metadata: dict[str, Any] = Field(
         default_factory=dict,
@@ -38,6 +44,9 @@ class CreateLoop(Strict):
 
 
 class SendMessage(Strict):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"content": "hello"}]}
+    )
     content: str = Field(
         min_length=1, max_length=CONTENT_LIMIT, description="the message: at most 1 MB as UTF-8"
     )
@@ -50,6 +59,7 @@ class Login(Strict):
 
 
 class CreateToken(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"label": "ci"}]})
     label: str = Field("", max_length=200)
 
 

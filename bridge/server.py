@@ -55,13 +55,14 @@ from core.errors import EngineError
 # Every loop route answers these before anything else about the request.
 LOOP = ("not_loop_owner", "loop_not_found")
 # POST /loops's answer leads to the loop's other operations (OpenAPI links, for clients and
-# stateful fuzzers). Not to GET /events, which never ends, nor to DELETE: an archived loop
-# stays readable, which a fuzzer would take for a use after free.
+# stateful fuzzers); not to DELETE: an archived loop stays readable, which a fuzzer would
+# take for a use after free.
 LOOP_LINKS = {
     name: {"operationId": operation, "parameters": {"loop_id": "$response.body#/id"}}
     for name, operation in {
         "GetLoop": "get_loop",
         "SendMessage": "send_message",
+        "WatchLoop": "watch_loop",
         "ListMessages": "history",
         "AnswerChoice": "answer_choice",
         "Interrupt": "interrupt",
