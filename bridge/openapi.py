@@ -182,13 +182,27 @@ def union_body(title: str, adapter: TypeAdapter[Any]) -> dict[str, Any]:
     return {"application/json": {"schema": body}}
 
 
-def stream_response(description: str) -> dict[int | str, dict[str, Any]]:
-    return {
-        200: {
-            "description": f"{description}\n\n{FRAMING}",
-            "content": {"text/event-stream": {"schema": {"$ref": SCHEMAS + "LoopEvent"}}},
-        }
+def stream_response(
+    description: str, headers: dict[str, Any] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """A `text/event-stream` answer. Failures of the turn itself (`agent_failed`,
+    `sandbox_spawn_failed`, `sandbox_evicted`) arrive in it as `error` events."""
+    response = {
+        "description": f"{description}\n\n{FRAMING}",
+        "content": {"text/event-stream": {"schema": {"$ref": SCHEMAS + "LoopEvent"}}},
     }
+    if headers:
+        response["headers"] = headers
+    return {200: response}
+
+
+TURN_ID_HEADER = {
+    "X-Turn-Id": {
+        "description": "the id of the turn this message started (or replays)",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+}
 
 
 def _event_schemas() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from bridge.openapi import (
     SEND_STREAM,
     SESSION_ONLY,
     TURN_CURSOR,
+    TURN_ID_HEADER,
     WATCH_STREAM,
     error_responses,
     stream_response,
@@ -210,7 +211,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
         "/loops/{loop_id}/messages",
         response_class=Response,
         responses={
-            **stream_response(SEND_STREAM),
+            **stream_response(SEND_STREAM, TURN_ID_HEADER),
             **error_responses(
                 *LOOP,
                 *MALFORMED_JSON,
@@ -220,8 +221,6 @@ def _loop_routes(engine: Engine) -> APIRouter:
                 "idempotency_key_too_long",
                 "loop_archived",
                 "idempotency_key_reused",
-                "sandbox_spawn_failed",
-                "agent_failed",
             ),
         },
     )
