@@ -293,6 +293,8 @@ def install(app: FastAPI) -> None:
             swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
             swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+            # No badge from the public validator: the page calls nothing but this server.
+            swagger_ui_parameters={"validatorUrl": None},
         )
 
 
