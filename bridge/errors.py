@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from core.errors import EngineError
 
@@ -65,9 +66,14 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(400, f"the request body is over {limit} bytes")
 
 
+def status_of(code: str) -> tuple[int, str]:
+    """The HTTP status and error type of a code."""
+    return CODES.get(code, (400, "invalid_request_error"))
+
+
 def error_body(code: str, message: str) -> tuple[int, dict[str, dict[str, str]]]:
     """The status and JSON body of an error."""
-    status, kind = CODES.get(code, (400, "invalid_request_error"))
+    status, kind = status_of(code)
     return status, {"error": {"type": kind, "code": code, "message": message}}
 
 
@@ -85,13 +91,36 @@ def _validation_code(exc: RequestValidationError) -> tuple[str, str]:
     message = f"{where}: {first.get('msg', 'invalid')}"
     if loc[:1] == ["body"] and first.get("type") == "json_invalid":
         return "invalid_json", "the body is not valid JSON"
-    if field == "content" and first.get("type") == "missing":
-        return "missing_content", "content is required"
+    kind = first.get("type")
+    if field == "content" and kind in ("missing", "string_too_short"):
+        return "missing_content", "content must be a non-empty string"
+    if field == "content" and kind == "string_too_long":
+        return "content_too_large", "content is over 1 MB"
+    if field == "title" and kind == "string_too_long":
+        return "title_too_long", "title is over 200 characters"
+    if field.lower() == "idempotency-key" and kind == "string_too_long":
+        return "idempotency_key_too_long", "Idempotency-Key is over 256 characters"
     if field == "permission_mode":
         return "invalid_permission_mode", message
     if loc[1:2] == ["author"]:
         return "invalid_author", message
     return "invalid_request", message
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the API document lists at this path (several routes may share a path,
+    so the router alone, which names the first route's, cannot say)."""
+    table = getattr(request.app.state, "allowed_methods", None)
+    if table is None:
+        table = []
+        for path, item in request.app.openapi()["paths"].items():
+            methods = {method.upper() for method in item if method != "parameters"}
+            if "GET" in methods:
+                methods.add("HEAD")  # every GET route answers HEAD too
+            table.append((compile_path(path)[0], sorted(methods)))
+        request.app.state.allowed_methods = table
+    path = request.scope.get("path", "")
+    return next((methods for pattern, methods in table if pattern.match(path)), [])
 
 
 def install(app: FastAPI) -> None:
@@ -112,13 +141,16 @@ def install(app: FastAPI) -> None:
         return error_response(*_validation_code(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, BodyTooLarge):
             return error_response("content_too_large", str(exc.detail))
         if exc.status_code == 404:
             return error_response("not_found", "no such route")
         if exc.status_code == 405:
-            return error_response("method_not_allowed", "this route does not take that method")
+            allow = ", ".join(_allowed_methods(request)) or (exc.headers or {}).get("Allow", "")
+            return error_response(
+                "method_not_allowed", "this route does not take that method", {"Allow": allow}
+            )
         return error_response("invalid_request", str(exc.detail))
 
     @app.exception_handler(Exception)

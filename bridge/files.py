@@ -12,9 +12,9 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from bridge.limits import JSONRoute
+from bridge.openapi import error_responses
 from bridge.schemas import FileList, FileWritten
-from bridge.server import Owner
-from bridge.server import _errors as error_responses
+from bridge.server import LOOP, Owner
 from core import files
 from core.engine import Engine
 from core.errors import EngineError
@@ -44,7 +44,9 @@ def file_routes(engine: Engine) -> APIRouter:
     @router.get(
         "/loops/{loop_id}/files",
         response_model=FileList,
-        responses=error_responses(403, 404),
+        responses=error_responses(
+            *LOOP, "invalid_request", "invalid_path", "not_a_directory", "file_not_found"
+        ),
         summary="List one directory of the loop's working directory",
     )
     async def list_files(loop_id: str, user: Owner, path: Annotated[str, Query()] = "") -> Any:
@@ -57,7 +59,10 @@ def file_routes(engine: Engine) -> APIRouter:
     @router.get(
         "/loops/{loop_id}/files/{path:path}",
         response_class=Response,
-        responses={**DOWNLOAD_RESPONSE, **error_responses(403, 404)},
+        responses={
+            **DOWNLOAD_RESPONSE,
+            **error_responses(*LOOP, "invalid_path", "not_a_file", "file_not_found"),
+        },
         summary="Download one file",
     )
     async def download_file(loop_id: str, path: str, user: Owner) -> Response:
@@ -81,7 +86,16 @@ def file_routes(engine: Engine) -> APIRouter:
         status_code=201,
         response_model=FileWritten,
         # 500 sandbox_spawn_failed: a repo loop's first write clones it, and that failed.
-        responses=error_responses(403, 404, 500),
+        responses=error_responses(
+            *LOOP,
+            "invalid_path",
+            "file_too_large",
+            "not_a_file",
+            "not_a_directory",
+            "loop_archived",
+            "sandbox_spawn_failed",
+            "csrf_failed",
+        ),
         openapi_extra=UPLOAD_BODY,
         summary="Write one file (the raw request body)",
     )

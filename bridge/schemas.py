@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter, field_validator
 
 from core.ids import rfc3339
 
@@ -29,8 +29,17 @@ class Strict(BaseModel):
 
 
 class CreateLoop(Strict):
-    title: str = "untitled"
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"title": "kanban refactor", "metadata": {"slack_thread": "C123:1716.42"}}]
+        },
+    )
+    title: str = Field("untitled", max_length=TITLE_LIMIT)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the caller's own key/values, at most 16 KB as JSON; never shown to the agent",
+    )
     profiles: list[str] = Field(default_factory=list)
     vault: str = "default"
     repo: str | None = None
@@ -60,7 +69,12 @@ class Author(Strict):
 
 
 class SendMessage(Strict):
-    content: str
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"content": "hello"}]}
+    )
+    content: str = Field(
+        min_length=1, max_length=CONTENT_LIMIT, description="the message: at most 1 MB as UTF-8"
+    )
     permission_mode: PermissionMode | None = None
     author: Author | None = None
     # Counted by the handler (too_many_attachments), not by validation.
@@ -77,6 +91,7 @@ class Login(Strict):
 
 
 class CreateToken(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"label": "ci"}]})
     label: str = Field("", max_length=200)
 
 
@@ -258,17 +273,45 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class ChoiceAnswer(BaseModel):
-    """`{"allow": bool}` for a permission, `{"answers": {question_id: label}}` for a question.
+AnswerSource = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        description="[ext] the surface that answered (`api` when absent), "
+        "shown in `choice_resolved` and in history",
+    ),
+]
+OptionLabel = Annotated[str, Field(min_length=1)]
 
-    `source` [ext] names the surface that answered (`api` when absent), shown in
-    `choice_resolved` and in history.
-    """
 
-    model_config = ConfigDict(extra="allow")
-    allow: bool | None = None
-    answers: dict[str, str | list[str]] | None = None
-    source: str | None = Field(None, max_length=64)
+class PermissionAnswer(Strict):
+    """The answer to a permission: allow the tool call or not."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    allow: bool
+    source: AnswerSource = "api"
+
+
+class QuestionAnswer(Strict):
+    """The answer to a question: an option label per question id (a list for multi_select)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    answers: dict[str, OptionLabel | Annotated[list[OptionLabel], Field(min_length=1)]] = Field(
+        min_length=1
+    )
+    source: AnswerSource = "api"
+
+
+# The body of `POST /loops/{id}/choices/{choice_id}`: either kind, nothing else.
+ChoiceAnswer = PermissionAnswer | QuestionAnswer
+CHOICE_ANSWER: TypeAdapter[ChoiceAnswer] = TypeAdapter(ChoiceAnswer)
+
+
+class Accepted(BaseModel):
+    """The request was taken; what it starts shows on the loop's event streams."""
+
+    status: Literal["accepted"] = "accepted"
 
 
 def metadata_size(metadata: dict[str, Any]) -> int:

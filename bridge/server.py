@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from bridge import errors, web
+from bridge import errors, openapi, web
 from bridge.auth import (
     SESSION_COOKIE,
     Authenticator,
@@ -20,16 +20,31 @@ from bridge.auth import (
 )
 from bridge.errors import ApiError
 from bridge.limits import BodyLimit, JSONRoute, file_upload
+from bridge.openapi import (
+    CURSOR,
+    IDEMPOTENCY,
+    LIST_LOOPS,
+    MALFORMED_JSON,
+    PUBLIC,
+    RESUME,
+    SEND_STREAM,
+    SESSION_ONLY,
+    TURN_CURSOR,
+    TURN_ID_HEADER,
+    WATCH_STREAM,
+    error_responses,
+    stream_response,
+    union_body,
+)
 from bridge.schemas import (
+    CHOICE_ANSWER,
     CONTENT_LIMIT,
     IDEMPOTENCY_KEY_LIMIT,
     METADATA_LIMIT,
-    TITLE_LIMIT,
-    ChoiceAnswer,
+    Accepted,
     CreateLoop,
     CreateToken,
     CreateViewLink,
-    ErrorResponse,
     HistoryPage,
     Login,
     LoopDetail,
@@ -46,9 +61,26 @@ from bridge.sse import event_stream
 from core.engine import Engine
 from core.errors import EngineError
 
-SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "events"}
+# Every loop route answers these before anything else about the request.
+LOOP = ("not_loop_owner", "loop_not_found")
+# POST /loops's answer leads to the loop's other operations (OpenAPI links, for clients and
+# stateful fuzzers); not to DELETE: an archived loop stays readable, which a fuzzer would
+# take for a use after free.
+LOOP_LINKS = {
+    name: {"operationId": operation, "parameters": {"loop_id": "$response.body#/id"}}
+    for name, operation in {
+        "GetLoop": "get_loop",
+        "SendMessage": "send_message",
+        "WatchLoop": "watch_loop",
+        "ListMessages": "history",
+        "AnswerChoice": "answer_choice",
+        "Interrupt": "interrupt",
+    }.items()
 }
+ACCEPTED = "Accepted; its effects show on the loop's event streams."
+CHOICE_BODY = union_body("ChoiceAnswer", CHOICE_ANSWER)
+# Documented, and checked in the handler, which answers its own code (invalid_last_event_id).
+EVENT_ID = {"pattern": "^[0-9]{1,18}$"}
 
 
 async def _user(request: Request) -> str:
@@ -83,10 +115,6 @@ async def _reader(loop_id: str, request: Request, grant: str | None = None) -> s
 Reader = Annotated[str, Depends(_reader)]
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse} for status in (400, 401, 429, *statuses)}
-
-
 def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -102,12 +130,14 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         title="loopbridge — Loop API v1",
         version="1.0",
         openapi_url="/api/v1/openapi.json",
-        docs_url="/api/v1/docs",
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
+        generate_unique_id_function=openapi.operation_id,
     )
     app.add_middleware(BodyLimit, limit=CONTENT_LIMIT * 2, streamed=file_upload)
     errors.install(app)
+    openapi.install(app)
     app.state.engine = engine
     settings = engine.settings
     app.state.auth = Authenticator(
@@ -116,7 +146,15 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         LoginThrottle(settings.login_failures_per_name, settings.login_failures_per_address),
     )
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.get(
+        "/healthz",
+        responses={
+            200: {"content": {"application/json": {"example": {"status": "ok"}}}},
+            **error_responses("not_ready", auth=False),
+        },
+        openapi_extra=PUBLIC,
+        tags=["operations"],
+    )
     async def healthz() -> JSONResponse:
         if engine.ready:
             return JSONResponse({"status": "ok"})
@@ -143,10 +181,29 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
 def _loop_routes(engine: Engine) -> APIRouter:
     router = APIRouter(tags=["loops"], route_class=JSONRoute)
 
-    @router.post("/loops", status_code=201, response_model=LoopOut, responses=_errors())
+    @router.post(
+        "/loops",
+        status_code=201,
+        response_model=LoopOut,
+        responses={
+            201: {"links": LOOP_LINKS},
+            **error_responses(
+                *MALFORMED_JSON,
+                "title_too_long",
+                "metadata_too_large",
+                "unknown_profile",
+                "unknown_vault",
+                "unknown_repo",
+                "invalid_branch",
+                "profile_not_allowed",
+                "vault_not_allowed",
+                "repo_not_allowed",
+                "csrf_failed",
+                "unsupported_media_type",
+            ),
+        },
+    )
     async def create_loop(body: CreateLoop, user: User) -> Any:
-        if len(body.title) > TITLE_LIMIT:
-            raise ApiError("title_too_long", f"title is over {TITLE_LIMIT} characters")
         if metadata_size(body.metadata) > METADATA_LIMIT:
             raise ApiError("metadata_too_large", "metadata is over 16 KB as JSON")
         loop = await engine.create_loop(
@@ -154,13 +211,18 @@ def _loop_routes(engine: Engine) -> APIRouter:
         )
         return asdict(loop)
 
-    @router.get("/loops", response_model=LoopPage, responses=_errors())
+    @router.get(
+        "/loops",
+        response_model=LoopPage,
+        responses=error_responses(*openapi.MALFORMED, "invalid_cursor"),
+        description=LIST_LOOPS,
+    )
     async def list_loops(
         request: Request,
         user: User,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        after: str | None = None,
-        before: str | None = None,
+        after: Annotated[str | None, Query(description=CURSOR)] = None,
+        before: Annotated[str | None, Query(description=CURSOR)] = None,
         archived: bool = False,
     ) -> Any:
         metadata = {
@@ -171,14 +233,16 @@ def _loop_routes(engine: Engine) -> APIRouter:
         if any('"' in key or "\x00" in key for key in metadata):
             # A JSON path (the SQLite engine's) cannot name such a key.
             raise ApiError("invalid_request", 'a metadata filter key may not hold " or NUL')
-        page = await engine.list_loops(user, limit, after, before, archived, metadata)
+        page = await engine.list_loops(
+            user, limit, after or None, before or None, archived, metadata
+        )
         return asdict(page)
 
-    @router.get("/loops/{loop_id}", response_model=LoopDetail, responses=_errors(403, 404))
+    @router.get("/loops/{loop_id}", response_model=LoopDetail, responses=error_responses(*LOOP))
     async def get_loop(loop_id: str, user: Owner) -> Any:
         return asdict(await engine.get_loop(user, loop_id))
 
-    @router.delete("/loops/{loop_id}", status_code=204, responses=_errors(403, 404))
+    @router.delete("/loops/{loop_id}", status_code=204, responses=error_responses(*LOOP))
     async def archive_loop(loop_id: str, user: Owner) -> Response:
         await engine.archive_loop(user, loop_id)
         return Response(status_code=204)
@@ -186,20 +250,44 @@ def _loop_routes(engine: Engine) -> APIRouter:
     @router.post(
         "/loops/{loop_id}/messages",
         response_class=Response,
-        responses={**SSE_RESPONSE, **_errors(403, 404, 409)},
+        responses={
+            **stream_response(SEND_STREAM, TURN_ID_HEADER),
+            **error_responses(
+                *LOOP,
+                *MALFORMED_JSON,
+                "missing_content",
+                "content_too_large",
+                "invalid_permission_mode",
+                "idempotency_key_too_long",
+                "loop_archived",
+                "idempotency_key_reused",
+                "invalid_author",
+                "too_many_attachments",
+                "attachment_not_found",
+                "attachment_too_large",
+                "invalid_path",
+                "profile_not_allowed",
+                "vault_not_allowed",
+                "repo_not_allowed",
+                "csrf_failed",
+                "unsupported_media_type",
+                "not_ready",
+            ),
+        },
     )
     async def send_message(
         loop_id: str,
         body: SendMessage,
         user: Owner,
-        idempotency_key: Annotated[str | None, Header()] = None,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key", max_length=IDEMPOTENCY_KEY_LIMIT, description=IDEMPOTENCY
+            ),
+        ] = None,
     ) -> Response:
-        if not body.content:
-            raise ApiError("missing_content", "content must be a non-empty string")
         if len(body.content.encode()) > CONTENT_LIMIT:
             raise ApiError("content_too_large", "content is over 1 MB")
-        if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_LIMIT:
-            raise ApiError("idempotency_key_too_long", "Idempotency-Key is over 256 characters")
         author = body.author.model_dump() if body.author is not None else None
         attachments = [a.path for a in body.attachments] if body.attachments else None
         stream = await engine.send(
@@ -216,18 +304,25 @@ def _loop_routes(engine: Engine) -> APIRouter:
     @router.get(
         "/loops/{loop_id}/events",
         response_class=Response,
-        responses={**SSE_RESPONSE, **_errors(403, 404)},
+        responses={
+            **stream_response(WATCH_STREAM),
+            **error_responses(*LOOP, *openapi.MALFORMED, "invalid_last_event_id", "not_ready"),
+        },
     )
     async def watch_loop(
         loop_id: str,
         user: Reader,
-        last_event_id: Annotated[str | None, Header()] = None,
+        last_event_id: Annotated[
+            str | None,
+            Header(alias="Last-Event-ID", description=RESUME, json_schema_extra=EVENT_ID),
+        ] = None,
         resume_after: Annotated[
             str | None,
             Query(
                 alias="last_event_id",
                 description="[ext] where to resume when no Last-Event-ID header is sent "
                 "(an EventSource cannot send one at first); the header wins",
+                json_schema_extra=EVENT_ID,
             ),
         ] = None,
     ) -> Response:
@@ -243,44 +338,43 @@ def _loop_routes(engine: Engine) -> APIRouter:
         return event_stream(await engine.watch(user, loop_id, resume))
 
     @router.get(
-        "/loops/{loop_id}/messages", response_model=HistoryPage, responses=_errors(403, 404)
+        "/loops/{loop_id}/messages",
+        response_model=HistoryPage,
+        responses=error_responses(*LOOP, *openapi.MALFORMED, "invalid_cursor"),
     )
     async def history(
         loop_id: str,
         user: Reader,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        after: str | None = None,
+        after: Annotated[str | None, Query(description=TURN_CURSOR)] = None,
     ) -> Any:
-        return asdict(await engine.history(user, loop_id, limit, after))
+        return asdict(await engine.history(user, loop_id, limit, after or None))
 
     @router.post(
         "/loops/{loop_id}/choices/{choice_id}",
         status_code=202,
-        responses=_errors(403, 404),
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": ChoiceAnswer.model_json_schema()}},
-            }
-        },
+        response_model=Accepted,
+        response_description=ACCEPTED,
+        responses=error_responses(*LOOP, "invalid_choice_payload", "choice_not_found"),
+        openapi_extra={"requestBody": {"required": True, "content": CHOICE_BODY}},
     )
-    async def answer_choice(
-        loop_id: str, choice_id: str, request: Request, user: Owner
-    ) -> Response:
-        body = await request.json()  # after the owner check; None when not JSON
+    async def answer_choice(loop_id: str, choice_id: str, request: Request, user: Owner) -> Any:
+        # Read here, after the owner check; None when the body is not JSON. The engine checks
+        # the answer against the pending choice (CHOICE_ANSWER's shapes, and its question ids).
+        body = await request.json()
         if not isinstance(body, dict):
             raise ApiError("invalid_choice_payload", "the body must be a JSON object")
         source = body.pop("source", "api")
         if not isinstance(source, str) or not 0 < len(source) <= 64:
             raise ApiError("invalid_choice_payload", "source must be a short string")
         await engine.answer_choice(user, loop_id, choice_id, body, source)
-        return Response(status_code=202)
+        return Accepted()
 
     @router.post(
         "/loops/{loop_id}/view-links",
         status_code=201,
         response_model=ViewLink,
-        responses=_errors(403, 404),
+        responses=error_responses(*LOOP, *MALFORMED_JSON),
     )
     async def create_view_link(
         loop_id: str, request: Request, user: Owner, body: CreateViewLink | None = None
@@ -289,10 +383,16 @@ def _loop_routes(engine: Engine) -> APIRouter:
         url, expires_at = web.mint(request, loop_id, user, body.days if body else None)
         return ViewLink(url=url, expires_at=expires_at)
 
-    @router.post("/loops/{loop_id}/interrupt", status_code=202, responses=_errors(403, 404))
-    async def interrupt(loop_id: str, user: Owner) -> Response:
+    @router.post(
+        "/loops/{loop_id}/interrupt",
+        status_code=202,
+        response_model=Accepted,
+        response_description=ACCEPTED,
+        responses=error_responses(*LOOP),
+    )
+    async def interrupt(loop_id: str, user: Owner) -> Any:
         await engine.interrupt(user, loop_id)
-        return Response(status_code=202)
+        return Accepted()
 
     return router
 
@@ -300,7 +400,12 @@ def _loop_routes(engine: Engine) -> APIRouter:
 def _account_routes(engine: Engine) -> APIRouter:
     router = APIRouter(tags=["accounts"], route_class=JSONRoute)
 
-    @router.post("/login", status_code=204, responses=_errors())
+    @router.post(
+        "/login",
+        status_code=204,
+        responses=error_responses(*MALFORMED_JSON, "invalid_credentials", auth=False),
+        openapi_extra=PUBLIC,
+    )
     async def login(body: Login, request: Request) -> Response:
         await request.app.state.auth.login(request, body.username, body.password)
         secret = await engine.accounts.create_session(body.username)
@@ -315,7 +420,9 @@ def _account_routes(engine: Engine) -> APIRouter:
         )
         return response
 
-    @router.post("/logout", status_code=204)
+    @router.post(
+        "/logout", status_code=204, responses=error_responses(auth=False), openapi_extra=PUBLIC
+    )
     async def logout(request: Request) -> Response:
         secret = request.cookies.get(SESSION_COOKIE)
         if secret:
@@ -325,14 +432,25 @@ def _account_routes(engine: Engine) -> APIRouter:
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
 
-    @router.post("/me/tokens", status_code=201, response_model=TokenCreated, responses=_errors())
+    @router.post(
+        "/me/tokens",
+        status_code=201,
+        response_model=TokenCreated,
+        responses=error_responses(*MALFORMED_JSON),
+        openapi_extra=SESSION_ONLY,
+    )
     async def create_token(body: CreateToken, user: SessionUser) -> Any:
         info, token = await engine.accounts.create_token(user, body.label)
         return TokenCreated(
             tokenId=info.token_id, token=token, label=info.label, createdAt=info.created_at
         )
 
-    @router.get("/me/tokens", response_model=TokenList, responses=_errors())
+    @router.get(
+        "/me/tokens",
+        response_model=TokenList,
+        responses=error_responses(),
+        openapi_extra=SESSION_ONLY,
+    )
     async def list_tokens(user: SessionUser) -> Any:
         infos = await engine.accounts.list_tokens(user)
         return TokenList(
@@ -347,7 +465,12 @@ def _account_routes(engine: Engine) -> APIRouter:
             ]
         )
 
-    @router.delete("/me/tokens/{token_id}", status_code=204, responses=_errors(404))
+    @router.delete(
+        "/me/tokens/{token_id}",
+        status_code=204,
+        responses=error_responses("token_not_found"),
+        openapi_extra=SESSION_ONLY,
+    )
     async def revoke_token(token_id: str, user: SessionUser) -> Response:
         if not await engine.accounts.revoke_token(token_id, user):
             raise EngineError("token_not_found", f"no token {token_id}")
