@@ -26,12 +26,16 @@ WRITE_BUFFER = 1024 * 1024
 DOWNLOAD_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the file's bytes",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        # Typed by the file's name (image/png, text/csv…).
+        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
+# A path holding a line break matches no route (Starlette's path pattern stops there).
+NO_ROUTE = "not_found"
 UPLOAD_BODY = {
     "requestBody": {
-        "required": True,
+        # An empty body writes an empty file: HTTP cannot tell it from a missing body.
+        "required": False,
         "description": f"the file's bytes (at most {files.UPLOAD_LIMIT} bytes)",
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
@@ -61,7 +65,7 @@ def file_routes(engine: Engine) -> APIRouter:
         response_class=Response,
         responses={
             **DOWNLOAD_RESPONSE,
-            **error_responses(*LOOP, "invalid_path", "not_a_file", "file_not_found"),
+            **error_responses(*LOOP, "invalid_path", "not_a_file", "file_not_found", NO_ROUTE),
         },
         summary="Download one file",
     )
@@ -95,6 +99,7 @@ def file_routes(engine: Engine) -> APIRouter:
             "loop_archived",
             "sandbox_spawn_failed",
             "csrf_failed",
+            NO_ROUTE,
         ),
         openapi_extra=UPLOAD_BODY,
         summary="Write one file (the raw request body)",

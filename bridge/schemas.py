@@ -52,11 +52,15 @@ class Attachment(Strict):
     path: str = Field(description="a file of the loop's working directory")
 
 
+ONE_LINE = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+
+
 class Author(Strict):
     """[ext] The person a relaying caller (a chat adapter) speaks for: `slack:U123`, "Alice"."""
 
-    id: str = Field(min_length=1, max_length=AUTHOR_LIMIT)
-    name: str = Field(min_length=1, max_length=AUTHOR_LIMIT)
+    # The pattern documents what `_one_line` checks (schemas cannot run the check).
+    id: str = Field(min_length=1, max_length=AUTHOR_LIMIT, pattern=ONE_LINE)
+    name: str = Field(min_length=1, max_length=AUTHOR_LIMIT, pattern=ONE_LINE)
 
     @field_validator("id", "name")
     @classmethod

@@ -107,7 +107,7 @@ Owner = Annotated[str, Depends(_owner)]
 
 async def _reader(loop_id: str, request: Request, grant: str | None = None) -> str:
     """The owner, or [ext] a view link's `grant` for this loop: the read-only routes."""
-    if grant is not None:
+    if grant:  # an empty grant is no grant
         return web.grant_reader(request, loop_id, grant)
     return await _owner(loop_id, request, await _user(request))
 
@@ -306,7 +306,9 @@ def _loop_routes(engine: Engine) -> APIRouter:
         response_class=Response,
         responses={
             **stream_response(WATCH_STREAM),
-            **error_responses(*LOOP, *openapi.MALFORMED, "invalid_last_event_id", "not_ready"),
+            **error_responses(
+                *LOOP, *openapi.MALFORMED, "invalid_last_event_id", "not_ready", "invalid_view_link"
+            ),
         },
     )
     async def watch_loop(
@@ -326,21 +328,15 @@ def _loop_routes(engine: Engine) -> APIRouter:
             ),
         ] = None,
     ) -> Response:
-        resume = None
-        if last_event_id is None:
-            last_event_id = resume_after
-        if last_event_id is not None:
-            value = last_event_id.strip()
-            # ASCII digits only (isdigit takes "²"), and few enough to fit a 64-bit integer.
-            if not (value.isascii() and value.isdigit() and len(value) <= 18):
-                raise ApiError("invalid_last_event_id", "Last-Event-ID must be an event id")
-            resume = int(value)
+        # Both are checked when both are given; the header wins.
+        given = [_event_id(value) for value in (last_event_id, resume_after) if value is not None]
+        resume = given[0] if given else None
         return event_stream(await engine.watch(user, loop_id, resume))
 
     @router.get(
         "/loops/{loop_id}/messages",
         response_model=HistoryPage,
-        responses=error_responses(*LOOP, *openapi.MALFORMED, "invalid_cursor"),
+        responses=error_responses(*LOOP, *openapi.MALFORMED, "invalid_cursor", "invalid_view_link"),
     )
     async def history(
         loop_id: str,
@@ -379,7 +375,10 @@ def _loop_routes(engine: Engine) -> APIRouter:
     async def create_view_link(
         loop_id: str, request: Request, user: Owner, body: CreateViewLink | None = None
     ) -> Any:
-        """[ext] A read-only link to the loop's page that ends after `days`."""
+        """[ext] A read-only link to the loop's page that ends after `days` (no body: the
+        server's default)."""
+        if hasattr(request.state, "invalid_json"):  # an optional body read as absent
+            raise ApiError("invalid_json", f"the body is not JSON: {request.state.invalid_json}")
         url, expires_at = web.mint(request, loop_id, user, body.days if body else None)
         return ViewLink(url=url, expires_at=expires_at)
 
@@ -477,3 +476,11 @@ def _account_routes(engine: Engine) -> APIRouter:
         return Response(status_code=204)
 
     return router
+
+
+def _event_id(value: str) -> int:
+    value = value.strip()
+    # ASCII digits only (isdigit takes "²"), and few enough to fit a 64-bit integer.
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
+        raise ApiError("invalid_last_event_id", "Last-Event-ID must be an event id")
+    return int(value)

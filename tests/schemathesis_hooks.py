@@ -25,6 +25,12 @@ BEYOND_THE_SCHEMA = frozenset(
         "loop_archived",
         "metadata_too_large",
         "content_too_large",
+        # Attachments name files that must exist, under rules of where a path may lead.
+        "invalid_path",
+        "attachment_not_found",
+        "attachment_too_large",
+        # A branch needs a repo (one field depends on another).
+        "invalid_branch",
     }
 )
 
