@@ -27,6 +27,7 @@ CODES: dict[str, tuple[int, str]] = {
     "idempotency_key_reused": (409, "conflict_error"),
     "user_exists": (409, "conflict_error"),
     "too_many_requests": (429, "rate_limit_error"),
+    "budget_exceeded": (429, "rate_limit_error"),
     "sandbox_spawn_failed": (500, "internal_error"),
     "sandbox_evicted": (500, "internal_error"),
     "agent_failed": (500, "internal_error"),
@@ -73,6 +74,8 @@ def _validation_code(exc: RequestValidationError) -> tuple[str, str]:
         return "missing_content", "content is required"
     if field == "permission_mode":
         return "invalid_permission_mode", message
+    if loc[:2] == ["body", "author"]:
+        return "invalid_author", message
     return "invalid_request", message
 
 
@@ -83,7 +86,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
-        return error_response(exc.code, exc.message)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return error_response(exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,6 +14,7 @@ Timestamp = Annotated[datetime, PlainSerializer(rfc3339, return_type=str)]
 PermissionMode = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk", "auto"]
 
 TITLE_LIMIT = 200
+AUTHOR_LIMIT = 200
 METADATA_LIMIT = 16 * 1024
 CONTENT_LIMIT = 1024 * 1024
 IDEMPOTENCY_KEY_LIMIT = 256
@@ -34,9 +35,17 @@ class CreateLoop(Strict):
     repo: str | None = None
 
 
+class Person(Strict):
+    """[ext] A person a bot speaks for (`author` of a message, `by` of an answer)."""
+
+    id: str = Field(min_length=1, max_length=AUTHOR_LIMIT)
+    name: str | None = Field(None, max_length=AUTHOR_LIMIT)
+
+
 class SendMessage(Strict):
     content: str
     permission_mode: PermissionMode | None = None
+    author: Person | None = None
 
 
 class Login(Strict):
@@ -70,11 +79,34 @@ class LoopOut(BaseModel):
     repo: str | None
 
 
+class UsageTotals(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost_usd: float
+
+
+class TurnUsage(UsageTotals):
+    duration_ms: int
+
+
 class LoopDetail(LoopOut):
     busy: bool
     queue_depth: int
     turn_count: int
     current_turn: CurrentTurn | None
+    usage: UsageTotals | None = None
+
+
+class UsageGroup(UsageTotals):
+    key: str
+    turns: int
+
+
+class UsageReport(BaseModel):
+    data: list[UsageGroup]
+    total: UsageGroup
 
 
 class LoopPage(BaseModel):
@@ -91,11 +123,17 @@ class ToolCall(BaseModel):
     ok: bool | None = None
 
 
+class PersonOut(BaseModel):
+    id: str
+    name: str | None = None
+
+
 class ChoiceRecord(BaseModel):
     choice_id: str
     kind: Literal["permission", "question"]
     answer: dict[str, Any]
     source: str
+    by: PersonOut | None = None
 
 
 class ErrorInfo(BaseModel):
@@ -114,6 +152,8 @@ class HistoryItem(BaseModel):
     error: ErrorInfo | None
     started_at: Timestamp | None
     ended_at: Timestamp | None
+    author: PersonOut | None = None
+    usage: TurnUsage | None = None
 
 
 class HistoryPage(BaseModel):
@@ -156,13 +196,21 @@ class ChoiceAnswer(BaseModel):
     """`{"allow": bool}` for a permission, `{"answers": {question_id: label}}` for a question.
 
     `source` [ext] names the surface that answered (`api` when absent), shown in
-    `choice_resolved` and in history.
+    `choice_resolved` and in history; `by` [ext] the person who answered (history, audit).
     """
 
     model_config = ConfigDict(extra="allow")
     allow: bool | None = None
     answers: dict[str, str | list[str]] | None = None
     source: str | None = Field(None, max_length=64)
+    by: Person | None = None
+
+
+class InterruptBody(Strict):
+    """[ext] Optional: who interrupted, for the audit trail."""
+
+    source: str | None = Field(None, min_length=1, max_length=64)
+    by: Person | None = None
 
 
 def metadata_size(metadata: dict[str, Any]) -> int:

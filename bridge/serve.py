@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import uvicorn
 
+from bridge.logs import setup_logging
 from bridge.net import listen
 from bridge.server import create_app
 from core.config import load_settings
@@ -61,6 +62,7 @@ class _Server(uvicorn.Server):
 
 async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = None) -> None:
     settings = load_settings()
+    setup_logging(settings.log_format)
     cli = settings.cli_path or bundled_cli()
     if not cli.is_file():
         raise SettingsError(

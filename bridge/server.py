@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
@@ -14,6 +15,7 @@ from bridge import errors
 from bridge.auth import SESSION_COOKIE, Authenticator, RateLimiter
 from bridge.errors import ApiError
 from bridge.limits import BodyLimit, JSONRoute
+from bridge.metrics import RequestCounter, metrics_endpoint
 from bridge.schemas import (
     CONTENT_LIMIT,
     IDEMPOTENCY_KEY_LIMIT,
@@ -24,27 +26,36 @@ from bridge.schemas import (
     CreateToken,
     ErrorResponse,
     HistoryPage,
+    InterruptBody,
     Login,
     LoopDetail,
     LoopOut,
     LoopPage,
+    Person,
     SendMessage,
     TokenCreated,
     TokenList,
     TokenOut,
+    UsageReport,
     metadata_size,
 )
 from bridge.sse import event_stream
+from core import logctx
 from core.engine import Engine
 from core.errors import EngineError
+from core.ids import utcnow
 
+API_PREFIX = "/api/v1"
+USAGE_WINDOW = timedelta(days=30)
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "events"}
 }
 
 
 async def _user(request: Request) -> str:
-    return await request.app.state.auth.user(request)
+    user = await request.app.state.auth.user(request)
+    logctx.bind(user=user)
+    return user
 
 
 async def _session_user(request: Request) -> str:
@@ -59,6 +70,7 @@ async def _owner(loop_id: str, request: Request, user: User) -> str:
     """The caller, once the loop exists and is theirs: checked before anything else
     about the request (its body, query or headers)."""
     await request.app.state.engine.check_owner(user, loop_id)
+    logctx.bind(loop_id=loop_id)
     return user
 
 
@@ -89,6 +101,8 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, limit=CONTENT_LIMIT * 2)
+    if engine.settings.metrics:
+        app.add_middleware(RequestCounter)
     errors.install(app)
     app.state.engine = engine
     app.state.auth = Authenticator(
@@ -101,13 +115,18 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             return JSONResponse({"status": "ok"})
         return errors.error_response("not_ready", "the engine is starting")
 
-    app.include_router(_loop_routes(engine), prefix="/api/v1")
-    app.include_router(_account_routes(engine), prefix="/api/v1")
+    app.add_api_route(
+        "/metrics", metrics_endpoint(engine.settings), methods=["GET"], include_in_schema=False
+    )
+    # The prefix is the routers' own, so each route's template (a metrics label) is whole.
+    app.include_router(_loop_routes(engine))
+    app.include_router(_usage_routes(engine))
+    app.include_router(_account_routes(engine))
     return app
 
 
 def _loop_routes(engine: Engine) -> APIRouter:
-    router = APIRouter(tags=["loops"], route_class=JSONRoute)
+    router = APIRouter(prefix=API_PREFIX, tags=["loops"], route_class=JSONRoute)
 
     @router.post("/loops", status_code=201, response_model=LoopOut, responses=_errors())
     async def create_loop(body: CreateLoop, user: User) -> Any:
@@ -153,6 +172,8 @@ def _loop_routes(engine: Engine) -> APIRouter:
         "/loops/{loop_id}/messages",
         response_class=Response,
         responses={**SSE_RESPONSE, **_errors(403, 404, 409)},
+        description="Errors also: `429 budget_exceeded` with `Retry-After` when a budget "
+        "the message falls under is spent [ext].",
     )
     async def send_message(
         loop_id: str,
@@ -166,8 +187,11 @@ def _loop_routes(engine: Engine) -> APIRouter:
             raise ApiError("content_too_large", "content is over 1 MB")
         if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_LIMIT:
             raise ApiError("idempotency_key_too_long", "Idempotency-Key is over 256 characters")
+        author = body.author.model_dump() if body.author is not None else None
+        if author is not None:
+            logctx.bind(author=author["id"])
         stream = await engine.send(
-            user, loop_id, body.content, body.permission_mode, idempotency_key or None
+            user, loop_id, body.content, body.permission_mode, idempotency_key or None, author
         )
         return event_stream(stream.events, {"X-Turn-Id": stream.turn_id})
 
@@ -221,19 +245,77 @@ def _loop_routes(engine: Engine) -> APIRouter:
         source = body.pop("source", "api")
         if not isinstance(source, str) or not 0 < len(source) <= 64:
             raise ApiError("invalid_choice_payload", "source must be a short string")
-        await engine.answer_choice(user, loop_id, choice_id, body, source)
+        by = _person(body.pop("by", None), "invalid_choice_payload")
+        await engine.answer_choice(user, loop_id, choice_id, body, source, by)
         return Response(status_code=202)
 
-    @router.post("/loops/{loop_id}/interrupt", status_code=202, responses=_errors(403, 404))
-    async def interrupt(loop_id: str, user: Owner) -> Response:
-        await engine.interrupt(user, loop_id)
+    @router.post(
+        "/loops/{loop_id}/interrupt",
+        status_code=202,
+        responses=_errors(403, 404),
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": InterruptBody.model_json_schema()}},
+            }
+        },
+    )
+    async def interrupt(loop_id: str, request: Request, user: Owner) -> Response:
+        # [ext] an optional body names who interrupted, for the audit trail.
+        raw = await request.body()
+        body = InterruptBody()
+        if raw.strip():
+            try:
+                body = InterruptBody.model_validate_json(raw)
+            except ValueError:
+                raise ApiError(
+                    "invalid_request", "the body must be {source?, by?: {id, name?}}"
+                ) from None
+        by = body.by.model_dump() if body.by is not None else None
+        await engine.interrupt(user, loop_id, body.source or "api", by)
         return Response(status_code=202)
 
     return router
 
 
+def _person(raw: Any, code: str) -> dict[str, Any] | None:
+    """An optional `{id, name?}` of a person, or the given error code."""
+    if raw is None:
+        return None
+    try:
+        return Person.model_validate(raw).model_dump()
+    except ValueError:
+        raise ApiError(code, "by must be {id, name?}, each at most 200 characters") from None
+
+
+def _usage_routes(engine: Engine) -> APIRouter:
+    router = APIRouter(prefix=API_PREFIX, tags=["usage"], route_class=JSONRoute)
+
+    @router.get("/usage", response_model=UsageReport, responses=_errors())
+    async def usage(
+        user: User, since: str | None = None, until: str | None = None, group_by: str = "day"
+    ) -> Any:
+        """[ext] What the caller's own loops' turns cost, per UTC day, loop or author."""
+        end = _moment(until) if until is not None else utcnow()
+        start = _moment(since) if since is not None else end - USAGE_WINDOW
+        return asdict(await engine.usage_report(user, start, end, group_by))
+
+    return router
+
+
+def _moment(value: str) -> datetime:
+    """An RFC 3339 time with its zone (`Z` or an offset)."""
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("z", "Z"))
+    except ValueError:
+        raise ApiError("invalid_usage_query", f"{value!r} is not an RFC 3339 time") from None
+    if moment.tzinfo is None or "T" not in value.upper():
+        raise ApiError("invalid_usage_query", f"{value!r} needs a date, a time and a zone")
+    return moment
+
+
 def _account_routes(engine: Engine) -> APIRouter:
-    router = APIRouter(tags=["accounts"], route_class=JSONRoute)
+    router = APIRouter(prefix=API_PREFIX, tags=["accounts"], route_class=JSONRoute)
 
     @router.post("/login", status_code=204, responses=_errors())
     async def login(body: Login, request: Request) -> Response:

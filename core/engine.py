@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,9 @@ import claude_agent_sdk
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from core import audit, budgets, metrics
 from core.accounts import Accounts
+from core.budgets import Refusal
 from core.config import Settings
 from core.errors import EngineError
 from core.events import Event, EventStream, Overflow, Subscription
@@ -25,12 +27,16 @@ from core.runtime import SERVER_STOPPED, Context, LoopRuntime, LoopSpec, Turn, a
 from core.sandbox import LocalSandbox, Sandbox, choose_sandbox
 from core.storage import Database, EventWriter
 from core.tables import events, idempotency, loops, turns
+from core.usage import Usage, UsageSum, day_key, group
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 REPLAY_BATCH = 500
 # Built once: a statement built per call costs ~0.2 ms before it reaches the database.
 INSERT_TURN = insert(turns)
 INSERT_IDEMPOTENCY = insert(idempotency)
+USAGE_GROUPS = ("day", "loop", "author")
+USAGE_COLUMNS = [turns.c[f.name] for f in fields(Usage)]
+Author = dict[str, str | None]
 
 
 @dataclass
@@ -49,6 +55,7 @@ class Loop:
     busy: bool = False
     queue_depth: int = 0
     current_turn: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
 
 
 @dataclass
@@ -71,6 +78,20 @@ class HistoryItem:
     error: dict[str, str] | None
     started_at: datetime | None
     ended_at: datetime | None
+    author: Author | None = None
+    usage: dict[str, Any] | None = None
+
+
+@dataclass
+class UsageReport:
+    data: list[dict[str, Any]]
+    total: dict[str, Any]
+
+
+class BudgetRefused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
 
 
 @dataclass
@@ -114,6 +135,7 @@ class Engine:
         await self.sandbox.start()
         await self._recover()
         self._purger = asyncio.create_task(self._purge_idempotency(), name="idempotency-purge")
+        metrics.watch_engine(self._agents_running, self._streams_open, self._choices_pending)
         self.ready = True
 
     async def close(self) -> None:
@@ -263,6 +285,7 @@ class Engine:
     async def get_loop(self, user: str, raw_id: str) -> Loop:
         loop = _loop_from_row(await self._owned_row(user, raw_id))
         runtime = self._runtimes.get(loop.id)
+        loop.usage = (await self._loop_usage(loop.id, runtime)).totals()
         if runtime is not None:
             loop.turn_count = runtime.spec.turn_count
             loop.busy = runtime.busy
@@ -275,6 +298,22 @@ class Engine:
                     "pending_choice_id": turn.pending_choice_id,
                 }
         return loop
+
+    async def _loop_usage(self, loop: str, runtime: LoopRuntime | None) -> UsageSum:
+        """The loop's totals: stored turns, and ended turns whose row is still being written."""
+        unsaved = dict(runtime.unsaved) if runtime is not None else {}
+        query = select(turns.c.id, *USAGE_COLUMNS).where(
+            turns.c.loop_id == loop, turns.c.ended_at.is_not(None)
+        )
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        total = UsageSum()
+        for row in rows:
+            turn = unsaved.pop(row.id, None)
+            total.add(turn.usage if turn is not None else Usage.from_row(row))
+        for turn in unsaved.values():
+            total.add(turn.usage)
+        return total
 
     async def archive_loop(self, user: str, raw_id: str) -> None:
         row = await self._owned_row(user, raw_id)
@@ -326,6 +365,7 @@ class Engine:
                     list(fresh.profiles),
                     fresh.vault,
                     fresh.repo,
+                    fresh.session_cost_usd,
                 )
                 runtime = LoopRuntime(self._context(), spec, last_seq)
                 self._runtimes[row.id] = runtime
@@ -340,6 +380,7 @@ class Engine:
             sandbox=self.sandbox,
             agent_env=agent_env_from(os.environ, os.geteuid() == 0),
             forget=self._forget,
+            budget_gate=self._budget_gate if self.settings.budgets.any else None,
         )
 
     def _forget(self, runtime: LoopRuntime) -> None:
@@ -356,18 +397,26 @@ class Engine:
         content: str,
         permission_mode: str | None = None,
         idempotency_key: str | None = None,
+        author: Author | None = None,
     ) -> TurnStream:
         runtime = await self._owned_runtime(user, raw_id)
         if runtime.spec.archived:
             raise EngineError("loop_archived", "loop is archived")
         mode = permission_mode or self.settings.default_permission_mode
-        request_hash = hashlib.sha256(
-            json.dumps([runtime.id, content, permission_mode]).encode()
-        ).hexdigest()
+        hashed: list[Any] = [runtime.id, content, permission_mode]
+        if author is not None:
+            hashed.append(author)
+        request_hash = hashlib.sha256(json.dumps(hashed).encode()).hexdigest()
+        if self.settings.budgets.any:
+            await self._usage_saved()
         try:
             turn, earlier = await self._record_turn(
-                user, runtime, content, mode, idempotency_key, request_hash
+                user, runtime, content, mode, idempotency_key, request_hash, author
             )
+        except BudgetRefused as refused:
+            await self._refused(refused.refusal, user, author, runtime.id, None)
+            retry = refused.refusal.retry_after(utcnow())
+            raise EngineError("budget_exceeded", refused.refusal.message, retry) from None
         except IntegrityError:
             # The same key raced in from another request: answer like the replay it is.
             turn, earlier = None, await self._idempotent_turn(user, idempotency_key, request_hash)
@@ -399,21 +448,61 @@ class Engine:
         mode: str,
         key: str | None,
         request_hash: str,
+        author: Author | None,
     ) -> tuple[Turn | None, tuple[str, str] | None]:
         """Store a new turn with its idempotency record, in one transaction; or, when the key
-        was seen before, the (loop, turn) it ran."""
+        was seen before, the (loop, turn) it ran. A spent budget raises `BudgetRefused`
+        (after the key's check: a repeated request replays whatever the budgets say)."""
         async with self.db.write() as conn:
             if key is not None:
                 earlier = await self._earlier_turn(conn, user, key, request_hash)
                 if earlier is not None:
                     return None, earlier
-            turn = runtime.new_turn(content, mode)
+            if self.settings.budgets.any:
+                person = (author or {}).get("id") or user
+                refusal = await budgets.check(
+                    conn, self.settings.budgets, user=user, author=person, loop=runtime.id,
+                    now=utcnow(),
+                )
+                if refusal is not None:
+                    raise BudgetRefused(refusal)
+            turn = runtime.new_turn(content, mode, author=author)
             if key is not None:
                 record = {"user_id": user, "key": key, "request_hash": request_hash,
                           "loop_id": runtime.id, "turn_id": turn.id, "created_at": utcnow()}
                 await conn.execute(INSERT_IDEMPOTENCY, record)
             await conn.execute(INSERT_TURN, turn.new_row(runtime.id, "queued"))
         return turn, None
+
+    async def _usage_saved(self) -> None:
+        """Wait until every ended turn's usage is stored, so budgets count it."""
+        for runtime in list(self._runtimes.values()):
+            saves = [t.end_saved for t in runtime.unsaved.values() if t.end_saved is not None]
+            if saves:
+                await asyncio.gather(*saves, return_exceptions=True)
+
+    async def _budget_gate(self, user: str, author: str, loop: str, turn_id: str) -> Refusal | None:
+        """Asked before a queued turn starts: a budget may have run out while it waited."""
+        await self._usage_saved()
+        async with self.db.engine.connect() as conn:
+            refusal = await budgets.check(
+                conn, self.settings.budgets, user=user, author=author, loop=loop, now=utcnow()
+            )
+        if refusal is not None:
+            await self._refused(refusal, user, {"id": author}, loop, turn_id)
+        return refusal
+
+    async def _refused(
+        self, refusal: Refusal, user: str, author: Author | None, loop: str, turn_id: str | None
+    ) -> None:
+        metrics.BUDGET_REFUSALS.labels(refusal.budget).inc()
+        detail = {"budget": refusal.budget, "cap_usd": refusal.cap, "spent_usd": refusal.spent,
+                  "message": refusal.message}
+        person = author if author and author.get("id") else {"id": user}
+        await audit.record(
+            self.db, "budget", user=user, loop=loop, turn_id=turn_id, person=person,
+            detail=detail,
+        )
 
     async def _idempotent_turn(
         self, user: str, key: str | None, request_hash: str
@@ -540,19 +629,78 @@ class Engine:
             self._forget(runtime)
 
     async def answer_choice(
-        self, user: str, raw_id: str, choice_id: str, body: dict[str, Any], source: str = "api"
+        self,
+        user: str,
+        raw_id: str,
+        choice_id: str,
+        body: dict[str, Any],
+        source: str = "api",
+        by: Author | None = None,
     ) -> None:
+        """Answer a pending choice; `by` is the person who answered, when the caller says."""
         row = await self._owned_row(user, raw_id)
         runtime = self._runtimes.get(row.id)
         if runtime is None:
             raise EngineError("choice_not_found", f"no pending choice {choice_id}")
-        runtime.answer(choice_id, body, source)
+        turn, choice, answer = runtime.answer(choice_id, body, source, by)
+        detail: dict[str, Any] = {"choice_id": choice.id, "answer": answer}
+        if choice.kind == "permission":
+            detail |= {"tool": choice.payload["tool"],
+                       "input_summary": choice.payload["input_summary"]}
+        else:
+            detail["questions"] = [q.get("question") for q in choice.payload["questions"]]
+        await audit.record(
+            self.db, choice.kind, user=user, loop=row.id, turn_id=turn.id,
+            person=by or {"id": user}, source=source, detail=detail,
+        )
 
-    async def interrupt(self, user: str, raw_id: str) -> None:
+    async def interrupt(
+        self, user: str, raw_id: str, source: str = "api", by: Author | None = None
+    ) -> None:
         row = await self._owned_row(user, raw_id)
         runtime = self._runtimes.get(row.id)
+        turn = runtime.current if runtime is not None else None
         if runtime is not None:
             await runtime.interrupt()
+        if turn is not None:
+            await audit.record(
+                self.db, "interrupt", user=user, loop=row.id, turn_id=turn.id,
+                person=by or {"id": user}, source=source,
+            )
+
+    async def usage_report(
+        self, user: str, since: datetime, until: datetime, group_by: str
+    ) -> UsageReport:
+        """The usage of the caller's own loops' turns that ended in [since, until)."""
+        if group_by not in USAGE_GROUPS:
+            raise EngineError("invalid_usage_query", "group_by must be day, loop or author")
+        if since >= until:
+            raise EngineError("invalid_usage_query", "since must be before until")
+        await self._usage_saved()
+        query = (
+            select(
+                turns.c.loop_id, turns.c.author_id, turns.c.ended_at, loops.c.created_by,
+                *USAGE_COLUMNS,
+            )
+            .select_from(turns.join(loops, turns.c.loop_id == loops.c.id))
+            .where(
+                loops.c.created_by == user,
+                turns.c.ended_at >= since,
+                turns.c.ended_at < until,
+            )
+        )
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+
+        def key(row: Any) -> str:
+            if group_by == "day":
+                return day_key(aware(row.ended_at))
+            if group_by == "loop":
+                return str(row.loop_id)
+            return str(row.author_id or row.created_by)
+
+        data, total = group((key(row), Usage.from_row(row)) for row in rows)
+        return UsageReport([item.as_dict() for item in data], total.as_dict())
 
     async def history(
         self, user: str, raw_id: str, limit: int = 20, after: str | None = None
@@ -579,6 +727,19 @@ class Engine:
             len(rows) > limit,
             items[0].turn_id if items else None,
             items[-1].turn_id if items else None,
+        )
+
+    def _agents_running(self) -> int:
+        return sum(1 for runtime in self._runtimes.values() if runtime.agent is not None)
+
+    def _streams_open(self) -> int:
+        return sum(runtime.channel.subscriber_count for runtime in self._runtimes.values())
+
+    def _choices_pending(self) -> int:
+        return sum(
+            len(runtime.current.pending)
+            for runtime in self._runtimes.values()
+            if runtime.current is not None
         )
 
     async def wait_idle(self) -> None:
@@ -626,6 +787,8 @@ def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
             error=row.error,
             started_at=aware(row.started_at) if row.started_at else None,
             ended_at=aware(row.ended_at) if row.ended_at else None,
+            author={"id": row.author_id, "name": row.author_name} if row.author_id else None,
+            usage=usage.as_dict() if (usage := Usage.from_row(row)) is not None else None,
         )
     ended = turn.ended or ("running" if turn.started_at else "queued")
     return HistoryItem(
@@ -636,5 +799,7 @@ def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
         error=turn.error,
         started_at=turn.started_at,
         ended_at=turn.ended_at,
+        author=turn.author,
+        usage=turn.usage.as_dict() if turn.usage is not None else None,
         **turn.history_fields(),
     )

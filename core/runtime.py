@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,8 @@ from claude_agent_sdk import (
 from sqlalchemy import update
 
 from core import agent as sdk
+from core import logctx, metrics
+from core.budgets import Refusal
 from core.choices import EVICTED, INTERRUPTED, Choice, decision, make_choice, validate_answer
 from core.config import Settings
 from core.errors import EngineError
@@ -34,12 +36,17 @@ from core.ids import new_id, utcnow
 from core.sandbox import Sandbox, SandboxSpec
 from core.storage import Database, EventWriter
 from core.tables import loops, turns
+from core.usage import TOKEN_KINDS, CostMeter, Usage, usage_of
 
 log = logging.getLogger(__name__)
 
 SERVER_STOPPED = "the server stopped during this turn"
 # An interrupt that the agent does not acknowledge within this time ends the turn anyway.
 INTERRUPT_GRACE_SECONDS = 5.0
+# One counter child per token kind, looked up once.
+TOKEN_COUNTERS = {name: metrics.MODEL_TOKENS.labels(kind) for name, kind in TOKEN_KINDS.items()}
+# (API user, author, loop, turn) → the spent budget the turn falls under, or None.
+BudgetGate = Callable[[str, str, str, str], Awaitable[Refusal | None]]
 
 
 @dataclass
@@ -52,6 +59,8 @@ class Context:
     sandbox: Sandbox
     agent_env: dict[str, str]
     forget: Callable[[LoopRuntime], None]
+    # Set when budgets are configured: asked again before a queued turn starts.
+    budget_gate: BudgetGate | None = None
 
 
 @dataclass
@@ -61,6 +70,8 @@ class Turn:
     trigger: str
     user_text: str
     permission_mode: str
+    author_id: str | None = None
+    author_name: str | None = None
     text: list[str] = field(default_factory=list)
     tool_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     choices: list[dict[str, Any]] = field(default_factory=list)
@@ -69,11 +80,15 @@ class Turn:
     ended: str | None = None
     error: dict[str, str] | None = None
     ended_at: datetime | None = None
+    usage: Usage | None = None
+    # It waited behind another turn: its budgets are checked again before it starts.
+    waited: bool = False
     interrupt_requested: bool = False
     # Set when the engine, not the agent, ends the turn: the agent's last words are ignored.
     ending: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     start_saved: asyncio.Task[None] | None = None
+    end_saved: asyncio.Task[None] | None = None
 
     @property
     def pending_choice_id(self) -> str | None:
@@ -88,6 +103,8 @@ class Turn:
             "trigger": self.trigger,
             "user_text": self.user_text,
             "permission_mode": self.permission_mode,
+            "author_id": self.author_id,
+            "author_name": self.author_name,
             "ended": ended,
             "started_at": self.started_at,
             **self.history_fields(),
@@ -99,6 +116,10 @@ class Turn:
             "tool_calls": list(self.tool_calls.values()),
             "choices": self.choices,
         }
+
+    @property
+    def author(self) -> dict[str, str | None] | None:
+        return {"id": self.author_id, "name": self.author_name} if self.author_id else None
 
 
 @dataclass
@@ -113,6 +134,8 @@ class LoopSpec:
     profiles: list[str]
     vault: str
     repo: str | None
+    # The agent CLI's running cost total of the session, as last reported.
+    session_cost: float | None = None
 
 
 class LoopRuntime:
@@ -125,6 +148,7 @@ class LoopRuntime:
         self.queue: deque[Turn] = deque()
         self.current: Turn | None = None
         self.agent: sdk.AgentSession | None = None
+        self.meter = CostMeter(spec.session_cost)
         self._changed = asyncio.Condition()
         self._worker = asyncio.create_task(self._work(), name=f"loop-{spec.id}")
         self._idle_timers: list[asyncio.TimerHandle] = []
@@ -141,13 +165,23 @@ class LoopRuntime:
     def busy(self) -> bool:
         return self.current is not None or bool(self.queue)
 
-    def new_turn(self, text: str, permission_mode: str, trigger: str = "message") -> Turn:
+    def new_turn(
+        self,
+        text: str,
+        permission_mode: str,
+        trigger: str = "message",
+        author: dict[str, str | None] | None = None,
+    ) -> Turn:
         self.spec.turn_count += 1
-        return Turn(new_id("turn"), self.spec.turn_count, trigger, text, permission_mode)
+        turn = Turn(new_id("turn"), self.spec.turn_count, trigger, text, permission_mode)
+        if author is not None:
+            turn.author_id, turn.author_name = author.get("id"), author.get("name")
+        return turn
 
     def enqueue(self, turn: Turn) -> None:
         self._cancel_idle()
         if self.busy:
+            turn.waited = True
             self.emit("queued", {"position": len(self.queue) + 1}, turn.id)
         self.queue.append(turn)
         self._notify()
@@ -163,19 +197,28 @@ class LoopRuntime:
         }
         return Event.make("snapshot", data, self.seq, turn.id)
 
-    def answer(self, choice_id: str, body: dict[str, Any], source: str) -> None:
+    def answer(
+        self,
+        choice_id: str,
+        body: dict[str, Any],
+        source: str,
+        by: dict[str, str | None] | None = None,
+    ) -> tuple[Turn, Choice, dict[str, Any]]:
+        """Resolve a pending choice; `by` [ext] is the person who answered, when known."""
         turn = self.current
         choice = turn.pending.get(choice_id) if turn else None
         if turn is None or choice is None or not choice.pending:
             raise EngineError("choice_not_found", f"no pending choice {choice_id}")
         answer = validate_answer(choice, body)
-        turn.choices.append(
-            {"choice_id": choice.id, "kind": choice.kind, "answer": answer, "source": source}
-        )
+        record = {"choice_id": choice.id, "kind": choice.kind, "answer": answer, "source": source}
+        if by is not None:
+            record["by"] = by
+        turn.choices.append(record)
         del turn.pending[choice_id]
         self._cancel_evict()
         self.emit("choice_resolved", {"choice_id": choice_id, "source": source}, turn.id)
         choice.future.set_result(answer)
+        return turn, choice, answer
 
     async def interrupt(self) -> None:
         turn = self.current
@@ -240,6 +283,7 @@ class LoopRuntime:
     # ---- the worker ---------------------------------------------------------------
 
     async def _work(self) -> None:
+        logctx.bind(loop_id=self.id, user=self.spec.owner)
         while True:
             async with self._changed:
                 await self._changed.wait_for(lambda: bool(self.queue) and self.current is None)
@@ -253,6 +297,14 @@ class LoopRuntime:
             await turn.finished.wait()
 
     async def _run(self, turn: Turn) -> None:
+        gate = self.ctx.budget_gate
+        if gate is not None and turn.waited and turn.trigger == "message":
+            author = turn.author_id or self.spec.owner
+            refusal = await gate(self.spec.owner, author, self.id, turn.id)
+            if refusal is not None:
+                error = _error("budget_exceeded", refusal.message, turn.id)
+                await self._finish(turn, "error", error)
+                return
         try:
             cold = await self._ensure_agent(turn.permission_mode)
         except EngineError as exc:
@@ -272,6 +324,8 @@ class LoopRuntime:
 
     def _begin(self, turn: Turn, cold: bool) -> None:
         turn.started_at = utcnow()
+        self._bind_log(turn)
+        log.info("turn %s of loop %s started (%s)", turn.id, self.id, turn.trigger)
         self.emit(
             "started", {"turn_id": turn.id, "cold_start": cold, "trigger": turn.trigger}, turn.id
         )
@@ -302,8 +356,13 @@ class LoopRuntime:
         ended = {"done": "done", "interrupted": "interrupted"}.get(name, "error")
         error = {"code": data["code"], "message": data["message"]} if ended == "error" else None
         turn.ended, turn.error, turn.ended_at = ended, error, utcnow()
+        metrics.TURNS.labels(turn.trigger, ended).inc()
+        self._bind_log(turn)
+        if turn.started_at is not None:
+            metrics.TURN_DURATION.observe((turn.ended_at - turn.started_at).total_seconds())
+        log.info("turn %s of loop %s ended %s", turn.id, self.id, ended)
         self.unsaved[turn.id] = turn
-        self._later(self._save_turn_end(turn))
+        turn.end_saved = self._later(self._save_turn_end(turn))
         self._notify()
         if not self.queue and not self.closed:
             self._arm_idle()
@@ -312,6 +371,7 @@ class LoopRuntime:
         # The start row must exist before the end updates it (background turns insert it).
         if turn.start_saved is not None:
             await turn.start_saved
+        usage = turn.usage.as_dict() if turn.usage is not None else {}
         async with self.ctx.db.write() as conn:
             await conn.execute(
                 turns.update()
@@ -320,9 +380,16 @@ class LoopRuntime:
                     ended=turn.ended,
                     error=turn.error,
                     ended_at=turn.ended_at,
+                    **usage,
                     **turn.history_fields(),
                 )
             )
+            if turn.usage is not None:
+                await conn.execute(
+                    update(loops)
+                    .where(loops.c.id == self.id)
+                    .values(session_cost_usd=self.spec.session_cost)
+                )
         self.unsaved.pop(turn.id, None)
 
     # ---- the agent ----------------------------------------------------------------
@@ -350,6 +417,8 @@ class LoopRuntime:
                 log.warning("loop %s: agent did not start (resume=%s): %s", self.id, resume, exc)
                 continue
             self.agent = session
+            # A resumed session's running cost total carries on from where it was.
+            self.meter = CostMeter(self.spec.session_cost if resume else 0.0)
             return True
         raise EngineError("agent_failed", f"the agent did not start: {failure}")
 
@@ -415,6 +484,8 @@ class LoopRuntime:
             if delta is not None:
                 kind, text = delta
                 if kind == "assistant":
+                    if not turn.text and turn.started_at is not None:
+                        metrics.FIRST_DELTA.observe((utcnow() - turn.started_at).total_seconds())
                     turn.text.append(text)
                 self.emit(f"{kind}_delta", {"text": text}, turn.id)
         elif isinstance(message, AssistantMessage):
@@ -435,12 +506,17 @@ class LoopRuntime:
             await self._end_with_result(turn, message)
 
     async def _end_with_result(self, turn: Turn, result: ResultMessage) -> None:
+        turn.usage = usage = usage_of(result, self.meter)
+        self.spec.session_cost = self.meter.base
+        metrics.MODEL_COST.inc(usage.cost_usd)
+        for name, counter in TOKEN_COUNTERS.items():
+            counter.inc(getattr(usage, name))
         if turn.interrupt_requested:
             await self._finish(turn, "interrupted", {"turn_id": turn.id})
         elif (failure := sdk.result_error(result)) is not None:
             await self._finish(turn, "error", _error("agent_failed", failure, turn.id))
         else:
-            await self._finish(turn, "done", {"turn_id": turn.id})
+            await self._finish(turn, "done", {"turn_id": turn.id, "usage": usage.as_dict()})
 
     def _begin_background(self) -> Turn:
         """The agent woke up by itself (e.g. a background command ended): a turn of its own."""
@@ -539,6 +615,10 @@ class LoopRuntime:
 
     # ---- helpers --------------------------------------------------------------------
 
+    def _bind_log(self, turn: Turn) -> None:
+        author = turn.author_id or self.spec.owner
+        logctx.bind(loop_id=self.id, turn_id=turn.id, user=self.spec.owner, author=author)
+
     def _notify(self) -> None:
         self._later(self._notify_async())
 
@@ -565,10 +645,11 @@ def _error(code: str, message: str, turn_id: str) -> dict[str, Any]:
 
 def agent_env_from(environ: os._Environ[str] | dict[str, str], run_as_root: bool) -> dict[str, str]:
     """The server's variables an agent may see: the model endpoint and the CLI's own knobs."""
+    # OTEL_*: the agent's own telemetry (with CLAUDE_CODE_ENABLE_TELEMETRY) passes through.
     env = {
         key: value
         for key, value in environ.items()
-        if key.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))
+        if key.startswith(("ANTHROPIC_", "CLAUDE_CODE_", "OTEL_"))
     }
     if run_as_root:
         # The CLI refuses bypassPermissions as root unless told it is sandboxed; the
