@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from adapters import metrics
 from adapters.actions import Action
 from adapters.background import BackgroundTurns
 from adapters.binding import STARTED_BY, Binding, ConversationKey, ThreadBindings
@@ -53,7 +54,8 @@ class IncomingMessage:
     direct: bool = False
 
 
-Handled = Literal["turn", "duplicate", "ignored", "not_allowed", "empty"]
+# refused: a budget the message falls under is spent (`text` says which, and when it resets).
+Handled = Literal["turn", "duplicate", "ignored", "not_allowed", "empty", "refused"]
 
 
 @dataclass
@@ -101,6 +103,10 @@ class Conversations:
         """How an answer given here is named in the loop's history: `slack:U123`."""
         return f"{self.platform}:{actor.user_id}"
 
+    def person(self, actor: Actor) -> dict[str, str]:
+        """The person behind a message or a click, for the API (`author`, `by`)."""
+        return {"id": self.source(actor)}
+
     # ---- messages ---------------------------------------------------------------------
 
     async def handle(
@@ -117,6 +123,16 @@ class Conversations:
             return TurnResult("empty")
         if not self.policy.may_send(message.author, message.key.channel):
             return TurnResult("not_allowed")
+        result = await self._handle(message, surface_for, background)
+        metrics.ADAPTER_MESSAGES.labels(self.platform, result.handled).inc()
+        return result
+
+    async def _handle(
+        self,
+        message: IncomingMessage,
+        surface_for: SurfaceFactory,
+        background: BackgroundSurface | None,
+    ) -> TurnResult:
         order = _Turnstile(self.bindings.lock(message.key))
         await order.enter()
         try:
@@ -131,18 +147,32 @@ class Conversations:
                 message.text,
                 permission_mode=self.permission_mode,
                 idempotency_key=message.key.message_key(message.message_id),
+                author=self.person(message.author),
             )
-            renderer = TurnRenderer(
-                surface_for(binding, message),
-                binding.loop_id,
-                own_source_prefix=f"{self.platform}:",
-            )
-            async with contextlib.aclosing(events), renderer.running():
+            async with contextlib.aclosing(events):
+                # The first event (or a refusal) comes before anything is shown.
+                try:
+                    first = await anext(events)
+                except LoopApiError as exc:
+                    if exc.code != "budget_exceeded":
+                        raise
+                    return TurnResult("refused", binding, created, text=exc.message)
+                except StopAsyncIteration:
+                    first = None
                 # The lock keeps messages of one thread in order until the server has
                 # this one (its first event, `started` or `queued`).
-                async for event in events:
-                    order.leave()
-                    apply_event(renderer, binding.loop_id, event)
+                order.leave()
+                renderer = TurnRenderer(
+                    surface_for(binding, message),
+                    binding.loop_id,
+                    own_source_prefix=f"{self.platform}:",
+                    platform=self.platform,
+                )
+                async with renderer.running():
+                    if first is not None:
+                        apply_event(renderer, binding.loop_id, first)
+                    async for event in events:
+                        apply_event(renderer, binding.loop_id, event)
             return TurnResult(
                 "turn", binding, created, renderer.state, renderer.text, renderer.stats
             )
@@ -170,19 +200,21 @@ class Conversations:
         if not self.policy.may_decide(actor, str(started_by) if started_by else None):
             return Decision("not_allowed", NOT_YOURS)
         try:
+            by = self.person(actor)
             if action.verb == "stop":
-                await self.client.interrupt(action.loop_id)
+                await self.client.interrupt(action.loop_id, source=self.source(actor), by=by)
                 return Decision("stopped")
             if action.verb in ("allow", "deny"):
                 await self.client.answer_choice(
                     action.loop_id, action.choice_id, allow=action.verb == "allow",
-                    source=self.source(actor),
+                    source=self.source(actor), by=by,
                 )
             else:
                 if not answers:
                     return Decision("failed", "Pick an answer first.")
                 await self.client.answer_choice(
-                    action.loop_id, action.choice_id, answers=answers, source=self.source(actor)
+                    action.loop_id, action.choice_id, answers=answers,
+                    source=self.source(actor), by=by,
                 )
         except LoopApiError as exc:
             if exc.code == "choice_not_found":

@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from adapters.metrics import LagClock
 from adapters.split import PartSplitter, stream_safe
 from adapters.surface import MessageGone, Surface
 from adapters.views import Activity, ChoiceView, MessageView, TurnState
@@ -80,12 +81,14 @@ class TurnRenderer:
         *,
         own_source_prefix: str = "",
         clock: Callable[[], float] = time.monotonic,
+        platform: str = "",
     ) -> None:
         self.surface = surface
         self.loop_id = loop_id
         self.own_source_prefix = own_source_prefix
         self.clock = clock
         self.stats = RenderStats()
+        self.lag = LagClock(platform)
         self.state: TurnState = "running"
         self.note: str | None = None
         self._splitter = PartSplitter(surface.part_limit, surface.measure)
@@ -116,6 +119,7 @@ class TurnRenderer:
 
     def add_text(self, text: str) -> None:
         self._pending += text
+        self.lag.text_arrived()
         self._changed.set()
 
     def tool_call(self, tool_use_id: str, tool: str, summary: str | None) -> None:
@@ -251,6 +255,8 @@ class TurnRenderer:
                     break
                 continue
             slot.shown = view
+            if slot is self._tail:
+                self.lag.shown()
             slot.failures = 0
             slot.ready_at = self.clock() + self.surface.edit_interval
             if not slot.settled:

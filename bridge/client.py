@@ -31,6 +31,7 @@ from bridge.schemas import (
     StreamEventModel,
     TokenCreated,
     TokenList,
+    UsageReport,
 )
 
 API_PREFIX = "/api/v1"
@@ -40,6 +41,9 @@ TERMINAL_EVENTS = frozenset({"done", "interrupted", "error"})
 STREAM_IDLE_TIMEOUT = 50.0
 # Answers worth another try: the server is busy or starting, or a proxy failed.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+# A spent budget does not come back within a retry's wait.
+NOT_RETRYABLE_CODES = frozenset({"budget_exceeded"})
+Person = dict[str, str]
 
 Model = TypeVar("Model", bound=BaseModel)
 Connect = Callable[[int | None], AsyncGenerator[StreamEventModel, None]]
@@ -48,21 +52,27 @@ Connect = Callable[[int | None], AsyncGenerator[StreamEventModel, None]]
 class LoopApiError(Exception):
     """A non-2xx answer, with the contract's error `type` and `code`."""
 
-    def __init__(self, status: int, type: str, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, type: str, code: str, message: str, retry_after: int | None = None
+    ) -> None:
         super().__init__(f"{status} {type}/{code}: {message}")
         self.status = status
         self.type = type
         self.code = code
         self.message = message
+        # Seconds, from a `Retry-After` header (429 answers).
+        self.retry_after = retry_after
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> LoopApiError:
+        retry = response.headers.get("retry-after", "")
+        retry_after = int(retry) if retry.isdigit() else None
         try:
             body = ErrorResponse.model_validate_json(response.content).error
         except ValidationError:
             text = response.text[:200] or response.reason_phrase
             return cls(response.status_code, "http_error", f"http_{response.status_code}", text)
-        return cls(response.status_code, body.type, body.code, body.message)
+        return cls(response.status_code, body.type, body.code, body.message, retry_after)
 
 
 @dataclass(frozen=True)
@@ -170,15 +180,31 @@ class LoopClient:
         allow: bool | None = None,
         answers: dict[str, str | list[str]] | None = None,
         source: str | None = None,
+        by: Person | None = None,
     ) -> None:
-        """Answer a permission with `allow`, or a question with `answers` (question id → label)."""
+        """Answer a permission with `allow`, or a question with `answers` (question id → label);
+        `by` [ext] names the person who answered (`{"id", "name"?}`) for history and audit."""
         if (allow is None) == (answers is None):
             raise ValueError("give exactly one of allow= or answers=")
-        body = _given(allow=allow, answers=answers, source=source)
+        body = _given(allow=allow, answers=answers, source=source, by=by)
         await self._request("POST", _loop_path(loop_id, "choices", choice_id), json=body)
 
-    async def interrupt(self, loop_id: str) -> None:
-        await self._request("POST", _loop_path(loop_id, "interrupt"))
+    async def interrupt(
+        self, loop_id: str, *, source: str | None = None, by: Person | None = None
+    ) -> None:
+        body = _given(source=source, by=by)
+        await self._request("POST", _loop_path(loop_id, "interrupt"), json=body or None)
+
+    async def usage(
+        self,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        group_by: str | None = None,
+    ) -> UsageReport:
+        """[ext] What the caller's loops cost; `since`/`until` are RFC 3339 times."""
+        params = _given(since=since, until=until, group_by=group_by)
+        return await self._model(UsageReport, "GET", "/usage", params=params)
 
     # ---- streams -------------------------------------------------------------------
 
@@ -189,6 +215,7 @@ class LoopClient:
         *,
         permission_mode: PermissionMode | None = None,
         idempotency_key: str | None = "auto",
+        author: Person | None = None,
     ) -> AsyncGenerator[StreamEventModel, None]:
         """Send a message and stream its turn until `done`, `interrupted` or `error`.
 
@@ -200,7 +227,7 @@ class LoopClient:
         """
         key = str(uuid.uuid4()) if idempotency_key == "auto" else idempotency_key
         headers = {"Idempotency-Key": key} if key is not None else {}
-        body = _given(content=content, permission_mode=permission_mode)
+        body = _given(content=content, permission_mode=permission_mode, author=author)
         path = _loop_path(loop_id, "messages")
 
         def connect(_: int | None) -> AsyncGenerator[StreamEventModel, None]:
@@ -317,4 +344,6 @@ def _event(sse: ServerSentEvent) -> StreamEventModel:
 
 
 def _retryable(exc: httpx.TransportError | LoopApiError) -> bool:
-    return isinstance(exc, httpx.TransportError) or exc.status in RETRYABLE_STATUSES
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return exc.status in RETRYABLE_STATUSES and exc.code not in NOT_RETRYABLE_CODES
