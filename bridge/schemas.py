@@ -133,7 +133,8 @@ class ChoiceRecord(BaseModel):
     kind: Literal["permission", "question"]
     answer: dict[str, Any]
     source: str
-    by: PersonOut | None = None
+    # [ext] Shown only when the answer named its person.
+    by: PersonOut | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class ErrorInfo(BaseModel):

@@ -297,7 +297,10 @@ def _usage_routes(engine: Engine) -> APIRouter:
     ) -> Any:
         """[ext] What the caller's own loops' turns cost, per UTC day, loop or author."""
         end = _moment(until) if until is not None else utcnow()
-        start = _moment(since) if since is not None else end - USAGE_WINDOW
+        try:
+            start = _moment(since) if since is not None else end - USAGE_WINDOW
+        except OverflowError:
+            raise ApiError("invalid_usage_query", "until is too early to count back from") from None
         return asdict(await engine.usage_report(user, start, end, group_by))
 
     return router

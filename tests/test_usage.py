@@ -183,6 +183,7 @@ async def test_loop_totals_and_usage_report_add_up_the_history(server, standin) 
         {"since": "yesterday"},
         {"since": "2026-12-05"},
         {"since": "2026-12-06T00:00:00Z", "until": "2026-12-05T00:00:00Z"},
+        {"until": "0001-01-01T00:00:00Z"},
     ],
 )
 async def test_a_bad_usage_query_is_refused(server, params) -> None:
