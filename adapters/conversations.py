@@ -32,6 +32,8 @@ from bridge.schemas import PermissionMode
 log = logging.getLogger(__name__)
 
 NOT_YOURS = "Only the person who started this thread or an admin can do that."
+# How long the first answer to a message may take to be told apart from a refusal.
+REFUSAL_WAIT = 0.5
 
 SurfaceFactory = Callable[[Binding, "IncomingMessage"], Surface]
 # Where the conversation shows turns that no message started.
@@ -150,29 +152,34 @@ class Conversations:
                 author=self.person(message.author),
             )
             async with contextlib.aclosing(events):
-                # The first event (or a refusal) comes before anything is shown.
+                # A refusal (a spent budget) comes back at once, before any event: it is
+                # told to the person instead of showing a turn. A first event slower than
+                # that (an agent starting cold) does not hold up the turn's first message.
+                first = asyncio.ensure_future(anext(events, None))
                 try:
-                    first = await anext(events)
-                except LoopApiError as exc:
-                    if exc.code != "budget_exceeded":
-                        raise
-                    return TurnResult("refused", binding, created, text=exc.message)
-                except StopAsyncIteration:
-                    first = None
-                # The lock keeps messages of one thread in order until the server has
-                # this one (its first event, `started` or `queued`).
-                order.leave()
-                renderer = TurnRenderer(
-                    surface_for(binding, message),
-                    binding.loop_id,
-                    own_source_prefix=f"{self.platform}:",
-                    platform=self.platform,
-                )
-                async with renderer.running():
-                    if first is not None:
-                        apply_event(renderer, binding.loop_id, first)
-                    async for event in events:
-                        apply_event(renderer, binding.loop_id, event)
+                    await asyncio.wait({first}, timeout=REFUSAL_WAIT)
+                    refused = first.done() and _refusal(first.exception())
+                    if refused:
+                        return TurnResult("refused", binding, created, text=refused)
+                    renderer = TurnRenderer(
+                        surface_for(binding, message),
+                        binding.loop_id,
+                        own_source_prefix=f"{self.platform}:",
+                        platform=self.platform,
+                    )
+                    async with renderer.running():
+                        event = await first
+                        # The lock keeps messages of one thread in order until the server
+                        # has this one (its first event, `started` or `queued`).
+                        order.leave()
+                        if event is not None:
+                            apply_event(renderer, binding.loop_id, event)
+                        async for event in events:
+                            apply_event(renderer, binding.loop_id, event)
+                finally:
+                    if not first.done():  # cancelled while waiting: the stream can close
+                        first.cancel()
+                        await asyncio.wait({first})
             return TurnResult(
                 "turn", binding, created, renderer.state, renderer.text, renderer.stats
             )
@@ -222,6 +229,13 @@ class Conversations:
             log.warning("answering %s failed: %s", action, exc)
             return Decision("failed", f"That did not work: {exc.message}")
         return Decision("answered")
+
+
+def _refusal(exc: BaseException | None) -> str:
+    """The one-line message of a budget refusal, or ""."""
+    if isinstance(exc, LoopApiError) and exc.code == "budget_exceeded":
+        return exc.message
+    return ""
 
 
 class _Turnstile:
