@@ -187,7 +187,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
             raise ApiError("content_too_large", "content is over 1 MB")
         if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_LIMIT:
             raise ApiError("idempotency_key_too_long", "Idempotency-Key is over 256 characters")
-        author = body.author.model_dump() if body.author is not None else None
+        author = body.author.model_dump(exclude_none=True) if body.author is not None else None
         if author is not None:
             logctx.bind(author=author["id"])
         stream = await engine.send(
@@ -271,7 +271,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
                 raise ApiError(
                     "invalid_request", "the body must be {source?, by?: {id, name?}}"
                 ) from None
-        by = body.by.model_dump() if body.by is not None else None
+        by = body.by.model_dump(exclude_none=True) if body.by is not None else None
         await engine.interrupt(user, loop_id, body.source or "api", by)
         return Response(status_code=202)
 
@@ -283,7 +283,7 @@ def _person(raw: Any, code: str) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        return Person.model_validate(raw).model_dump()
+        return Person.model_validate(raw).model_dump(exclude_none=True)
     except ValueError:
         raise ApiError(code, "by must be {id, name?}, each at most 200 characters") from None
 

@@ -36,7 +36,7 @@ INSERT_TURN = insert(turns)
 INSERT_IDEMPOTENCY = insert(idempotency)
 USAGE_GROUPS = ("day", "loop", "author")
 USAGE_COLUMNS = [turns.c[f.name] for f in fields(Usage)]
-Author = dict[str, str | None]
+Author = dict[str, str]
 
 
 @dataclass

@@ -70,8 +70,8 @@ class Turn:
     trigger: str
     user_text: str
     permission_mode: str
-    author_id: str | None = None
-    author_name: str | None = None
+    # The person the caller speaks for ({"id", "name"}); None: the caller.
+    author: dict[str, str] | None = None
     text: list[str] = field(default_factory=list)
     tool_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     choices: list[dict[str, Any]] = field(default_factory=list)
@@ -103,8 +103,8 @@ class Turn:
             "trigger": self.trigger,
             "user_text": self.user_text,
             "permission_mode": self.permission_mode,
-            "author_id": self.author_id,
-            "author_name": self.author_name,
+            "author_id": self.author["id"] if self.author else None,
+            "author_name": self.author.get("name") if self.author else None,
             "ended": ended,
             "started_at": self.started_at,
             **self.history_fields(),
@@ -116,10 +116,6 @@ class Turn:
             "tool_calls": list(self.tool_calls.values()),
             "choices": self.choices,
         }
-
-    @property
-    def author(self) -> dict[str, str | None] | None:
-        return {"id": self.author_id, "name": self.author_name} if self.author_id else None
 
 
 @dataclass
@@ -170,13 +166,10 @@ class LoopRuntime:
         text: str,
         permission_mode: str,
         trigger: str = "message",
-        author: dict[str, str | None] | None = None,
+        author: dict[str, str] | None = None,
     ) -> Turn:
         self.spec.turn_count += 1
-        turn = Turn(new_id("turn"), self.spec.turn_count, trigger, text, permission_mode)
-        if author is not None:
-            turn.author_id, turn.author_name = author.get("id"), author.get("name")
-        return turn
+        return Turn(new_id("turn"), self.spec.turn_count, trigger, text, permission_mode, author)
 
     def enqueue(self, turn: Turn) -> None:
         self._cancel_idle()
@@ -202,7 +195,7 @@ class LoopRuntime:
         choice_id: str,
         body: dict[str, Any],
         source: str,
-        by: dict[str, str | None] | None = None,
+        by: dict[str, str] | None = None,
     ) -> tuple[Turn, Choice, dict[str, Any]]:
         """Resolve a pending choice; `by` [ext] is the person who answered, when known."""
         turn = self.current
@@ -299,7 +292,7 @@ class LoopRuntime:
     async def _run(self, turn: Turn) -> None:
         gate = self.ctx.budget_gate
         if gate is not None and turn.waited and turn.trigger == "message":
-            author = turn.author_id or self.spec.owner
+            author = turn.author["id"] if turn.author else self.spec.owner
             refusal = await gate(self.spec.owner, author, self.id, turn.id)
             if refusal is not None:
                 error = _error("budget_exceeded", refusal.message, turn.id)
@@ -616,7 +609,7 @@ class LoopRuntime:
     # ---- helpers --------------------------------------------------------------------
 
     def _bind_log(self, turn: Turn) -> None:
-        author = turn.author_id or self.spec.owner
+        author = turn.author["id"] if turn.author else self.spec.owner
         logctx.bind(loop_id=self.id, turn_id=turn.id, user=self.spec.owner, author=author)
 
     def _notify(self) -> None:

@@ -370,3 +370,26 @@ async def test_json_logs_carry_the_loop_turn_user_and_author(server, standin) ->
         assert line["loop_id"] == loop and line["user"] == "alice"
         assert line["author"] == "slack:ULOG" and line["level"] and line["time"]
     assert any("ended done" in line["message"] for line in mine)
+
+
+async def test_an_interrupted_turn_records_what_it_had_spent(server, standin) -> None:
+    loop = await new_loop(server.http)
+    with reported(standin):
+        stream = events(
+            server.http, "POST", f"/loops/{loop}/messages", json={"content": "[[slow: 3]]"}
+        )
+        async for ev in stream:
+            if ev.name == "assistant_delta":
+                break
+        assert (await server.http.post(f"/loops/{loop}/interrupt")).status_code == 202
+        async for ev in stream:
+            if ev.name in ("done", "interrupted", "error"):
+                break
+    assert ev.name == "interrupted"
+    item = (await server.http.get(f"/loops/{loop}/messages")).json()["data"][0]
+    assert item["ended"] == "interrupted"
+    # The CLI's result for an interrupted query reports no tokens, but its running cost
+    # total counts the call the model had begun (input and cache write, $0.014 here).
+    assert item["usage"] is not None, item
+    assert item["usage"]["input_tokens"] == 0
+    assert item["usage"]["cost_usd"] > 0.014
