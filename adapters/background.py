@@ -95,7 +95,10 @@ class BackgroundTurns:
         follower: _Follower,
     ) -> None:
         turn_id = started.data.get("turn_id")
-        renderer = TurnRenderer(follower.surface(), loop_id, own_source_prefix=f"{self.platform}:")
+        renderer = TurnRenderer(
+            follower.surface(), loop_id, own_source_prefix=f"{self.platform}:",
+            platform=self.platform,
+        )
         with self.showing(loop_id):
             async with renderer.running():
                 apply_event(renderer, loop_id, started)

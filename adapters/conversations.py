@@ -18,6 +18,7 @@ from typing import Literal
 
 import httpx
 
+from adapters import metrics
 from adapters.actions import Action
 from adapters.background import BackgroundTurns
 from adapters.binding import STARTED_BY, Binding, ConversationKey, ThreadBindings
@@ -34,6 +35,8 @@ from bridge.schemas import AUTHOR_LIMIT, Author, PermissionMode
 log = logging.getLogger(__name__)
 
 NOT_YOURS = "Only the person who started this thread or an admin can do that."
+# How long the first answer to a message may take to be told apart from a refusal.
+REFUSAL_WAIT = 0.5
 
 SurfaceFactory = Callable[[Binding, "IncomingMessage"], Surface]
 # Where the conversation shows turns that no message started.
@@ -56,7 +59,8 @@ class IncomingMessage:
     direct: bool = False
 
 
-Handled = Literal["turn", "duplicate", "ignored", "not_allowed", "empty"]
+# refused: a budget the message falls under is spent (`text` says which, and when it resets).
+Handled = Literal["turn", "duplicate", "ignored", "not_allowed", "empty", "refused"]
 
 
 @dataclass
@@ -129,6 +133,16 @@ class Conversations:
             return TurnResult("empty")
         if not self.policy.may_send(message.author, message.key.channel):
             return TurnResult("not_allowed")
+        result = await self._handle(message, surface_for, background)
+        metrics.ADAPTER_MESSAGES.labels(self.platform, result.handled).inc()
+        return result
+
+    async def _handle(
+        self,
+        message: IncomingMessage,
+        surface_for: SurfaceFactory,
+        background: BackgroundSurface | None,
+    ) -> TurnResult:
         order = _Turnstile(self.bindings.lock(message.key))
         await order.enter()
         try:
@@ -145,18 +159,36 @@ class Conversations:
                 idempotency_key=message.key.message_key(message.message_id),
                 author=self.author(message.author),
             )
-            renderer = TurnRenderer(
-                surface_for(binding, message),
-                binding.loop_id,
-                own_source_prefix=f"{self.platform}:",
-                link=await self._view_link(binding.loop_id) if created else "",
-            )
-            async with contextlib.aclosing(events), renderer.running():
-                # The lock keeps messages of one thread in order until the server has
-                # this one (its first event, `started` or `queued`).
-                async for event in events:
-                    order.leave()
-                    apply_event(renderer, binding.loop_id, event)
+            async with contextlib.aclosing(events):
+                # A refusal (a spent budget) comes back at once, before any event: it is
+                # told to the person instead of showing a turn. A first event slower than
+                # that (an agent starting cold) does not hold up the turn's first message.
+                first = asyncio.ensure_future(anext(events, None))
+                try:
+                    await asyncio.wait({first}, timeout=REFUSAL_WAIT)
+                    refused = first.done() and _refusal(first.exception())
+                    if refused:
+                        return TurnResult("refused", binding, created, text=refused)
+                    renderer = TurnRenderer(
+                        surface_for(binding, message),
+                        binding.loop_id,
+                        own_source_prefix=f"{self.platform}:",
+                        platform=self.platform,
+                        link=await self._view_link(binding.loop_id) if created else "",
+                    )
+                    async with renderer.running():
+                        event = await first
+                        # The lock keeps messages of one thread in order until the server
+                        # has this one (its first event, `started` or `queued`).
+                        order.leave()
+                        if event is not None:
+                            apply_event(renderer, binding.loop_id, event)
+                        async for event in events:
+                            apply_event(renderer, binding.loop_id, event)
+                finally:
+                    if not first.done():  # cancelled while waiting: the stream can close
+                        first.cancel()
+                        await asyncio.wait({first})
             return TurnResult(
                 "turn", binding, created, renderer.state, renderer.text, renderer.stats
             )
@@ -195,19 +227,21 @@ class Conversations:
         if not self.policy.may_decide(actor, str(started_by) if started_by else None):
             return Decision("not_allowed", NOT_YOURS)
         try:
+            by = self.author(actor)
             if action.verb == "stop":
-                await self.client.interrupt(action.loop_id)
+                await self.client.interrupt(action.loop_id, source=self.source(actor), by=by)
                 return Decision("stopped")
             if action.verb in ("allow", "deny"):
                 await self.client.answer_choice(
                     action.loop_id, action.choice_id, allow=action.verb == "allow",
-                    source=self.source(actor),
+                    source=self.source(actor), by=by,
                 )
             else:
                 if not answers:
                     return Decision("failed", "Pick an answer first.")
                 await self.client.answer_choice(
-                    action.loop_id, action.choice_id, answers=answers, source=self.source(actor)
+                    action.loop_id, action.choice_id, answers=answers,
+                    source=self.source(actor), by=by,
                 )
         except LoopApiError as exc:
             if exc.code == "choice_not_found":
@@ -215,6 +249,13 @@ class Conversations:
             log.warning("answering %s failed: %s", action, exc)
             return Decision("failed", f"That did not work: {exc.message}")
         return Decision("answered")
+
+
+def _refusal(exc: BaseException | None) -> str:
+    """The one-line message of a budget refusal, or ""."""
+    if isinstance(exc, LoopApiError) and exc.code == "budget_exceeded":
+        return exc.message
+    return ""
 
 
 class _Turnstile:

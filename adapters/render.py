@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from adapters.metrics import LagClock
 from adapters.split import PartSplitter, stream_safe
 from adapters.surface import MessageGone, Surface
 from adapters.views import Activity, ChoiceView, MessageView, TurnState
@@ -83,6 +84,7 @@ class TurnRenderer:
         own_source_prefix: str = "",
         link: str = "",
         clock: Callable[[], float] = time.monotonic,
+        platform: str = "",
     ) -> None:
         self.surface = surface
         self.loop_id = loop_id
@@ -90,6 +92,7 @@ class TurnRenderer:
         self.link = link  # shown on the turn's first message
         self.clock = clock
         self.stats = RenderStats()
+        self.lag = LagClock(platform)
         self.state: TurnState = "running"
         self.note: str | None = None
         self._splitter = PartSplitter(surface.part_limit, surface.measure)
@@ -120,6 +123,7 @@ class TurnRenderer:
 
     def add_text(self, text: str) -> None:
         self._pending += text
+        self.lag.text_arrived()
         # A message waiting for its first words shows them at once (see _first_words).
         self._poke(urgent=self._tail is not None and not _has_text(self._tail.shown))
 
@@ -256,6 +260,8 @@ class TurnRenderer:
                     break
                 continue
             slot.shown = view
+            if slot is self._tail:
+                self.lag.shown()
             slot.failures = 0
             slot.ready_at = self.clock() + self.surface.edit_interval
             if not slot.settled:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +174,17 @@ def _parser() -> argparse.ArgumentParser:
         _environment(("home", "sandbox_image", "podman_url")),
     )
 
+    audit = _command(
+        commands, "audit",
+        "who approved or denied tool calls, answered questions, interrupted; budget refusals",
+        _audit, _environment(ENGINE_ENV),
+    )
+    audit.add_argument(
+        "--since", default="7d", help="how far back: 30m, 24h, 7d, or an RFC 3339 time"
+    )
+    audit.add_argument("--loop", help="only this loop")
+    audit.add_argument("--json", action="store_true", help="a JSON array instead of lines")
+
     doctor = _command(
         commands, "doctor",
         "check the data directory, podman, the image, the agent CLI, the model API and key, "
@@ -268,6 +281,65 @@ async def _keys_rotate(args: argparse.Namespace) -> None:
     except OSError as exc:
         raise CommandError(f"cannot write the signing key: {exc}") from None
     print(f"rotated the view-link signing key ({path}): every view link made before has ended")
+
+
+# ---- the audit trail ---------------------------------------------------------------------
+
+
+async def _audit(args: argparse.Namespace) -> None:
+    from core import audit
+    from core.config import load_settings, prepare_data_dir
+    from core.database_url import check_database_url
+    from core.storage import Database
+
+    since = _since(args.since)
+    settings = load_settings()
+    prepare_data_dir(settings)
+    check_database_url(settings.resolved_database_url)
+    db = Database(settings.resolved_database_url)
+    try:
+        await _migrate(db)
+        found = await audit.entries(db, since=since, loop=args.loop)
+    finally:
+        await db.close()
+    if args.json:
+        print(json.dumps([entry.as_dict() for entry in found], indent=2, ensure_ascii=False))
+        return
+    for entry in found:
+        print(_audit_line(entry))
+
+
+def _since(value: str) -> datetime:
+    units = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+    text = value.strip()
+    if text[:-1].isdigit() and text[-1:] in units:
+        return datetime.now(UTC) - timedelta(**{units[text[-1]]: int(text[:-1])})
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(f"--since {value!r}: give 30m, 24h, 7d or an RFC 3339 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _audit_line(entry: Any) -> str:
+    """One line: when, what, who (and where), which loop and turn."""
+    detail = entry.detail
+    if entry.kind == "permission":
+        verdict = "allowed" if detail.get("answer", {}).get("allow") else "denied"
+        what = f"{verdict} {detail.get('tool')}: {detail.get('input_summary')}"
+    elif entry.kind == "question":
+        what = f"answered {detail.get('questions')}: {detail.get('answer', {}).get('answers')}"
+    elif entry.kind == "interrupt":
+        what = "interrupted the turn"
+    else:
+        what = f"refused ({detail.get('budget')}): {detail.get('message')}"
+    who = entry.person_id or entry.user
+    if entry.person_name:
+        who += f" ({entry.person_name})"
+    via = f" via {entry.source}" if entry.source else ""
+    at = entry.at.isoformat().replace("+00:00", "Z")
+    where = f"{entry.loop_id or '-'} {entry.turn_id or '-'}"
+    return f"{at}  {entry.kind:<10}  {who}{via} (API user {entry.user})  {what}  [{where}]"
 
 
 # ---- the sandbox and the doctor -----------------------------------------------------------

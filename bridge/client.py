@@ -34,6 +34,7 @@ from bridge.schemas import (
     StreamEventModel,
     TokenCreated,
     TokenList,
+    UsageReport,
     ViewLink,
 )
 
@@ -44,6 +45,8 @@ TERMINAL_EVENTS = frozenset({"done", "interrupted", "error"})
 STREAM_IDLE_TIMEOUT = 50.0
 # Answers worth another try: the server is busy or starting, or a proxy failed.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+# A spent budget does not come back within a retry's wait.
+NOT_RETRYABLE_CODES = frozenset({"budget_exceeded"})
 
 Model = TypeVar("Model", bound=BaseModel)
 Connect = Callable[[int | None], AsyncGenerator[StreamEventModel, None]]
@@ -52,21 +55,27 @@ Connect = Callable[[int | None], AsyncGenerator[StreamEventModel, None]]
 class LoopApiError(Exception):
     """A non-2xx answer, with the contract's error `type` and `code`."""
 
-    def __init__(self, status: int, type: str, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, type: str, code: str, message: str, retry_after: int | None = None
+    ) -> None:
         super().__init__(f"{status} {type}/{code}: {message}")
         self.status = status
         self.type = type
         self.code = code
         self.message = message
+        # Seconds, from a `Retry-After` header (429 answers).
+        self.retry_after = retry_after
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> LoopApiError:
+        retry = response.headers.get("retry-after", "")
+        retry_after = int(retry) if retry.isdigit() else None
         try:
             body = ErrorResponse.model_validate_json(response.content).error
         except ValidationError:
             text = response.text[:200] or response.reason_phrase
             return cls(response.status_code, "http_error", f"http_{response.status_code}", text)
-        return cls(response.status_code, body.type, body.code, body.message)
+        return cls(response.status_code, body.type, body.code, body.message, retry_after)
 
 
 @dataclass(frozen=True)
@@ -191,15 +200,31 @@ class LoopClient:
         allow: bool | None = None,
         answers: dict[str, str | list[str]] | None = None,
         source: str | None = None,
+        by: Author | None = None,
     ) -> None:
-        """Answer a permission with `allow`, or a question with `answers` (question id → label)."""
+        """Answer a permission with `allow`, or a question with `answers` (question id → label);
+        `by` [ext] names the person who answered, for history and audit."""
         if (allow is None) == (answers is None):
             raise ValueError("give exactly one of allow= or answers=")
-        body = _given(allow=allow, answers=answers, source=source)
+        body = _given(allow=allow, answers=answers, source=source, by=_person(by))
         await self._request("POST", _loop_path(loop_id, "choices", choice_id), json=body)
 
-    async def interrupt(self, loop_id: str) -> None:
-        await self._request("POST", _loop_path(loop_id, "interrupt"))
+    async def interrupt(
+        self, loop_id: str, *, source: str | None = None, by: Author | None = None
+    ) -> None:
+        body = _given(source=source, by=_person(by))
+        await self._request("POST", _loop_path(loop_id, "interrupt"), json=body or None)
+
+    async def usage(
+        self,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        group_by: str | None = None,
+    ) -> UsageReport:
+        """[ext] What the caller's loops cost; `since`/`until` are RFC 3339 times."""
+        params = _given(since=since, until=until, group_by=group_by)
+        return await self._model(UsageReport, "GET", "/usage", params=params)
 
     # ---- files [ext] ---------------------------------------------------------------
 
@@ -270,7 +295,7 @@ class LoopClient:
         body = _given(
             content=content,
             permission_mode=permission_mode,
-            author=author.model_dump() if author is not None else None,
+            author=_person(author),
         )
         if attachments:
             body["attachments"] = [{"path": path} for path in attachments]
@@ -400,4 +425,10 @@ def _event(sse: ServerSentEvent) -> StreamEventModel:
 
 
 def _retryable(exc: httpx.TransportError | LoopApiError) -> bool:
-    return isinstance(exc, httpx.TransportError) or exc.status in RETRYABLE_STATUSES
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return exc.status in RETRYABLE_STATUSES and exc.code not in NOT_RETRYABLE_CODES
+
+
+def _person(person: Author | None) -> dict[str, str] | None:
+    return person.model_dump() if person is not None else None

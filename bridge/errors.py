@@ -38,6 +38,7 @@ CODES: dict[str, tuple[int, str]] = {
     "unsupported_media_type": (415, "invalid_request_error"),
     "too_many_requests": (429, "rate_limit_error"),
     "headers_too_large": (431, "invalid_request_error"),
+    "budget_exceeded": (429, "rate_limit_error"),
     "sandbox_spawn_failed": (500, "internal_error"),
     "sandbox_evicted": (500, "internal_error"),
     "agent_failed": (500, "internal_error"),
@@ -130,8 +131,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
-        wait = exc.retry_after
-        return error_response(exc.code, exc.message, {"Retry-After": str(wait)} if wait else None)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return error_response(exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

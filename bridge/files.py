@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from bridge.limits import JSONRoute
 from bridge.openapi import error_responses
 from bridge.schemas import FileList, FileWritten
-from bridge.server import LOOP, Owner
+from bridge.server import API_PREFIX, LOOP, Owner
 from core import files
 from core.engine import Engine
 from core.errors import EngineError
@@ -43,7 +43,7 @@ UPLOAD_BODY = {
 
 
 def file_routes(engine: Engine) -> APIRouter:
-    router = APIRouter(tags=["files"], route_class=JSONRoute)
+    router = APIRouter(prefix=API_PREFIX, tags=["files"], route_class=JSONRoute)
 
     @router.get(
         "/loops/{loop_id}/files",

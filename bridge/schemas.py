@@ -14,6 +14,7 @@ Timestamp = Annotated[datetime, PlainSerializer(rfc3339, return_type=str)]
 PermissionMode = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk", "auto"]
 
 TITLE_LIMIT = 200
+AUTHOR_LIMIT = 200
 METADATA_LIMIT = 16 * 1024
 CONTENT_LIMIT = 1024 * 1024
 IDEMPOTENCY_KEY_LIMIT = 256
@@ -125,11 +126,34 @@ class LoopOut(BaseModel):
     )
 
 
+class UsageTotals(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost_usd: float
+
+
+class TurnUsage(UsageTotals):
+    duration_ms: int
+
+
 class LoopDetail(LoopOut):
     busy: bool
     queue_depth: int
     turn_count: int
     current_turn: CurrentTurn | None
+    usage: UsageTotals | None = None
+
+
+class UsageGroup(UsageTotals):
+    key: str
+    turns: int
+
+
+class UsageReport(BaseModel):
+    data: list[UsageGroup]
+    total: UsageGroup
 
 
 class LoopPage(BaseModel):
@@ -159,6 +183,8 @@ class ChoiceRecord(BaseModel):
     kind: Literal["permission", "question"]
     answer: dict[str, Any]
     source: str
+    # [ext] Shown only when the answer named its person.
+    by: Author | None = Field(None, exclude_if=lambda value: value is None)
     payload: dict[str, Any] | None = Field(
         None, description="[ext] what was asked (the requires_choice payload), cut"
     )
@@ -207,6 +233,7 @@ class HistoryItem(BaseModel):
     attachments: list[AttachmentOut] = Field(default_factory=list)
     files_shared: list[FileShared] = Field(default_factory=list)
     pending_choice: PendingChoice | None = None
+    usage: TurnUsage | None = None
 
 
 class HistoryPage(BaseModel):
@@ -295,6 +322,7 @@ class PermissionAnswer(Strict):
     model_config = ConfigDict(extra="forbid", strict=True)
     allow: bool
     source: AnswerSource = "api"
+    by: Author | None = Field(None, description="[ext] the person who answered (history, audit)")
 
 
 class QuestionAnswer(Strict):
@@ -305,6 +333,7 @@ class QuestionAnswer(Strict):
         min_length=1
     )
     source: AnswerSource = "api"
+    by: Author | None = Field(None, description="[ext] the person who answered (history, audit)")
 
 
 # The body of `POST /loops/{id}/choices/{choice_id}`: either kind, nothing else.
@@ -316,6 +345,13 @@ class Accepted(BaseModel):
     """The request was taken; what it starts shows on the loop's event streams."""
 
     status: Literal["accepted"] = "accepted"
+
+
+class InterruptBody(Strict):
+    """[ext] Optional: who interrupted, for the audit trail."""
+
+    source: str | None = Field(None, min_length=1, max_length=64)
+    by: Author | None = None
 
 
 def metadata_size(metadata: dict[str, Any]) -> int:

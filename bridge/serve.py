@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 
+from bridge.logs import setup_logging
 from bridge.net import listen, raise_file_limit
 from bridge.protocol import server_config
 from bridge.server import create_app
@@ -83,6 +84,7 @@ class _Server(uvicorn.Server):
 
 async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = None) -> None:
     settings = load_settings()
+    setup_logging(settings.log_format)
     prepare_data_dir(settings)
     check_database_url(settings.resolved_database_url)
     cli = settings.cli_path or bundled_cli()

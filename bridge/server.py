@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
@@ -20,6 +21,7 @@ from bridge.auth import (
 )
 from bridge.errors import ApiError
 from bridge.limits import BodyLimit, JSONRoute, file_upload
+from bridge.metrics import RequestCounter, metrics_endpoint
 from bridge.openapi import (
     CURSOR,
     IDEMPOTENCY,
@@ -42,10 +44,12 @@ from bridge.schemas import (
     IDEMPOTENCY_KEY_LIMIT,
     METADATA_LIMIT,
     Accepted,
+    Author,
     CreateLoop,
     CreateToken,
     CreateViewLink,
     HistoryPage,
+    InterruptBody,
     Login,
     LoopDetail,
     LoopOut,
@@ -54,12 +58,15 @@ from bridge.schemas import (
     TokenCreated,
     TokenList,
     TokenOut,
+    UsageReport,
     ViewLink,
     metadata_size,
 )
 from bridge.sse import event_stream
+from core import logctx
 from core.engine import Engine
 from core.errors import EngineError
+from core.ids import utcnow
 
 # Every loop route answers these before anything else about the request.
 LOOP = ("not_loop_owner", "loop_not_found")
@@ -77,6 +84,11 @@ LOOP_LINKS = {
         "Interrupt": "interrupt",
     }.items()
 }
+API_PREFIX = "/api/v1"
+USAGE_WINDOW = timedelta(days=30)
+# Documented; checked by the handler, which answers the contract's own code for the rest.
+MOMENT = {"format": "date-time", "description": "RFC 3339 (default: 30 days before until)"}
+GROUPS = {"enum": ["day", "loop", "author"]}
 ACCEPTED = "Accepted; its effects show on the loop's event streams."
 CHOICE_BODY = union_body("ChoiceAnswer", CHOICE_ANSWER)
 # Documented, and checked in the handler, which answers its own code (invalid_last_event_id).
@@ -84,7 +96,9 @@ EVENT_ID = {"pattern": "^[0-9]{1,18}$"}
 
 
 async def _user(request: Request) -> str:
-    return await request.app.state.auth.user(request)
+    user = await request.app.state.auth.user(request)
+    logctx.bind(user=user)
+    return user
 
 
 async def _session_user(request: Request) -> str:
@@ -99,6 +113,7 @@ async def _owner(loop_id: str, request: Request, user: User) -> str:
     """The caller, once the loop exists and is theirs: checked before anything else
     about the request (its body, query or headers)."""
     await request.app.state.engine.check_owner(user, loop_id)
+    logctx.bind(loop_id=loop_id)
     return user
 
 
@@ -136,6 +151,8 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         generate_unique_id_function=openapi.operation_id,
     )
     app.add_middleware(BodyLimit, limit=CONTENT_LIMIT * 2, streamed=file_upload)
+    if engine.settings.metrics:
+        app.add_middleware(RequestCounter)
     errors.install(app)
     openapi.install(app)
     app.state.engine = engine
@@ -169,17 +186,22 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             return JSONResponse({"status": "ok"})
         return errors.error_response("not_ready", reason)
 
-    app.include_router(_loop_routes(engine), prefix="/api/v1")
-    app.include_router(_account_routes(engine), prefix="/api/v1")
+    app.add_api_route(
+        "/metrics", metrics_endpoint(engine.settings), methods=["GET"], include_in_schema=False
+    )
+    # The prefix is the routers' own, so each route's template (a metrics label) is whole.
+    app.include_router(_loop_routes(engine))
+    app.include_router(_usage_routes(engine))
+    app.include_router(_account_routes(engine))
     from bridge.files import file_routes  # it imports this module's dependencies
 
-    app.include_router(file_routes(engine), prefix="/api/v1")
+    app.include_router(file_routes(engine))
     web.mount(app, engine)
     return app
 
 
 def _loop_routes(engine: Engine) -> APIRouter:
-    router = APIRouter(tags=["loops"], route_class=JSONRoute)
+    router = APIRouter(prefix=API_PREFIX, tags=["loops"], route_class=JSONRoute)
 
     @router.post(
         "/loops",
@@ -272,8 +294,11 @@ def _loop_routes(engine: Engine) -> APIRouter:
                 "csrf_failed",
                 "unsupported_media_type",
                 "not_ready",
+                "budget_exceeded",
             ),
         },
+        description="Errors also: `429 budget_exceeded` with `Retry-After` when a budget "
+        "the message falls under is spent [ext].",
     )
     async def send_message(
         loop_id: str,
@@ -289,6 +314,8 @@ def _loop_routes(engine: Engine) -> APIRouter:
         if len(body.content.encode()) > CONTENT_LIMIT:
             raise ApiError("content_too_large", "content is over 1 MB")
         author = body.author.model_dump() if body.author is not None else None
+        if author is not None:
+            logctx.bind(author=author["id"])
         attachments = [a.path for a in body.attachments] if body.attachments else None
         stream = await engine.send(
             user,
@@ -363,7 +390,8 @@ def _loop_routes(engine: Engine) -> APIRouter:
         source = body.pop("source", "api")
         if not isinstance(source, str) or not 0 < len(source) <= 64:
             raise ApiError("invalid_choice_payload", "source must be a short string")
-        await engine.answer_choice(user, loop_id, choice_id, body, source)
+        by = _person(body.pop("by", None), "invalid_choice_payload")
+        await engine.answer_choice(user, loop_id, choice_id, body, source, by)
         return Accepted()
 
     @router.post(
@@ -387,17 +415,80 @@ def _loop_routes(engine: Engine) -> APIRouter:
         status_code=202,
         response_model=Accepted,
         response_description=ACCEPTED,
-        responses=error_responses(*LOOP),
+        responses=error_responses(*LOOP, *MALFORMED_JSON),
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": InterruptBody.model_json_schema()}},
+            }
+        },
     )
-    async def interrupt(loop_id: str, user: Owner) -> Any:
-        await engine.interrupt(user, loop_id)
+    async def interrupt(loop_id: str, request: Request, user: Owner) -> Any:
+        # [ext] an optional body names who interrupted, for the audit trail.
+        raw = await request.body()
+        body = InterruptBody()
+        if raw.strip():
+            try:
+                body = InterruptBody.model_validate_json(raw)
+            except ValueError:
+                raise ApiError(
+                    "invalid_request", "the body must be {source?, by?: {id, name}}"
+                ) from None
+        by = body.by.model_dump() if body.by is not None else None
+        await engine.interrupt(user, loop_id, body.source or "api", by)
         return Accepted()
 
     return router
 
 
+def _person(raw: Any, code: str) -> dict[str, Any] | None:
+    """An optional `{id, name?}` of a person, or the given error code."""
+    if raw is None:
+        return None
+    try:
+        return Author.model_validate(raw).model_dump()
+    except ValueError:
+        raise ApiError(code, "by must be {id, name}, each at most 200 characters") from None
+
+
+def _usage_routes(engine: Engine) -> APIRouter:
+    router = APIRouter(prefix=API_PREFIX, tags=["usage"], route_class=JSONRoute)
+
+    @router.get(
+        "/usage",
+        response_model=UsageReport,
+        responses=error_responses(*openapi.MALFORMED, "invalid_usage_query"),
+    )
+    async def usage(
+        user: User,
+        since: Annotated[str | None, Query(json_schema_extra=MOMENT)] = None,
+        until: Annotated[str | None, Query(json_schema_extra=MOMENT)] = None,
+        group_by: Annotated[str, Query(json_schema_extra=GROUPS)] = "day",
+    ) -> Any:
+        """[ext] What the caller's own loops' turns cost, per UTC day, loop or author."""
+        end = _moment(until) if until is not None else utcnow()
+        try:
+            start = _moment(since) if since is not None else end - USAGE_WINDOW
+        except OverflowError:
+            raise ApiError("invalid_usage_query", "until is too early to count back from") from None
+        return asdict(await engine.usage_report(user, start, end, group_by))
+
+    return router
+
+
+def _moment(value: str) -> datetime:
+    """An RFC 3339 time with its zone (`Z` or an offset)."""
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("z", "Z"))
+    except ValueError:
+        raise ApiError("invalid_usage_query", f"{value!r} is not an RFC 3339 time") from None
+    if moment.tzinfo is None or "T" not in value.upper():
+        raise ApiError("invalid_usage_query", f"{value!r} needs a date, a time and a zone")
+    return moment
+
+
 def _account_routes(engine: Engine) -> APIRouter:
-    router = APIRouter(tags=["accounts"], route_class=JSONRoute)
+    router = APIRouter(prefix=API_PREFIX, tags=["accounts"], route_class=JSONRoute)
 
     @router.post(
         "/login",

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -61,8 +61,26 @@ class Repo(Restricted):
     branch: str | None = None
 
 
+class Budgets(BaseModel):
+    """Spending caps in US dollars (UTC days and calendar months); None: no cap."""
+
+    model_config = ConfigDict(extra="forbid")
+    author_daily_usd: float | None = Field(None, ge=0)
+    author_monthly_usd: float | None = Field(None, ge=0)
+    user_daily_usd: float | None = Field(None, ge=0)
+    user_monthly_usd: float | None = Field(None, ge=0)
+    loop_usd: float | None = Field(None, ge=0)
+
+    @property
+    def any(self) -> bool:
+        return any(value is not None for value in self.model_dump().values())
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOOPBRIDGE_", extra="forbid")
+    # `__` reaches into tables: LOOPBRIDGE_BUDGETS__AUTHOR_DAILY_USD=5.
+    model_config = SettingsConfigDict(
+        env_prefix="LOOPBRIDGE_", extra="forbid", env_nested_delimiter="__"
+    )
 
     home: Path = Path("~/.loopbridge")
     config: Path | None = None
@@ -95,6 +113,10 @@ class Settings(BaseSettings):
     profiles: dict[str, Profile] = Field(default_factory=dict)
     vaults: dict[str, Vault] = Field(default_factory=dict)
     repos: dict[str, Repo] = Field(default_factory=dict)
+    budgets: Budgets = Field(default_factory=Budgets)
+    metrics: bool = True
+    metrics_token: SecretStr | None = None
+    log_format: Literal["text", "json"] = "text"
 
     @classmethod
     def settings_customise_sources(

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,9 @@ import claude_agent_sdk
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from core import files
+from core import audit, budgets, files, metrics
 from core.accounts import Accounts
+from core.budgets import Refusal
 from core.config import Settings
 from core.errors import EngineError
 from core.events import Event, EventStream, Overflow, Subscription
@@ -39,6 +40,7 @@ from core.sandbox.base import branch_problem
 from core.storage import Database, EventLogUnavailable, EventWriter, private_dir
 from core.tables import events, idempotency, loops, turns
 from core.tasks import spawn
+from core.usage import Usage, UsageSum, day_key, group
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ ATTACHMENTS_LIMIT = 20
 # Built once: a statement built per call costs ~0.2 ms before it reaches the database.
 INSERT_TURN = insert(turns)
 INSERT_IDEMPOTENCY = insert(idempotency)
+USAGE_GROUPS = ("day", "loop", "author")
+USAGE_COLUMNS = [turns.c[f.name] for f in fields(Usage)]
+Author = dict[str, str]
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Loop:
     busy: bool = False
     queue_depth: int = 0
     current_turn: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
 
 
 @dataclass
@@ -102,6 +108,19 @@ class HistoryItem:
     files_shared: list[dict[str, Any]]
     author: dict[str, str] | None = None
     pending_choice: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+
+
+@dataclass
+class UsageReport:
+    data: list[dict[str, Any]]
+    total: dict[str, Any]
+
+
+class BudgetRefused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
 
 
 @dataclass
@@ -148,6 +167,7 @@ class Engine:
         await self.sandbox.start()
         await self._recover()
         self._purger = spawn(self._purge_idempotency(), "idempotency-purge")
+        metrics.watch_engine(self._agents_running, self._streams_open, self._choices_pending)
         self.ready = True
 
     async def readiness(self) -> str | None:
@@ -320,6 +340,7 @@ class Engine:
     async def get_loop(self, user: str, raw_id: str) -> Loop:
         loop = _loop_from_row(await self._owned_row(user, raw_id))
         runtime = self._runtimes.get(loop.id)
+        loop.usage = (await self._loop_usage(loop.id, runtime)).totals()
         if runtime is not None:
             loop.turn_count = runtime.spec.turn_count
             loop.busy = runtime.busy
@@ -332,6 +353,22 @@ class Engine:
                     "pending_choice_id": turn.pending_choice_id,
                 }
         return loop
+
+    async def _loop_usage(self, loop: str, runtime: LoopRuntime | None) -> UsageSum:
+        """The loop's totals: stored turns, and ended turns whose row is still being written."""
+        unsaved = dict(runtime.unsaved) if runtime is not None else {}
+        query = select(turns.c.id, *USAGE_COLUMNS).where(
+            turns.c.loop_id == loop, turns.c.ended_at.is_not(None)
+        )
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        total = UsageSum()
+        for row in rows:
+            turn = unsaved.pop(row.id, None)
+            total.add(turn.usage if turn is not None else Usage.from_row(row))
+        for turn in unsaved.values():
+            total.add(turn.usage)
+        return total
 
     async def archive_loop(self, user: str, raw_id: str) -> None:
         row = await self._owned_row(user, raw_id)
@@ -388,6 +425,7 @@ class Engine:
                     fresh.vault,
                     fresh.repo,
                     fresh.branch,
+                    fresh.session_cost_usd,
                 )
                 runtime = LoopRuntime(self._context(), spec, seq, reserved)
                 self._runtimes[row.id] = runtime
@@ -402,6 +440,7 @@ class Engine:
             sandbox=self.sandbox,
             agent_env=agent_env_from(os.environ, os.geteuid() == 0),
             forget=self._forget,
+            budget_gate=self._budget_gate if self.settings.budgets.any else None,
         )
 
     def _forget(self, runtime: LoopRuntime) -> None:
@@ -446,6 +485,8 @@ class Engine:
         if attached:
             hashed.append(attached)
         request_hash = hashlib.sha256(json.dumps(hashed).encode()).hexdigest()
+        if self.settings.budgets.any:
+            await self._usage_saved()
         admission = self.quotas.admission(user, runtime, len(content.encode()))
         try:
             turn, earlier = await self._record_turn(
@@ -459,6 +500,10 @@ class Engine:
                 author,
                 attached,
             )
+        except BudgetRefused as refused:
+            await self._refused(refused.refusal, user, author, runtime.id, None)
+            retry = refused.refusal.retry_after(utcnow())
+            raise EngineError("budget_exceeded", refused.refusal.message, retry) from None
         except IntegrityError:
             # The same key raced in from another request: answer like the replay it is.
             turn, earlier = None, await self._idempotent_turn(user, idempotency_key, request_hash)
@@ -497,12 +542,22 @@ class Engine:
         attachments: list[dict[str, str]] | None = None,
     ) -> tuple[Turn | None, tuple[str, str] | None]:
         """Store a new turn with its idempotency record, in one transaction; or, when the key
-        was seen before, the (loop, turn) it ran. A new turn must pass the caps first."""
+        was seen before, the (loop, turn) it ran. A new turn must pass the caps first, and
+        its budgets: a spent one raises `BudgetRefused` (after the key's check: a repeated
+        request replays whatever the budgets say)."""
         async with self.db.write() as conn:
             if key is not None:
                 earlier = await self._earlier_turn(conn, user, key, request_hash)
                 if earlier is not None:
                     return None, earlier
+            if self.settings.budgets.any:
+                person = (author or {}).get("id") or user
+                refusal = await budgets.check(
+                    conn, self.settings.budgets, user=user, author=person, loop=runtime.id,
+                    now=utcnow(),
+                )
+                if refusal is not None:
+                    raise BudgetRefused(refusal)
             admission.take()
             turn = runtime.new_turn(content, mode, author=author, size=admission.size)
             turn.attachments = attachments or []
@@ -512,6 +567,36 @@ class Engine:
                 await conn.execute(INSERT_IDEMPOTENCY, record)
             await conn.execute(INSERT_TURN, turn.new_row(runtime.id, "queued"))
         return turn, None
+
+    async def _usage_saved(self) -> None:
+        """Wait until every ended turn's usage is stored, so budgets count it."""
+        for runtime in list(self._runtimes.values()):
+            saves = [t.end_saved for t in runtime.unsaved.values() if t.end_saved is not None]
+            if saves:
+                await asyncio.gather(*saves, return_exceptions=True)
+
+    async def _budget_gate(self, user: str, author: str, loop: str, turn_id: str) -> Refusal | None:
+        """Asked before a queued turn starts: a budget may have run out while it waited."""
+        await self._usage_saved()
+        async with self.db.engine.connect() as conn:
+            refusal = await budgets.check(
+                conn, self.settings.budgets, user=user, author=author, loop=loop, now=utcnow()
+            )
+        if refusal is not None:
+            await self._refused(refusal, user, {"id": author}, loop, turn_id)
+        return refusal
+
+    async def _refused(
+        self, refusal: Refusal, user: str, author: Author | None, loop: str, turn_id: str | None
+    ) -> None:
+        metrics.BUDGET_REFUSALS.labels(refusal.budget).inc()
+        detail = {"budget": refusal.budget, "cap_usd": refusal.cap, "spent_usd": refusal.spent,
+                  "message": refusal.message}
+        person = author if author and author.get("id") else {"id": user}
+        await audit.record(
+            self.db, "budget", user=user, loop=loop, turn_id=turn_id, person=person,
+            detail=detail,
+        )
 
     async def _idempotent_turn(
         self, user: str, key: str | None, request_hash: str
@@ -649,19 +734,78 @@ class Engine:
             self._forget(runtime)
 
     async def answer_choice(
-        self, user: str, raw_id: str, choice_id: str, body: dict[str, Any], source: str = "api"
+        self,
+        user: str,
+        raw_id: str,
+        choice_id: str,
+        body: dict[str, Any],
+        source: str = "api",
+        by: Author | None = None,
     ) -> None:
+        """Answer a pending choice; `by` is the person who answered, when the caller says."""
         row = await self._owned_row(user, raw_id)
         runtime = self._runtimes.get(row.id)
         if runtime is None:
             raise EngineError("choice_not_found", f"no pending choice {choice_id}")
-        runtime.answer(choice_id, body, source)
+        turn, choice, answer = runtime.answer(choice_id, body, source, by)
+        detail: dict[str, Any] = {"choice_id": choice.id, "answer": answer}
+        if choice.kind == "permission":
+            detail |= {"tool": choice.payload["tool"],
+                       "input_summary": choice.payload["input_summary"]}
+        else:
+            detail["questions"] = [q.get("question") for q in choice.payload["questions"]]
+        await audit.record(
+            self.db, choice.kind, user=user, loop=row.id, turn_id=turn.id,
+            person=by or {"id": user}, source=source, detail=detail,
+        )
 
-    async def interrupt(self, user: str, raw_id: str) -> None:
+    async def interrupt(
+        self, user: str, raw_id: str, source: str = "api", by: Author | None = None
+    ) -> None:
         row = await self._owned_row(user, raw_id)
         runtime = self._runtimes.get(row.id)
+        turn = runtime.current if runtime is not None else None
         if runtime is not None:
             await runtime.interrupt()
+        if turn is not None:
+            await audit.record(
+                self.db, "interrupt", user=user, loop=row.id, turn_id=turn.id,
+                person=by or {"id": user}, source=source,
+            )
+
+    async def usage_report(
+        self, user: str, since: datetime, until: datetime, group_by: str
+    ) -> UsageReport:
+        """The usage of the caller's own loops' turns that ended in [since, until)."""
+        if group_by not in USAGE_GROUPS:
+            raise EngineError("invalid_usage_query", "group_by must be day, loop or author")
+        if since >= until:
+            raise EngineError("invalid_usage_query", "since must be before until")
+        await self._usage_saved()
+        query = (
+            select(
+                turns.c.loop_id, turns.c.author_id, turns.c.ended_at, loops.c.created_by,
+                *USAGE_COLUMNS,
+            )
+            .select_from(turns.join(loops, turns.c.loop_id == loops.c.id))
+            .where(
+                loops.c.created_by == user,
+                turns.c.ended_at >= since,
+                turns.c.ended_at < until,
+            )
+        )
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+
+        def key(row: Any) -> str:
+            if group_by == "day":
+                return day_key(aware(row.ended_at))
+            if group_by == "loop":
+                return str(row.loop_id)
+            return str(row.author_id or row.created_by)
+
+        data, total = group((key(row), Usage.from_row(row)) for row in rows)
+        return UsageReport([item.as_dict() for item in data], total.as_dict())
 
     async def history(
         self, user: str, raw_id: str, limit: int = 20, after: str | None = None
@@ -723,6 +867,19 @@ class Engine:
             return []
         return await asyncio.to_thread(
             files.check_attachments, self.sandbox.workdir(loop), paths
+        )
+
+    def _agents_running(self) -> int:
+        return sum(1 for runtime in self._runtimes.values() if runtime.agent is not None)
+
+    def _streams_open(self) -> int:
+        return sum(runtime.channel.subscriber_count for runtime in self._runtimes.values())
+
+    def _choices_pending(self) -> int:
+        return sum(
+            len(runtime.current.pending)
+            for runtime in self._runtimes.values()
+            if runtime.current is not None
         )
 
     async def wait_idle(self) -> None:
@@ -811,6 +968,7 @@ def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
             author={"id": row.author_id, "name": row.author_name} if row.author_id else None,
             attachments=row.attachments or [],
             files_shared=row.files_shared or [],
+            usage=usage.as_dict() if (usage := Usage.from_row(row)) is not None else None,
         )
     ended = turn.ended or ("running" if turn.started_at else "queued")
     return HistoryItem(
@@ -824,5 +982,6 @@ def _history_item(row: Any, turn: Turn | None) -> HistoryItem:
         author=turn.author,
         attachments=turn.attachments,
         pending_choice=turn.pending_choice,
+        usage=turn.usage.as_dict() if turn.usage is not None else None,
         **turn.history_fields(),
     )

@@ -10,7 +10,8 @@ class EngineError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-        self.retry_after = retry_after  # seconds, for refusals that pass with time
+        # Seconds until asking again can succeed (a budget's window), when that is known.
+        self.retry_after = retry_after
 
 
 class SettingsError(Exception):

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -29,7 +29,8 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core import agent as sdk
-from core import files, tool_record
+from core import files, logctx, metrics, tool_record
+from core.budgets import Refusal
 from core.choices import EVICTED, INTERRUPTED, Choice, decision, make_choice, validate_answer
 from core.config import Settings
 from core.errors import EngineError
@@ -41,6 +42,7 @@ from core.share import SHARE_TOOL, share_server
 from core.storage import TRANSIENT, Database, EventWriter
 from core.tables import loops, turns
 from core.tasks import spawn
+from core.usage import TOKEN_KINDS, CostMeter, Usage, usage_of
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ INTERRUPT_GRACE_SECONDS = 5.0
 # published (more are asked for at half-way): after a crash, numbering resumes above the
 # reservation, so no id a watcher has seen is ever handed out again.
 RESERVE_IDS = 1000
+# One counter child per token kind, looked up once.
+TOKEN_COUNTERS = {name: metrics.MODEL_TOKENS.labels(kind) for name, kind in TOKEN_KINDS.items()}
+# (API user, author, loop, turn) → the spent budget the turn falls under, or None.
+BudgetGate = Callable[[str, str, str, str], Awaitable[Refusal | None]]
 
 
 @dataclass
@@ -63,6 +69,8 @@ class Context:
     sandbox: Sandbox
     agent_env: dict[str, str]
     forget: Callable[[LoopRuntime], None]
+    # Set when budgets are configured: asked again before a queued turn starts.
+    budget_gate: BudgetGate | None = None
 
 
 @dataclass
@@ -90,11 +98,15 @@ class Turn:
     ended: str | None = None
     error: dict[str, str] | None = None
     ended_at: datetime | None = None
+    usage: Usage | None = None
+    # It waited behind another turn: its budgets are checked again before it starts.
+    waited: bool = False
     interrupt_requested: bool = False
     # Set when the engine, not the agent, ends the turn: the agent's last words are ignored.
     ending: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     start_saved: asyncio.Task[None] | None = None
+    end_saved: asyncio.Task[None] | None = None
 
     @property
     def pending_choice_id(self) -> str | None:
@@ -154,6 +166,8 @@ class LoopSpec:
     vault: str
     repo: str | None
     branch: str | None = None
+    # The agent CLI's running cost total of the session, as last reported.
+    session_cost: float | None = None
 
 
 class LoopRuntime:
@@ -171,6 +185,7 @@ class LoopRuntime:
         self.current: Turn | None = None
         self.agent: sdk.AgentSession | None = None
         self.host: AgentHost | None = None
+        self.meter = CostMeter(spec.session_cost)
         self._changed = asyncio.Condition()
         self._worker = spawn(self._work(), f"loop-{spec.id}")
         self._idle_timers: list[asyncio.TimerHandle] = []
@@ -204,6 +219,7 @@ class LoopRuntime:
         self._cancel_idle()
         self.active_at = time.monotonic()
         if self.busy:
+            turn.waited = True
             self.emit("queued", {"position": len(self.queue) + 1}, turn.id)
         self.queue.append(turn)
         self._notify()
@@ -221,21 +237,35 @@ class LoopRuntime:
         }
         return Event.make("snapshot", data, self.seq, turn.id)
 
-    def answer(self, choice_id: str, body: dict[str, Any], source: str) -> None:
+    def answer(
+        self,
+        choice_id: str,
+        body: dict[str, Any],
+        source: str,
+        by: dict[str, str] | None = None,
+    ) -> tuple[Turn, Choice, dict[str, Any]]:
+        """Resolve a pending choice; `by` [ext] is the person who answered, when known."""
         turn = self.current
         choice = turn.pending.get(choice_id) if turn else None
         if turn is None or choice is None or not choice.pending:
             raise EngineError("choice_not_found", f"no pending choice {choice_id}")
         answer = validate_answer(choice, body)
-        turn.choices.append(
-            {"choice_id": choice.id, "kind": choice.kind, "answer": answer, "source": source,
-             "payload": tool_record.clipped_input(choice.payload),
-             **turn.choice_marks.pop(choice.id, {})}
-        )
+        record = {
+            "choice_id": choice.id,
+            "kind": choice.kind,
+            "answer": answer,
+            "source": source,
+            "payload": tool_record.clipped_input(choice.payload),
+            **turn.choice_marks.pop(choice.id, {}),
+        }
+        if by is not None:
+            record["by"] = by
+        turn.choices.append(record)
         del turn.pending[choice_id]
         self._cancel_evict()
         self.emit("choice_resolved", {"choice_id": choice_id, "source": source}, turn.id)
         choice.future.set_result(answer)
+        return turn, choice, answer
 
     async def interrupt(self) -> None:
         turn = self.current
@@ -358,6 +388,7 @@ class LoopRuntime:
     # ---- the worker ---------------------------------------------------------------
 
     async def _work(self) -> None:
+        logctx.bind(loop_id=self.id, user=self.spec.owner)
         while True:
             async with self._changed:
                 await self._changed.wait_for(lambda: bool(self.queue) and self.current is None)
@@ -371,6 +402,14 @@ class LoopRuntime:
             await turn.finished.wait()
 
     async def _run(self, turn: Turn) -> None:
+        gate = self.ctx.budget_gate
+        if gate is not None and turn.waited and turn.trigger == "message":
+            author = turn.author["id"] if turn.author else self.spec.owner
+            refusal = await gate(self.spec.owner, author, self.id, turn.id)
+            if refusal is not None:
+                error = _error("budget_exceeded", refusal.message, turn.id)
+                await self._finish(turn, "error", error)
+                return
         try:
             cold = await self._ensure_agent(turn.permission_mode)
         except EngineError as exc:
@@ -396,6 +435,8 @@ class LoopRuntime:
 
     def _begin(self, turn: Turn, cold: bool) -> None:
         turn.started_at = utcnow()
+        self._bind_log(turn)
+        log.info("turn %s of loop %s started (%s)", turn.id, self.id, turn.trigger)
         self.emit(
             "started", {"turn_id": turn.id, "cold_start": cold, "trigger": turn.trigger}, turn.id
         )
@@ -429,8 +470,13 @@ class LoopRuntime:
         ended = {"done": "done", "interrupted": "interrupted"}.get(name, "error")
         error = {"code": data["code"], "message": data["message"]} if ended == "error" else None
         turn.ended, turn.error, turn.ended_at = ended, error, utcnow()
+        metrics.TURNS.labels(turn.trigger, ended).inc()
+        self._bind_log(turn)
+        if turn.started_at is not None:
+            metrics.TURN_DURATION.observe((turn.ended_at - turn.started_at).total_seconds())
+        log.info("turn %s of loop %s ended %s", turn.id, self.id, ended)
         self.unsaved[turn.id] = turn
-        self._later(self._save_turn_end(turn))
+        turn.end_saved = self._later(self._save_turn_end(turn))
         self._notify()
         if not self.queue and not self.closed:
             self._arm_idle()
@@ -440,16 +486,27 @@ class LoopRuntime:
         if turn.start_saved is not None:
             with contextlib.suppress(Exception):  # its failure is logged; the end is saved anyway
                 await turn.start_saved
+        usage = turn.usage.as_dict() if turn.usage is not None else {}
         end = (
             turns.update()
             .where(turns.c.id == turn.id)
             .values(
-                ended=turn.ended, error=turn.error, ended_at=turn.ended_at, **turn.history_fields()
+                ended=turn.ended,
+                error=turn.error,
+                ended_at=turn.ended_at,
+                **usage,
+                **turn.history_fields(),
             )
         )
-        await self.ctx.db.write_retrying(
-            lambda conn: conn.execute(end), f"loop {self.id}: saving the end of {turn.id}"
-        )
+        cost = update(loops).where(loops.c.id == self.id)
+        cost = cost.values(session_cost_usd=self.spec.session_cost)
+
+        async def save(conn: AsyncConnection) -> None:
+            await conn.execute(end)
+            if turn.usage is not None:
+                await conn.execute(cost)
+
+        await self.ctx.db.write_retrying(save, f"loop {self.id}: saving the end of {turn.id}")
         self.unsaved.pop(turn.id, None)
 
     # ---- the agent ----------------------------------------------------------------
@@ -480,6 +537,8 @@ class LoopRuntime:
                 log.warning("loop %s: agent did not start (resume=%s): %s", self.id, resume, exc)
                 continue
             self.agent = session
+            # A resumed session's running cost total carries on from where it was.
+            self.meter = CostMeter(self.spec.session_cost if resume else 0.0)
             return True
         raise EngineError("agent_failed", f"the agent did not start: {failure}")
 
@@ -545,6 +604,8 @@ class LoopRuntime:
             if delta is not None:
                 kind, text = delta
                 if kind == "assistant":
+                    if not turn.text and turn.started_at is not None:
+                        metrics.FIRST_DELTA.observe((utcnow() - turn.started_at).total_seconds())
                     turn.text.append(text)
                     turn.text_length += len(text)
                 self.emit(f"{kind}_delta", {"text": text}, turn.id)
@@ -588,12 +649,17 @@ class LoopRuntime:
         self.emit("tool_result", data, turn.id)
 
     async def _end_with_result(self, turn: Turn, result: ResultMessage) -> None:
+        turn.usage = usage = usage_of(result, self.meter)
+        self.spec.session_cost = self.meter.base
+        metrics.MODEL_COST.inc(usage.cost_usd)
+        for name, counter in TOKEN_COUNTERS.items():
+            counter.inc(getattr(usage, name))
         if turn.interrupt_requested:
             await self._finish(turn, "interrupted", {"turn_id": turn.id})
         elif (failure := sdk.result_error(result)) is not None:
             await self._finish(turn, "error", _error("agent_failed", failure, turn.id))
         else:
-            await self._finish(turn, "done", {"turn_id": turn.id})
+            await self._finish(turn, "done", {"turn_id": turn.id, "usage": usage.as_dict()})
 
     def _begin_background(self) -> Turn:
         """The agent woke up by itself (e.g. a background command ended): a turn of its own."""
@@ -719,6 +785,10 @@ class LoopRuntime:
 
     # ---- helpers --------------------------------------------------------------------
 
+    def _bind_log(self, turn: Turn) -> None:
+        author = turn.author["id"] if turn.author else self.spec.owner
+        logctx.bind(loop_id=self.id, turn_id=turn.id, user=self.spec.owner, author=author)
+
     def _notify(self) -> None:
         self._later(self._notify_async())
 
@@ -763,10 +833,11 @@ def sandbox_spec(
 
 def agent_env_from(environ: os._Environ[str] | dict[str, str], run_as_root: bool) -> dict[str, str]:
     """The server's variables an agent may see: the model endpoint and the CLI's own knobs."""
+    # OTEL_*: the agent's own telemetry (with CLAUDE_CODE_ENABLE_TELEMETRY) passes through.
     env = {
         key: value
         for key, value in environ.items()
-        if key.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))
+        if key.startswith(("ANTHROPIC_", "CLAUDE_CODE_", "OTEL_"))
     }
     if run_as_root:
         # The CLI refuses bypassPermissions as root unless told it is sandboxed; the

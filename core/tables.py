@@ -7,6 +7,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -63,6 +64,8 @@ loops = Table(
     Column("repo", String(200), nullable=True),
     Column("branch", String(200), nullable=True),
     Column("session_id", String(64), nullable=True),
+    # The agent CLI's running cost total of that session, as last reported (see usage.py).
+    Column("session_cost_usd", Float, nullable=True),
     Column("turn_count", Integer, nullable=False, default=0),
     # Event ids up to here may have been published: numbering goes on above it.
     Column("event_id_reserved", Integer, nullable=False, default=0),
@@ -90,7 +93,15 @@ turns = Table(
     Column("error", JSON, nullable=True),
     Column("started_at", DateTime(timezone=True), nullable=True),
     Column("ended_at", DateTime(timezone=True), nullable=True),
+    # The turn's own usage, from the agent's result; null while running or when unknown.
+    Column("input_tokens", Integer, nullable=True),
+    Column("output_tokens", Integer, nullable=True),
+    Column("cache_creation_input_tokens", Integer, nullable=True),
+    Column("cache_read_input_tokens", Integer, nullable=True),
+    Column("cost_usd", Float, nullable=True),
+    Column("duration_ms", Integer, nullable=True),
     Index("ix_turns_loop_number", "loop_id", "number", unique=True),
+    Index("ix_turns_ended_at", "ended_at"),
 )
 
 events = Table(
@@ -112,4 +123,20 @@ idempotency = Table(
     Column("loop_id", String(64), nullable=False),
     Column("turn_id", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+# Who decided what, for `loopbridge audit`: choice answers, interrupts, budget refusals.
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("kind", String(32), nullable=False),  # permission | question | interrupt | budget
+    Column("user_id", String(64), nullable=False),  # the API user (token owner)
+    Column("loop_id", String(64), nullable=True, index=True),
+    Column("turn_id", String(64), nullable=True),
+    Column("person_id", String(200), nullable=True),  # who, when a surface names them
+    Column("person_name", String(200), nullable=True),
+    Column("source", String(64), nullable=True),
+    Column("detail", JSON, nullable=False),
 )

@@ -26,6 +26,7 @@ from adapters.actions import Action
 from adapters.binding import Binding
 from adapters.conversations import Conversations, IncomingMessage, TurnResult
 from adapters.discord.access import INTENTS
+from adapters.discord.calls import count_calls
 from adapters.discord.clicks import Clicks
 from adapters.discord.commands import LoopCommands
 from adapters.discord.follow import Followers
@@ -74,6 +75,7 @@ class DiscordAdapter:
         self._connection: asyncio.Task[None] | None = None
         self.bot.event(self.on_message)
         self.bot.event(self.on_interaction)
+        count_calls(self.bot.http)
 
     # ---- running -------------------------------------------------------------------------
 
@@ -151,6 +153,10 @@ class DiscordAdapter:
         if result.handled == "not_allowed" and (person.mentioned or person.direct):
             with contextlib.suppress(discord.HTTPException):
                 await message.add_reaction(NOT_ALLOWED_REACTION)
+        elif result.handled == "refused":
+            # A spent budget: a reply to the person's message says which, and when it resets.
+            with contextlib.suppress(discord.HTTPException):
+                await message.reply(result.text, mention_author=False)
 
     async def _turn(self, found: Incoming) -> TurnResult:
         # While the turn renders here, its loop is marked shown: a click on one of its

@@ -76,7 +76,10 @@ class Follow:
 
     async def show(self, surface: Surface) -> None:
         renderer = TurnRenderer(
-            surface, self.loop_id, own_source_prefix=f"{self.followers.platform}:"
+            surface,
+            self.loop_id,
+            own_source_prefix=f"{self.followers.platform}:",
+            platform=self.followers.platform,
         )
         with self.followers.showing(self.loop_id):
             async with contextlib.aclosing(self.events), renderer.running():

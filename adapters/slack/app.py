@@ -25,10 +25,7 @@ from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_async_handlers import (
-    AsyncConnectionErrorRetryHandler,
-    AsyncRateLimitErrorRetryHandler,
-)
+from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.actions import Action
@@ -39,6 +36,7 @@ from adapters.slack.blocks import resolved_blocks, selected_answers
 from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.settings import SlackSettings
 from adapters.slack.thread import NativeStreaming, SlackThread
+from adapters.slack.web import CountingRateLimitHandler, CountingWebClient
 from adapters.startup import PlatformRefused, PlatformUnreachable, unreachable
 from adapters.tasks import HandlerTasks
 from adapters.views import OutcomeMarks, outcome_line
@@ -75,13 +73,13 @@ class SlackAdapter:
             raise ValueError("LOOPBRIDGE_SLACK_BOT_TOKEN is not set")
         self.settings = settings
         self.client = client
-        self.web = AsyncWebClient(
+        self.web = CountingWebClient(
             token=settings.bot_token.get_secret_value(),
             base_url=settings.api_url or AsyncWebClient.BASE_URL,
             # slack-sdk waits out a 429's Retry-After and tries again.
             retry_handlers=[
                 AsyncConnectionErrorRetryHandler(),
-                AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES),
+                CountingRateLimitHandler(max_retry_count=RATE_LIMIT_RETRIES),
             ],
         )
         http = settings.mode == "http"
@@ -238,6 +236,11 @@ class SlackAdapter:
                 incoming.author.user_id,
                 incoming.key.thread,
                 NOT_ALLOWED_TO_WRITE,
+            )
+        elif result.handled == "refused":
+            # A spent budget: only the person who wrote sees why, in the thread.
+            await self._tell(
+                incoming.key.channel, incoming.author.user_id, incoming.key.thread, result.text
             )
 
     # ---- clicks --------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 It answers what the bundled Claude Code CLI calls when ``ANTHROPIC_BASE_URL`` points
 here: ``POST /v1/messages`` (streamed as Anthropic SSE, or a JSON Message when
 ``stream`` is not true) and ``POST /v1/messages/count_tokens``. Anything else gets a
-JSON 404. API failures (``[[fail]]``, ``[[overloaded]]``) carry no ``x-should-retry``
+JSON 404. Each message reports its token usage (in ``message_start`` and
+``message_delta``): by default estimated from the request's size and the deltas
+sent, or exactly ``StandinModel.usage`` when a test sets it; ``reported`` keeps what
+each answer said. API failures (``[[fail]]``, ``[[overloaded]]``) carry no ``x-should-retry``
 header, like the real API, so the CLI retries them: bound that with
 ``CLAUDE_CODE_MAX_RETRIES``.
 """
@@ -50,16 +53,21 @@ class StandinModel:
         *,
         delta_delay: float = 0.0,
         stamp_delay: float = DEFAULT_STAMP_DELAY,
+        usage: dict[str, int] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.delta_delay = delta_delay
         self.stamp_delay = stamp_delay
+        # Token counts every answer reports (keys as in the API's `usage`), when set.
+        self.usage = usage
         self.url = ""
         self.requests: list[dict[str, Any]] = []
         # When each streamed answer's first delta went out (monotonic clock), so a
         # test or bench can measure what a person waits for from there.
         self.first_deltas: list[float] = []
+        # The usage each answer reported, with "side": whether it answered a side call.
+        self.reported: list[dict[str, Any]] = []
         self._message_ids = itertools.count(1)
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -102,8 +110,17 @@ class StandinModel:
         """The requests that are conversation turns, not side calls."""
         return [body for body in self.requests if not is_side_request(body)]
 
+    def main_usage(self) -> list[dict[str, int]]:
+        """The usage reported for conversation turns' requests, in order."""
+        return [
+            {k: v for k, v in item.items() if k != "side"}
+            for item in self.reported
+            if not item["side"]
+        ]
+
     def reset(self) -> None:
         self.requests.clear()
+        self.reported.clear()
 
     def next_message_id(self) -> str:
         return f"msg_standin_{next(self._message_ids):06d}"
@@ -123,8 +140,12 @@ def standin_app(model: StandinModel | None = None) -> Starlette:
         answer = respond(body, owner.stamp_delay)
         if isinstance(answer, ApiError):
             return JSONResponse(answer.body(), status_code=answer.status)
-        message = _MessageFrame(owner.next_message_id(), body.get("model", "standin"), raw)
+        message = _MessageFrame(
+            owner.next_message_id(), body.get("model", "standin"), raw, owner.usage
+        )
         headers = {"request-id": f"req_{message.id}"}
+        owner.reported.append(message.record | {"side": is_side_request(body)})
+        message.record = owner.reported[-1]
         if not body.get("stream"):
             return JSONResponse(message.complete(answer), headers=headers)
         delay = owner.delta_delay if answer.delay is None else answer.delay
@@ -187,10 +208,36 @@ async def _stream(
 class _MessageFrame:
     """One assistant message: its SSE events, or the whole Message as JSON."""
 
-    def __init__(self, message_id: str, model: str, raw_request: bytes) -> None:
+    def __init__(
+        self, message_id: str, model: str, raw_request: bytes, usage: dict[str, int] | None
+    ) -> None:
         self.id = message_id
         self.model = model
+        self.fixed = usage
         self.input_tokens = _estimate_tokens(raw_request)
+        # Filled with the final usage once the answer has been sent.
+        self.record: dict[str, Any] = {}
+
+    def _start_usage(self) -> dict[str, int]:
+        usage = {
+            "input_tokens": self.input_tokens,
+            "output_tokens": 1,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+        if self.fixed is not None:
+            usage |= {k: v for k, v in self.fixed.items() if k != "output_tokens"}
+        return usage
+
+    def final_usage(self, deltas: int) -> dict[str, int]:
+        """The usage the answer ends with (what `message_delta` and a JSON Message say);
+        without fixed counts, one output token per delta sent."""
+        output = deltas
+        if self.fixed is not None and "output_tokens" in self.fixed:
+            output = self.fixed["output_tokens"]
+        usage = self._start_usage() | {"output_tokens": output}
+        self.record.update(usage)
+        return usage
 
     def _message(self, content: list[dict[str, Any]], stop_reason: str | None) -> dict[str, Any]:
         return {
@@ -201,17 +248,12 @@ class _MessageFrame:
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": None,
-            "usage": {
-                "input_tokens": self.input_tokens,
-                "output_tokens": 1,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-            },
+            "usage": self._start_usage(),
         }
 
     def complete(self, reply: Reply) -> dict[str, Any]:
         content = [_complete_block(block) for block in reply.blocks]
-        return self._message(content, reply.stop_reason)
+        return self._message(content, reply.stop_reason) | {"usage": self.final_usage(1)}
 
     def events(self, reply: Reply) -> Iterator[tuple[bytes, bool]]:
         """SSE events, each paired with whether it is a content delta."""
@@ -229,7 +271,8 @@ class _MessageFrame:
         end = {
             "type": "message_delta",
             "delta": {"stop_reason": reply.stop_reason, "stop_sequence": None},
-            "usage": {"output_tokens": deltas},
+            # Like the API: the final counts, input and cache ones repeated.
+            "usage": self.final_usage(deltas),
         }
         yield _sse("message_delta", end), False
         yield _sse("message_stop", {"type": "message_stop"}), False
