@@ -61,14 +61,14 @@ class Author(Strict):
 
     # The pattern documents what `_one_line` checks (schemas cannot run the check).
     id: str = Field(min_length=1, max_length=AUTHOR_LIMIT, pattern=ONE_LINE)
-    name: str | None = Field(None, min_length=1, max_length=AUTHOR_LIMIT, pattern=ONE_LINE)
+    name: str = Field(min_length=1, max_length=AUTHOR_LIMIT, pattern=ONE_LINE)
 
     @field_validator("id", "name")
     @classmethod
-    def _one_line(cls, value: str | None) -> str | None:
+    def _one_line(cls, value: str) -> str:
         # The agent is told "[from NAME (ID)]" on a line of its own: a control character
         # (a line break, say) could make the line say something else.
-        if value is not None and any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value):
+        if any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in value):
             raise ValueError("must not hold control characters")
         return value
 

@@ -137,7 +137,7 @@ class Turn:
             "user_text": self.user_text,
             "permission_mode": self.permission_mode,
             "author_id": self.author["id"] if self.author else None,
-            "author_name": self.author.get("name") if self.author else None,
+            "author_name": self.author["name"] if self.author else None,
             "ended": ended,
             "started_at": self.started_at,
             "attachments": self.attachments,
@@ -811,14 +811,10 @@ class LoopRuntime:
         )
 
 
-def attribution(author: dict[str, Any]) -> str:
-    """`[from Alice Smith (slack:U123)]` (`[from slack:U123]` without a name): one line, and
-    no bracket that could close it early."""
+def attribution(author: dict[str, str]) -> str:
+    """`[from Alice Smith (slack:U123)]`: one line, and no bracket that could close it early."""
     plain = str.maketrans("[]", "()")
-    who = author["id"].translate(plain)
-    if author.get("name"):
-        who = f"{author['name'].translate(plain)} ({who})"
-    return f"[from {who}]"
+    return f"[from {author['name'].translate(plain)} ({author['id'].translate(plain)})]"
 
 
 def _error(code: str, message: str, turn_id: str) -> dict[str, Any]:
