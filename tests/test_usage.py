@@ -227,7 +227,7 @@ async def test_a_spent_author_budget_refuses_with_retry_after(budgeted, standin,
         retry = int(refused.headers["Retry-After"])
         assert abs(retry - seconds_to_midnight()) < 60
         # Another person in the same loop still gets answers.
-        bob = await turn(http, loop, "bob here", author={"id": "slack:UBOB"})
+        bob = await turn(http, loop, "bob here", author={"id": "slack:UBOB", "name": "Bob"})
         assert bob[-1].name == "done"
     history = (await http.get(f"/loops/{loop}/messages")).json()["data"]
     assert [item["user_text"] for item in history][-1] == "bob here"
@@ -237,7 +237,7 @@ async def test_a_spent_author_budget_refuses_with_retry_after(budgeted, standin,
 async def test_a_queued_message_ends_when_its_budget_ran_out_meanwhile(budgeted, standin) -> None:
     http = budgeted.http
     loop = await new_loop(http)
-    cid = {"id": "discord:42"}
+    cid = {"id": "discord:42", "name": "Cid"}
     with reported(standin):
         first = events(
             http, "POST", f"/loops/{loop}/messages", json={"content": "[[slow: 1]]", "author": cid}
@@ -355,7 +355,7 @@ async def test_json_logs_carry_the_loop_turn_user_and_author(server, standin) ->
     setup_logging("json", stream)
     try:
         loop = await new_loop(server.http)
-        evs = await turn(server.http, loop, "log me", author={"id": "slack:ULOG"})
+        evs = await turn(server.http, loop, "log me", author={"id": "slack:ULOG", "name": "Log"})
         turn_id = evs[0].data["turn_id"]
         await asyncio.sleep(0)  # the end's line is written as the turn ends
     finally:
