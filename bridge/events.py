@@ -126,7 +126,7 @@ class TurnUsage(BaseModel):
     cache_creation_input_tokens: int
     cache_read_input_tokens: int
     cost_usd: float
-    duration_ms: int | None = None
+    duration_ms: int | None  # null when the agent did not say
 
 
 class DoneEvent(EventData):

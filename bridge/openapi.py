@@ -10,7 +10,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 from swagger_ui_bundle import swagger_ui_path
 
@@ -170,8 +170,8 @@ def union_body(title: str, adapter: TypeAdapter[Any]) -> dict[str, Any]:
     models = schema.pop("$defs", {})
     _BODY_SCHEMAS.update(models)
     properties: dict[str, Any] = {}
-    for model in models.values():
-        properties.update(model["properties"])
+    for choice in schema["anyOf"]:  # the union's own models, not the ones they nest
+        properties.update(models[choice["$ref"].removeprefix(SCHEMAS)]["properties"])
     body = {
         "title": title,
         "type": "object",
@@ -180,6 +180,14 @@ def union_body(title: str, adapter: TypeAdapter[Any]) -> dict[str, Any]:
         "oneOf": schema["anyOf"],
     }
     return {"application/json": {"schema": body}}
+
+
+def model_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The `content` of an optional JSON body read by the handler itself; the models it
+    nests go to the document's components."""
+    schema = model.model_json_schema(ref_template=SCHEMAS + "{model}")
+    _BODY_SCHEMAS.update(schema.pop("$defs", {}))
+    return {"application/json": {"schema": schema}}
 
 
 def stream_response(

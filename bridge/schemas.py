@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter, field_validator
 
+from bridge.events import TurnUsage
 from core.ids import rfc3339
 
 Timestamp = Annotated[datetime, PlainSerializer(rfc3339, return_type=str)]
@@ -132,10 +133,6 @@ class UsageTotals(BaseModel):
     cache_creation_input_tokens: int
     cache_read_input_tokens: int
     cost_usd: float
-
-
-class TurnUsage(UsageTotals):
-    duration_ms: int
 
 
 class LoopDetail(LoopOut):

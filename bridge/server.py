@@ -419,7 +419,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
         openapi_extra={
             "requestBody": {
                 "required": False,
-                "content": {"application/json": {"schema": InterruptBody.model_json_schema()}},
+                "content": openapi.model_body(InterruptBody),
             }
         },
     )

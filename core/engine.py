@@ -779,8 +779,8 @@ class Engine:
         """The usage of the caller's own loops' turns that ended in [since, until)."""
         if group_by not in USAGE_GROUPS:
             raise EngineError("invalid_usage_query", "group_by must be day, loop or author")
-        if since >= until:
-            raise EngineError("invalid_usage_query", "since must be before until")
+        if since > until:  # an empty window is fine: it counts nothing
+            raise EngineError("invalid_usage_query", "since must not be after until")
         await self._usage_saved()
         query = (
             select(

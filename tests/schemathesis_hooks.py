@@ -29,8 +29,10 @@ BEYOND_THE_SCHEMA = frozenset(
         "invalid_path",
         "attachment_not_found",
         "attachment_too_large",
-        # A branch needs a repo (one field depends on another).
+        # A branch needs a repo; `since` may not come after `until` (one field depends on
+        # another).
         "invalid_branch",
+        "invalid_usage_query",
     }
 )
 

@@ -154,13 +154,13 @@ async def test_documented_parameters_and_bodies(api: Server) -> None:
     assert "metadata.KEY" in listing["description"]
     choice = paths[f"{API}/loops/{{loop_id}}/choices/{{choice_id}}"]["post"]
     body = choice["requestBody"]["content"]["application/json"]["schema"]
-    assert set(body["properties"]) == {"allow", "answers", "source"}
+    assert set(body["properties"]) == {"allow", "answers", "source", "by"}
     assert body["additionalProperties"] is False
     kinds = body["oneOf"]
     answers = [schemas[k["$ref"].rsplit("/", 1)[-1]] for k in kinds]
     assert [a["required"] for a in answers] == [["allow"], ["answers"]]
     assert all(a["additionalProperties"] is False for a in answers)
-    assert all(set(a["properties"]) == {a["required"][0], "source"} for a in answers)
+    assert all(set(a["properties"]) == {a["required"][0], "source", "by"} for a in answers)
     for path in ("/loops/{loop_id}/interrupt", "/loops/{loop_id}/choices/{choice_id}"):
         accepted = paths[API + path]["post"]["responses"]["202"]["content"]["application/json"]
         assert accepted["schema"] == {"$ref": "#/components/schemas/Accepted"}
