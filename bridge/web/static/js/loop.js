@@ -303,10 +303,13 @@
     for (const button of controls.querySelectorAll("button")) button.disabled = true;
     LB.show(errorEl, "");
     const sourceName = "web:" + user;
+    // Kept before the request: the stream's choice_resolved may arrive before its answer.
+    entry.ownAnswer = describeAnswer(body, entry.choice.payload, sourceName);
     try {
       await LB.json("POST", loopPath(`/choices/${encodeURIComponent(entry.choice.choice_id)}`), { ...body, source: sourceName });
-      resolveChoice(entry, describeAnswer(body, entry.choice.payload, sourceName));
+      resolveChoice(entry, entry.ownAnswer);
     } catch (e) {
+      entry.ownAnswer = null;
       LB.show(errorEl, e.code === "choice_not_found" ? "This was already answered, or the turn has ended." : e.message);
       for (const button of controls.querySelectorAll("button")) button.disabled = false;
     }
@@ -470,7 +473,7 @@
       }
       case "choice_resolved": {
         const entry = findEntry("choice:" + data.choice_id);
-        if (entry) resolveChoice(entry, `Answered by ${data.source}`);
+        if (entry) resolveChoice(entry, entry.ownAnswer || `Answered by ${data.source}`);
         break;
       }
       case "file_shared":
