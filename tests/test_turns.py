@@ -302,5 +302,6 @@ async def test_agent_killed_mid_turn_ends_it_and_the_next_turn_resumes(server):
     assert evs[-1].data["code"] == "agent_failed"
     evs = await turn(server.http, loop, "still here")
     assert evs[0].data["cold_start"] is True
-    # The same Claude session, resumed: the killed turn's message is in its transcript.
-    assert text_of(evs) == "Echo #3: still here"
+    # The same Claude session, resumed (a new one would say #1). The killed turn's message
+    # is in its transcript when the CLI wrote it before it died, which is a matter of timing.
+    assert text_of(evs) in ("Echo #2: still here", "Echo #3: still here")
