@@ -23,6 +23,8 @@ from bridge.logs import setup_logging
 from bridge.net import listen, raise_file_limit
 from bridge.protocol import server_config
 from bridge.server import create_app
+from bridge.tracing import setup as setup_tracing
+from bridge.tracing import shutdown as shutdown_tracing
 from core.config import load_settings, prepare_data_dir
 from core.database_url import check_database_url
 from core.engine import Engine, bundled_cli
@@ -103,6 +105,7 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
     except Exception as exc:
         raise SettingsError(f"cannot start the engine: {type(exc).__name__}: {exc}") from None
     app = create_app(engine, manage_engine=False)
+    traces = setup_tracing()
     adapters: list[_Embedded] = []
     try:
         adapters = await _start_adapters(engine, app)
@@ -121,6 +124,8 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
             await embedded.stop()
             await engine.accounts.revoke_token(embedded.token_id)
         await engine.close()
+        if traces is not None:
+            await shutdown_tracing(traces)  # after the engine, so the turns it ended are sent
 
 
 @dataclass

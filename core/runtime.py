@@ -29,7 +29,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core import agent as sdk
-from core import files, logctx, metrics, tool_record
+from core import files, logctx, metrics, tool_record, tracing
 from core.budgets import Refusal
 from core.choices import EVICTED, INTERRUPTED, Choice, decision, make_choice, validate_answer
 from core.config import Settings
@@ -99,6 +99,7 @@ class Turn:
     error: dict[str, str] | None = None
     ended_at: datetime | None = None
     usage: Usage | None = None
+    span: Any = None  # the turn's trace span, when tracing is on (core/tracing.py)
     # It waited behind another turn: its budgets are checked again before it starts.
     waited: bool = False
     interrupt_requested: bool = False
@@ -435,6 +436,7 @@ class LoopRuntime:
 
     def _begin(self, turn: Turn, cold: bool) -> None:
         turn.started_at = utcnow()
+        turn.span = tracing.tracer.started(self.id, turn)
         self._bind_log(turn)
         log.info("turn %s of loop %s started (%s)", turn.id, self.id, turn.trigger)
         self.emit(
@@ -471,6 +473,8 @@ class LoopRuntime:
         error = {"code": data["code"], "message": data["message"]} if ended == "error" else None
         turn.ended, turn.error, turn.ended_at = ended, error, utcnow()
         metrics.TURNS.labels(turn.trigger, ended).inc()
+        if turn.span is not None:
+            tracing.tracer.ended(turn.span, turn)
         self._bind_log(turn)
         if turn.started_at is not None:
             metrics.TURN_DURATION.observe((turn.ended_at - turn.started_at).total_seconds())
