@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,19 @@ from bridge.server import create_app
 from bridge.standin import StandinModel
 from core.config import load_settings
 from core.engine import Engine
+
+# Every temporary directory of the suite, and so every data directory, lies over 100
+# characters deep: nothing may depend on a short one (Unix socket paths hold 107 bytes).
+DEEP = "deep-path-" * 8
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.basetemp is None:
+        root = Path(tempfile.gettempdir()) / f"loopbridge-tests-{os.getpid()}"
+        root.mkdir(mode=0o700, exist_ok=True)
+        config.option.basetemp = str(root / DEEP)
+        config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
+
 
 AGENT_ENV = {
     "ANTHROPIC_API_KEY": "sk-standin",
