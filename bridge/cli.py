@@ -11,7 +11,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -201,6 +201,14 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _with_accounts(work: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
     from core.accounts import Accounts
+
+    async with _database() as db:
+        await work(Accounts(db))
+
+
+@contextlib.asynccontextmanager
+async def _database() -> AsyncIterator[Any]:
+    """The settings' database, migrated, for a command that runs without the server."""
     from core.config import load_settings, prepare_data_dir
     from core.database_url import check_database_url
     from core.storage import Database
@@ -211,7 +219,7 @@ async def _with_accounts(work: Callable[[Any], Coroutine[Any, Any, None]]) -> No
     db = Database(settings.resolved_database_url)
     try:
         await _migrate(db)
-        await work(Accounts(db))
+        yield db
     finally:
         await db.close()
 
@@ -288,20 +296,10 @@ async def _keys_rotate(args: argparse.Namespace) -> None:
 
 async def _audit(args: argparse.Namespace) -> None:
     from core import audit
-    from core.config import load_settings, prepare_data_dir
-    from core.database_url import check_database_url
-    from core.storage import Database
 
     since = _since(args.since)
-    settings = load_settings()
-    prepare_data_dir(settings)
-    check_database_url(settings.resolved_database_url)
-    db = Database(settings.resolved_database_url)
-    try:
-        await _migrate(db)
+    async with _database() as db:
         found = await audit.entries(db, since=since, loop=args.loop)
-    finally:
-        await db.close()
     if args.json:
         print(json.dumps([entry.as_dict() for entry in found], indent=2, ensure_ascii=False))
         return
