@@ -20,7 +20,7 @@ from adapters.render import TurnRenderer
 from adapters.surface import Surface
 from adapters.turn_events import apply_event
 from bridge.client import TERMINAL_EVENTS, LoopClient
-from bridge.schemas import StreamEventModel
+from bridge.contract.models import StreamEventModel
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from adapters.surface import Surface
 from adapters.turn_events import apply_event
 from adapters.views import TurnState
 from bridge.client import LoopApiError, LoopClient
-from bridge.schemas import AUTHOR_LIMIT, Author, PermissionMode
+from bridge.contract.models import AUTHOR_LIMIT, Author, PermissionMode
 
 log = logging.getLogger(__name__)
 

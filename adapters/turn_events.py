@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from adapters.render import TurnRenderer
 from adapters.views import choice_view
-from bridge.schemas import StreamEventModel
+from bridge.contract.models import StreamEventModel
 
 # Tools whose call is already shown another way (the question's buttons).
 QUIET_TOOLS = frozenset({"AskUserQuestion"})

@@ -44,8 +44,8 @@ from claude_agent_sdk import (
     ToolPermissionContext,
 )
 
-from bridge.serve import run as run_server
-from bridge.serve import settle_heap
+from bridge.cli.serve import run as run_server
+from bridge.cli.serve import settle_heap
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ENV = {
@@ -369,7 +369,7 @@ async def serve(home: Path, nagle: bool, trace: bool = False) -> None:
     # Imported here: only the server process needs the engine (the bench's clients don't).
     import uvicorn
 
-    from bridge.server import create_app
+    from bridge.server.app import create_app
     from core.config import load_settings
     from core.engine import Engine
 
@@ -1030,7 +1030,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--nagle",
         action="store_true",
         help="bind the server with plain socket.create_server() (no TCP_NODELAY), "
-        "as bridge/cli.py and tests/conftest.py do, to show the delayed-ACK stall",
+        "as bridge/cli/main.py and tests/conftest.py do, to show the delayed-ACK stall",
     )
     parser.add_argument(
         "--trace",

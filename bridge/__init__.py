@@ -1,1 +1,3 @@
-"""The Loop API v1: the HTTP server, its Python client, the command line and the stand-in model."""
+"""The Loop API v1 in layers: `contract` (shared models), `client` (LoopClient),
+`server` (HTTP over the engine), `cli` (the composition root), `standin` (the
+scripted model for tests and the demo)."""

@@ -1,7 +1,7 @@
 """Who and what a log line is about: loop, turn, API user and author, as context variables.
 
 The engine and the HTTP layer set them where they learn them; a log filter copies
-them onto every record, so a JSON log line carries them (see bridge/logs.py).
+them onto every record, so a JSON log line carries them (see bridge/server/logs.py).
 """
 
 from __future__ import annotations

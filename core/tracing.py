@@ -1,6 +1,6 @@
 """The engine's hook for tracing turns, off unless the server installs a tracer.
 
-`core/` never imports OpenTelemetry: the composition root (bridge/serve.py) sets
+`core/` never imports OpenTelemetry: the composition root (bridge/cli/serve.py) sets
 `tracer` to a real one when traces are asked for. Off, each turn makes two calls
 to a no-op that returns None; nothing is done per event.
 """

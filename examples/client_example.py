@@ -20,7 +20,7 @@ import os
 import sys
 
 from bridge.client import LoopApiError, LoopClient
-from bridge.schemas import StreamEventModel
+from bridge.contract.models import StreamEventModel
 
 
 async def main(message: str, allow: bool) -> int:

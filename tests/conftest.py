@@ -15,9 +15,9 @@ import pytest
 import pytest_asyncio
 import uvicorn
 
-from bridge.net import listen
-from bridge.protocol import server_config
-from bridge.server import create_app
+from bridge.server.app import create_app
+from bridge.server.net import listen
+from bridge.server.protocol import server_config
 from bridge.standin import StandinModel
 from core.config import load_settings
 from core.engine import Engine

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from bridge.net import listen
+from bridge.server.net import listen
 
 
 def binaries() -> Path | None:

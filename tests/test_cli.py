@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridge.doctor import check_database
-from bridge.net import listen
+from bridge.cli.doctor import check_database
+from bridge.server.net import listen
 from core.config import load_settings
 from tests.sse import text_of, turn
 
@@ -258,7 +258,7 @@ class ModelApi:
 
 
 async def test_doctor_checks_the_model_key(tmp_path):
-    from bridge.doctor import check_key
+    from bridge.cli.doctor import check_key
 
     api = ModelApi("sk-good")
     try:

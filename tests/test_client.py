@@ -15,10 +15,10 @@ import pytest_asyncio
 import uvicorn
 from fastapi import FastAPI
 
-from bridge.asgi import Message, Receive, Send, StreamingASGITransport
 from bridge.client import IN_PROCESS_URL, TERMINAL_EVENTS, LoopApiError, LoopClient, Reconnect
-from bridge.schemas import StreamEventModel
-from bridge.server import create_app
+from bridge.client.asgi import Message, Receive, Send, StreamingASGITransport
+from bridge.contract.models import StreamEventModel
+from bridge.server.app import create_app
 from bridge.standin import StandinModel
 from core.config import load_settings
 from core.engine import Engine

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bridge.client import LoopApiError, LoopClient
-from bridge.server import create_app
+from bridge.server.app import create_app
 from tests.test_files import PNG
 
 

@@ -612,7 +612,7 @@ async def test_a_message_sent_while_busy_waits_its_turn_in_order(discord_: Harne
 
 async def test_the_adapter_inside_the_server_uses_an_in_process_client(discord_: Harness) -> None:
     from adapters.discord.runner import start_embedded
-    from bridge.server import create_app
+    from bridge.server.app import create_app
 
     fake = discord_.fake
     app = create_app(discord_.server.engine, manage_engine=False)

@@ -19,7 +19,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.auth import SESSION_COOKIE
+from bridge.server.auth import SESSION_COOKIE
 from core.accounts import TOKEN_TRUST_SECONDS, Accounts
 from tests.conftest import Server, start_server, stop_server
 from tests.sse import TERMINAL, Ev, events, names

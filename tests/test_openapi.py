@@ -21,9 +21,9 @@ import pytest
 import pytest_asyncio
 from pydantic import ValidationError
 
-from bridge.events import EVENT_DATA, parse_event
-from bridge.schemas import CHOICE_ANSWER
-from bridge.sse import _ping
+from bridge.contract.events import EVENT_DATA, parse_event
+from bridge.contract.models import CHOICE_ANSWER
+from bridge.server.sse import _ping
 from tests.conftest import Server, start_server, stop_server
 from tests.polling import until
 from tests.sse import TERMINAL, Ev, events

@@ -21,9 +21,9 @@ import pytest
 import pytest_asyncio
 
 from adapters.slack import SlackAdapter, SlackSettings
-from bridge.auth import SESSION_COOKIE
+from bridge.cli.serve import _started, revoke_orphaned_tokens
 from bridge.client import LoopClient
-from bridge.serve import _started, revoke_orphaned_tokens
+from bridge.server.auth import SESSION_COOKIE
 from tests.conftest import Server, start_server, stop_server
 from tests.fakes.slack import FakeSlack
 from tests.polling import until

@@ -470,7 +470,7 @@ async def test_loopbridge_slack_command_runs_against_a_remote_server(slack: Harn
 
 async def test_embedded_adapter_uses_an_in_process_client(slack: Harness) -> None:
     from adapters.slack.runner import start_embedded
-    from bridge.server import create_app
+    from bridge.server.app import create_app
 
     app = create_app(slack.server.engine, manage_engine=False)
     env = {

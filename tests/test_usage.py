@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.logs import setup_logging
+from bridge.server.logs import setup_logging
 from tests.conftest import Server, start_server, stop_server
 from tests.polling import until
 from tests.sse import events, names, turn

@@ -331,7 +331,7 @@ async def test_the_cookie_is_secure_behind_https(server) -> None:
 
 
 async def test_the_key_file_is_made_private(tmp_path) -> None:
-    from bridge.web.grants import Keyring
+    from bridge.server.web.grants import Keyring
 
     ring = Keyring(tmp_path / "home")
     assert len(ring.key()) == 32

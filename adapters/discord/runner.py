@@ -14,8 +14,8 @@ from adapters.discord.app import DiscordAdapter
 from adapters.discord.settings import DiscordSettings
 from adapters.settings import AdapterSettingsError, settings_error, standalone_client
 from adapters.startup import PlatformRefused, PlatformUnreachable, unreachable
-from bridge.asgi import ASGIApp
 from bridge.client import LoopClient
+from bridge.client.asgi import ASGIApp
 
 ENV_PREFIX = "LOOPBRIDGE_DISCORD_"
 

@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.policy import Policy
 from adapters.settings import IdList
-from bridge.schemas import PermissionMode
+from bridge.contract.models import PermissionMode
 
 # Discord's limit on a message's content.
 CONTENT_LIMIT = 2000

@@ -7,8 +7,8 @@ from pydantic import ValidationError
 from adapters.settings import AdapterSettingsError, settings_error, standalone_client
 from adapters.slack.app import SlackAdapter
 from adapters.slack.settings import SlackSettings
-from bridge.asgi import ASGIApp
 from bridge.client import LoopClient
+from bridge.client.asgi import ASGIApp
 
 ENV_PREFIX = "LOOPBRIDGE_SLACK_"
 

@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.policy import Policy
 from adapters.settings import IdList
-from bridge.schemas import PermissionMode
+from bridge.contract.models import PermissionMode
 
 # Room left under Slack's 3,000-character section limit, which Slack may count
 # in UTF-16 units; parts are measured in UTF-8 bytes, never fewer than those.

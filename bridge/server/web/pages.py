@@ -20,8 +20,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.types import Scope
 
-from bridge.errors import ApiError
-from bridge.web.grants import GrantError, Keyring
+from bridge.server.errors import ApiError
+from bridge.server.web.grants import GrantError, Keyring
 from core.engine import Engine
 from core.errors import EngineError
 from core.ids import rfc3339

@@ -11,34 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from bridge import errors, openapi, web
-from bridge.auth import (
-    SESSION_COOKIE,
-    Authenticator,
-    LoginThrottle,
-    RateLimiter,
-    check_same_origin,
-)
-from bridge.errors import ApiError
-from bridge.limits import BodyLimit, JSONRoute, file_upload
-from bridge.metrics import RequestCounter, metrics_endpoint
-from bridge.openapi import (
-    CURSOR,
-    IDEMPOTENCY,
-    LIST_LOOPS,
-    MALFORMED_JSON,
-    PUBLIC,
-    RESUME,
-    SEND_STREAM,
-    SESSION_ONLY,
-    TURN_CURSOR,
-    TURN_ID_HEADER,
-    WATCH_STREAM,
-    error_responses,
-    stream_response,
-    union_body,
-)
-from bridge.schemas import (
+from bridge.contract.models import (
     CHOICE_ANSWER,
     CONTENT_LIMIT,
     IDEMPOTENCY_KEY_LIMIT,
@@ -62,7 +35,34 @@ from bridge.schemas import (
     ViewLink,
     metadata_size,
 )
-from bridge.sse import event_stream
+from bridge.server import errors, openapi, web
+from bridge.server.auth import (
+    SESSION_COOKIE,
+    Authenticator,
+    LoginThrottle,
+    RateLimiter,
+    check_same_origin,
+)
+from bridge.server.errors import ApiError
+from bridge.server.limits import BodyLimit, JSONRoute, file_upload
+from bridge.server.metrics import RequestCounter, metrics_endpoint
+from bridge.server.openapi import (
+    CURSOR,
+    IDEMPOTENCY,
+    LIST_LOOPS,
+    MALFORMED_JSON,
+    PUBLIC,
+    RESUME,
+    SEND_STREAM,
+    SESSION_ONLY,
+    TURN_CURSOR,
+    TURN_ID_HEADER,
+    WATCH_STREAM,
+    error_responses,
+    stream_response,
+    union_body,
+)
+from bridge.server.sse import event_stream
 from core import logctx
 from core.engine import Engine
 from core.errors import EngineError
@@ -193,7 +193,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     app.include_router(_loop_routes(engine))
     app.include_router(_usage_routes(engine))
     app.include_router(_account_routes(engine))
-    from bridge.files import file_routes  # it imports this module's dependencies
+    from bridge.server.files import file_routes  # it imports this module's dependencies
 
     app.include_router(file_routes(engine))
     web.mount(app, engine)

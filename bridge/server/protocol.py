@@ -21,7 +21,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from bridge.errors import error_body
+from bridge.server.errors import error_body
 from core.config import Settings
 
 # Paths served even when the server is at its connection cap, so health checks still see it.

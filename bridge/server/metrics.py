@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bridge.errors import error_response
+from bridge.server.errors import error_response
 from core.config import Settings
 
 HTTP_REQUESTS = Counter(

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bridge.serve import run
+from bridge.cli.serve import run
 from core.errors import EngineError, SettingsError
 
 DEMO_USER = "demo"
@@ -281,7 +281,7 @@ async def _tokens_revoke(args: argparse.Namespace) -> None:
 
 
 async def _keys_rotate(args: argparse.Namespace) -> None:
-    from bridge.web.grants import rotate_key
+    from bridge.server.web.grants import rotate_key
     from core.config import load_settings
 
     try:
@@ -360,7 +360,7 @@ async def _sandbox_build(args: argparse.Namespace) -> None:
 
 
 async def _doctor(args: argparse.Namespace) -> None:
-    from bridge.doctor import doctor
+    from bridge.cli.doctor import doctor
     from core.config import load_settings
 
     if not await doctor(load_settings(), offline=args.offline):
@@ -399,7 +399,7 @@ async def _discord(args: argparse.Namespace) -> None:
 
 
 async def _serve(args: argparse.Namespace, on_ready: Callable[[int], None] | None = None) -> None:
-    from bridge.serve import ServeError, serve
+    from bridge.cli.serve import ServeError, serve
 
     if not 0 <= args.port <= MAX_PORT:
         raise CommandError(f"--port {args.port} is not a TCP port (0 to {MAX_PORT})")
@@ -507,6 +507,3 @@ async def _demo_token() -> str:
     await _with_accounts(work)
     return token
 
-
-if __name__ == "__main__":
-    main()

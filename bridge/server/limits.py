@@ -13,7 +13,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bridge.errors import BodyTooLarge, error_response
+from bridge.server.errors import BodyTooLarge, error_response
 
 # Deeper bodies are refused before they reach code that recurses on them.
 JSON_DEPTH_LIMIT = 64

@@ -7,8 +7,8 @@ from urllib.parse import quote
 
 from fastapi import Request
 
-from bridge.errors import ApiError
-from bridge.web.grants import GrantError, Keyring
+from bridge.server.errors import ApiError
+from bridge.server.web.grants import GrantError, Keyring
 from core.ids import loop_id as full_loop_id
 from core.ids import utcnow
 

@@ -14,9 +14,9 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 from swagger_ui_bundle import swagger_ui_path
 
-from bridge import errors
-from bridge.auth import SESSION_COOKIE
-from bridge.events import EVENT_DATA
+from bridge.contract.events import EVENT_DATA
+from bridge.server import errors
+from bridge.server.auth import SESSION_COOKIE
 
 API = "/api/v1"
 OPENAPI_URL = f"{API}/openapi.json"

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from fastapi import Request
 
-from bridge.errors import ApiError
+from bridge.server.errors import ApiError
 from core.accounts import Accounts
 
 SESSION_COOKIE = "loopbridge_session"

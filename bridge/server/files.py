@@ -11,10 +11,10 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from bridge.limits import JSONRoute
-from bridge.openapi import error_responses
-from bridge.schemas import FileList, FileWritten
-from bridge.server import API_PREFIX, LOOP, Owner
+from bridge.contract.models import FileList, FileWritten
+from bridge.server.app import API_PREFIX, LOOP, Owner
+from bridge.server.limits import JSONRoute
+from bridge.server.openapi import error_responses
 from core import files
 from core.engine import Engine
 from core.errors import EngineError

@@ -19,12 +19,12 @@ from typing import Any
 
 import uvicorn
 
-from bridge.logs import setup_logging
-from bridge.net import listen, raise_file_limit
-from bridge.protocol import server_config
-from bridge.server import create_app
-from bridge.tracing import setup as setup_tracing
-from bridge.tracing import shutdown as shutdown_tracing
+from bridge.server.app import create_app
+from bridge.server.logs import setup_logging
+from bridge.server.net import listen, raise_file_limit
+from bridge.server.protocol import server_config
+from bridge.server.tracing import setup as setup_tracing
+from bridge.server.tracing import shutdown as shutdown_tracing
 from core.config import load_settings, prepare_data_dir
 from core.database_url import check_database_url
 from core.engine import Engine, bundled_cli

@@ -20,8 +20,8 @@ import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 from pydantic import BaseModel, ValidationError
 
-from bridge.asgi import ASGIApp, StreamingASGITransport
-from bridge.schemas import (
+from bridge.client.asgi import ASGIApp, StreamingASGITransport
+from bridge.contract.models import (
     Author,
     ErrorResponse,
     FileList,

@@ -5,7 +5,7 @@ from `static/`, with vendored libraries: no build step, no CDN) reads the loop
 through the public Loop API and follows its events. See docs/web.md.
 """
 
-from bridge.web.links import grant_reader, mint
-from bridge.web.pages import mount
+from bridge.server.web.links import grant_reader, mint
+from bridge.server.web.pages import mount
 
 __all__ = ["grant_reader", "mint", "mount"]

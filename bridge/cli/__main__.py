@@ -1,0 +1,3 @@
+from bridge.cli.main import main
+
+main()
