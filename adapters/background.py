@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from adapters.render import TurnRenderer
 from adapters.surface import Surface
 from adapters.turn_events import apply_event
-from bridge.client import TERMINAL_EVENTS, LoopClient
-from bridge.contract.models import StreamEventModel
+from bridge.client import LoopClient
+from bridge.contract.events import TERMINAL, LoopEvent, StartedFrame
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class BackgroundTurns:
             async with contextlib.aclosing(self.client.watch(loop_id)) as events:
                 async for event in events:
                     self._keep(follower)
-                    if event.event == "started" and event.data.get("trigger") == "background":
+                    if event.event == "started" and event.data.trigger == "background":
                         await self._show(loop_id, event, events, follower)
         except Exception as exc:  # the loop was archived, the server went away for good
             log.info("stopped following loop %s: %s", loop_id, exc)
@@ -90,11 +90,11 @@ class BackgroundTurns:
     async def _show(
         self,
         loop_id: str,
-        started: StreamEventModel,
-        events: AsyncGenerator[StreamEventModel, None],
+        started: StartedFrame,
+        events: AsyncGenerator[LoopEvent, None],
         follower: _Follower,
     ) -> None:
-        turn_id = started.data.get("turn_id")
+        turn_id = started.data.turn_id
         renderer = TurnRenderer(
             follower.surface(), loop_id, own_source_prefix=f"{self.platform}:",
             platform=self.platform,
@@ -104,10 +104,10 @@ class BackgroundTurns:
                 apply_event(renderer, loop_id, started)
                 async for event in events:
                     self._keep(follower)
-                    if event.data.get("turn_id", turn_id) != turn_id:
+                    if (getattr(event.data, "turn_id", None) or turn_id) != turn_id:
                         continue  # a message queued behind this turn: its sender shows it
                     apply_event(renderer, loop_id, event)
-                    if event.event in TERMINAL_EVENTS:
+                    if event.event in TERMINAL:
                         return
 
 

@@ -18,9 +18,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from bridge.contract.models import PermissionMode
 from core.errors import EngineError, SettingsError
 
-PermissionMode = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk", "auto"]
 PERMISSION_MODES: tuple[str, ...] = PermissionMode.__args__
 MiB = 1024 * 1024
 ENV_PREFIX = "LOOPBRIDGE_"

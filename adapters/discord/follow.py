@@ -18,8 +18,8 @@ from collections.abc import AsyncGenerator, Iterator
 from adapters.render import TurnRenderer
 from adapters.surface import Surface
 from adapters.turn_events import apply_event
-from bridge.client import TERMINAL_EVENTS, LoopApiError, LoopClient
-from bridge.contract.models import StreamEventModel
+from bridge.client import LoopApiError, LoopClient
+from bridge.contract.events import TERMINAL, LoopEvent
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Follow:
     """A running turn's events after its snapshot (whose text was shown before)."""
 
     def __init__(
-        self, followers: Followers, loop_id: str, events: AsyncGenerator[StreamEventModel, None]
+        self, followers: Followers, loop_id: str, events: AsyncGenerator[LoopEvent, None]
     ) -> None:
         self.followers = followers
         self.loop_id = loop_id
@@ -85,7 +85,7 @@ class Follow:
             async with contextlib.aclosing(self.events), renderer.running():
                 async for event in self.events:
                     apply_event(renderer, self.loop_id, event)
-                    if event.event in TERMINAL_EVENTS:
+                    if event.event in TERMINAL:
                         break
 
     async def close(self) -> None:

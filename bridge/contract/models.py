@@ -353,16 +353,3 @@ class InterruptBody(Strict):
 
 def metadata_size(metadata: dict[str, Any]) -> int:
     return len(json.dumps(metadata, separators=(",", ":")).encode())
-
-
-class StreamEventModel(BaseModel):
-    """One SSE event, as a client reads it: `id`, `event` name and the JSON `data`."""
-
-    id: int | None = None
-    event: str
-    data: dict[str, Any]
-
-    @field_validator("data", mode="before")
-    @classmethod
-    def _parse(cls, value: Any) -> Any:
-        return json.loads(value) if isinstance(value, str) else value
