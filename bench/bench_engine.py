@@ -46,6 +46,7 @@ from claude_agent_sdk import (
 
 from bridge.cli.serve import run as run_server
 from bridge.cli.serve import settle_heap
+from bridge.contract.events import TERMINAL
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ENV = {
@@ -71,7 +72,6 @@ CREATE_CONCURRENCY = 8
 WARMUP_LOOPS = 200
 PAGE_LIMIT = 100
 
-TERMINAL = frozenset({"done", "interrupted", "error"})
 TERMINAL_MARKS = tuple(f"event: {name}".encode() for name in TERMINAL)
 MARK_TAIL = max(len(mark) for mark in TERMINAL_MARKS)
 
@@ -128,7 +128,7 @@ class SseParser:
         self._buffer = b""
 
     def feed(self, chunk: bytes, at: float) -> list[Frame]:
-        # sse-starlette ends lines with CRLF; a CR left at a chunk's end joins the next LF.
+        # The server ends lines with CRLF; a CR left at a chunk's end joins the next LF.
         self._buffer = (self._buffer + chunk).replace(b"\r\n", b"\n")
         *blocks, self._buffer = self._buffer.split(b"\n\n")
         return [frame for block in blocks if (frame := _frame(block, at)) is not None]

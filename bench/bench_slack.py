@@ -153,7 +153,7 @@ async def _watch(client: LoopClient, loop_id: str, marks: dict[str, float]) -> N
         async for event in events:
             if event.event == "assistant_delta":
                 marks["last_delta"] = time.monotonic()
-            elif event.event in ("done", "interrupted", "error"):
+            elif event.terminal:
                 marks["done"] = time.monotonic()
                 return
 
