@@ -92,7 +92,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 def _command(
     commands: Any, name: str, summary: str, run: Any, environment: str = ""
 ) -> argparse.ArgumentParser:
-    parser = commands.add_parser(
+    parser: argparse.ArgumentParser = commands.add_parser(
         name, help=summary, description=summary, epilog=environment or None,
         formatter_class=_Help,
     )

@@ -96,13 +96,14 @@ EVENT_ID = {"pattern": "^[0-9]{1,18}$"}
 
 
 async def _user(request: Request) -> str:
-    user = await request.app.state.auth.user(request)
+    user: str = await request.app.state.auth.user(request)
     logctx.bind(user=user)
     return user
 
 
 async def _session_user(request: Request) -> str:
-    return await request.app.state.auth.session_user(request)
+    user: str = await request.app.state.auth.session_user(request)
+    return user
 
 
 User = Annotated[str, Depends(_user)]

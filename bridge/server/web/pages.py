@@ -85,11 +85,12 @@ def safe_next(target: str) -> str:
 
 async def _session_user(request: Request) -> str | None:
     try:
-        return await request.app.state.auth.session_user(request)
+        user: str | None = await request.app.state.auth.session_user(request)
     except ApiError as exc:
         if exc.code == "too_many_requests":
             raise
         return None
+    return user
 
 
 def _routes(engine: Engine) -> APIRouter:
