@@ -221,6 +221,25 @@ async def test_send_streams_the_echo_then_done(alice: LoopClient) -> None:
     assert events[0].data.turn_id == events[-1].data.turn_id
 
 
+async def test_an_event_the_client_does_not_know_is_skipped() -> None:
+    """A newer server may send an event this client has no model for: it is left out."""
+    frames = (
+        b'id: 1\r\nevent: started\r\ndata: {"turn_id":"t","cold_start":false,'
+        b'"trigger":"message"}\r\n\r\n'
+        b"id: 2\r\nevent: from_a_newer_server\r\ndata: {}\r\n\r\n"
+        b'id: 3\r\nevent: done\r\ndata: {"turn_id":"t"}\r\n\r\n'
+    )
+
+    async def newer_server(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": frames})
+
+    async with LoopClient.in_process(newer_server, "token") as client:
+        events = await collect(client.send("loop_x", "hi"))
+    assert names(events) == ["started", "done"] and [e.id for e in events] == [1, 3]
+
+
 async def test_send_yields_typed_events(alice: LoopClient) -> None:
     loop = await alice.create_loop()
     events = await collect(alice.send(loop.id, "[[think]]"))
