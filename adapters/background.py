@@ -13,13 +13,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
-from adapters.render import TurnRenderer
+from adapters.showing import TurnShows
 from adapters.surface import Surface
-from adapters.turn_events import apply_event
-from bridge.client import TERMINAL_EVENTS, LoopClient
+from bridge.client import LoopClient
 from bridge.contract.models import StreamEventModel
 
 log = logging.getLogger(__name__)
@@ -38,13 +36,11 @@ class BackgroundTurns:
     """One follower per loop in use; `close()` stops them all."""
 
     def __init__(
-        self, client: LoopClient, platform: str, quiet_seconds: float = QUIET_SECONDS
+        self, client: LoopClient, shows: TurnShows, quiet_seconds: float = QUIET_SECONDS
     ) -> None:
         self.client = client
-        self.platform = platform
+        self.shows = shows
         self.quiet_seconds = quiet_seconds
-        # Held while a background turn of a loop is shown (a platform may need to know).
-        self.showing: Callable[[str], AbstractContextManager[object]] = _nothing
         self._followers: dict[str, _Follower] = {}
 
     def follow(self, loop_id: str, surface: Callable[[], Surface]) -> None:
@@ -95,21 +91,15 @@ class BackgroundTurns:
         follower: _Follower,
     ) -> None:
         turn_id = started.data.get("turn_id")
-        renderer = TurnRenderer(
-            follower.surface(), loop_id, own_source_prefix=f"{self.platform}:",
-            platform=self.platform,
-        )
-        with self.showing(loop_id):
-            async with renderer.running():
-                apply_event(renderer, loop_id, started)
-                async for event in events:
-                    self._keep(follower)
-                    if event.data.get("turn_id", turn_id) != turn_id:
-                        continue  # a message queued behind this turn: its sender shows it
-                    apply_event(renderer, loop_id, event)
-                    if event.event in TERMINAL_EVENTS:
-                        return
 
+        async def this_turn() -> AsyncGenerator[StreamEventModel, None]:
+            yield started
+            async for event in events:
+                self._keep(follower)
+                if event.data.get("turn_id", turn_id) != turn_id:
+                    continue  # a message queued behind this turn: its sender shows it
+                yield event
 
-def _nothing(_loop_id: str) -> AbstractContextManager[object]:
-    return contextlib.nullcontext()
+        # Closing this turn's events leaves the loop's watch stream open for the next.
+        async with contextlib.aclosing(this_turn()) as turn:
+            await self.shows.show(self.shows.renderer(follower.surface(), loop_id), turn)

@@ -65,9 +65,9 @@ class Harness:
             self.fake.http_target = f"http://127.0.0.1:{self.adapter.http_port}/slack/events"
         return self.adapter
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
         if self.adapter is not None:
-            await self.adapter.stop()
+            await self.adapter.stop(grace)
             self.adapter = None
         if self.client is not None:
             await self.client.aclose()
@@ -224,6 +224,27 @@ async def test_permission_refused_for_others_then_approved_by_the_starter(slack:
     assert history.data[0].choices[0].answer == {"allow": True}
 
 
+async def test_a_click_after_a_restart_continues_the_turn(slack: Harness) -> None:
+    await slack.start()
+    root = await slack.fake.say(ALICE, f"{MENTION} [[bash: echo r > slack-restart.txt]]")
+    choice = await choice_message(slack, root)
+    await slack.stop(grace=0)  # the adapter goes away while the turn waits
+
+    await slack.start()  # a new process: no renderer, only the buttons' values
+    await slack.fake.click(ALICE, choice, "lb_allow")
+    await until(lambda: not choice.has_buttons, what="the outcome")
+    assert f"Allowed by <@{ALICE}>" in choice.context_text()
+    # The rest of the turn is shown below the choice, not lost with the old process.
+    await until(lambda: "Tool ok" in slack.answer(root), what="the rest of the turn")
+    await slack.adapter.idle()
+    loop = await loop_of(slack, root)
+    assert (slack.server.engine.sandbox.workdir(loop.id) / "slack-restart.txt").exists()
+    history = await slack.client.history(loop.id)
+    assert history.data[0].ended == "done"
+    answers = slack.fake.answer_messages(CHANNEL, root)
+    assert answers[-1].answer == history.data[0].assistant_text
+
+
 async def test_admin_denies_and_the_model_is_told(slack: Harness) -> None:
     await slack.start()
     root = await slack.fake.say(ALICE, f"{MENTION} [[bash: echo no > slack-denied.txt]]")
@@ -351,8 +372,9 @@ async def test_same_event_delivered_twice_runs_one_turn(slack: Harness) -> None:
     await slack.start()
     before = len(slack.server.standin_requests())
     root = await slack.fake.say(ALICE, f"{MENTION} only once", deliveries=2)
-    await slack.turns(1)
-    await asyncio.sleep(0.5)
+    # Four deliveries (app_mention and message, twice each), every one handled.
+    await until(lambda: len(slack.adapter.results) == 4 and not slack.adapter._tasks,
+                what="every delivery handled")
     loop = await loop_of(slack, root)
     history = await slack.client.history(loop.id)
     assert len(history.data) == 1
