@@ -135,8 +135,16 @@ def test_question_blocks_use_selects_for_multi_select() -> None:
 def test_message_blocks_show_text_activity_and_stop() -> None:
     view = MessageView("loop_1", text="**hi**", activity=("running `ls`",), stop=True)
     text, blocks = message_blocks(view)
-    assert text == "*hi*"
-    assert [b["block_id"] for b in blocks] == ["lb_text", "lb_activity", "lb_controls"]
+    assert text == "*hi*"  # the notification, in mrkdwn
+    assert blocks[0] == {"type": "markdown", "text": "**hi**"}  # the answer, as is
+    assert [b.get("block_id") for b in blocks[1:]] == ["lb_activity", "lb_controls"]
+
+
+def test_a_long_answer_notifies_with_its_start_only() -> None:
+    markdown = "**a & b** " * 2000
+    text, blocks = message_blocks(MessageView("loop_1", text=markdown))
+    assert blocks[0]["text"] == markdown.strip()
+    assert text.startswith("*a &amp; b*") and len(text) <= 4000
 
 
 # ---- rendering, against an in-memory surface ---------------------------------------------

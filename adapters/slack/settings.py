@@ -9,9 +9,12 @@ from pydantic_settings import SettingsConfigDict
 
 from adapters.settings import AdapterSettings
 
-# Room left under Slack's 3,000-character section limit, which Slack may count
-# in UTF-16 units; parts are measured in UTF-8 bytes, never fewer than those.
-DEFAULT_PART_LIMIT = 2900
+# What one message of the answer holds, in UTF-8 bytes of Markdown (Slack counts
+# characters, some as two; bytes are never fewer). The `markdown` block and a stream's
+# `markdown_text` take 12,000 characters; the rest leaves room for the message's other
+# blocks (tool activity, status) under Slack's cap on a whole message's blocks.
+MARKDOWN_LIMIT = 12_000
+DEFAULT_PART_LIMIT = 11_000
 
 
 class SlackSettings(AdapterSettings):
@@ -31,7 +34,7 @@ class SlackSettings(AdapterSettings):
     # "native" streams with chat.startStream/appendStream/stopStream where Slack allows
     # it and falls back to edits; "edit" always posts and edits.
     streaming: Literal["native", "edit"] = "native"
-    part_limit: int = Field(DEFAULT_PART_LIMIT, ge=200, le=3000)
+    part_limit: int = Field(DEFAULT_PART_LIMIT, ge=200, le=MARKDOWN_LIMIT)
 
     def missing(self) -> str | None:
         prefix = self.env_prefix()
