@@ -31,6 +31,7 @@ from adapters.discord.access import INTENTS
 from adapters.discord.calls import count_calls
 from adapters.discord.clicks import OUTCOME_MARKS, Clicks
 from adapters.discord.commands import LoopCommands
+from adapters.discord.components import interaction_data
 from adapters.discord.incoming import PLATFORM, Incoming, incoming
 from adapters.discord.pacing import ChannelBudget
 from adapters.discord.settings import DiscordSettings
@@ -124,7 +125,7 @@ class DiscordAdapter(AdapterShell):
         # Slash commands go to the command tree; components come here.
         if self._stopping or interaction.type is not discord.InteractionType.component:
             return
-        action = Action.decode(str((interaction.data or {}).get("custom_id", "")))
+        action = Action.decode(str(interaction_data(interaction).get("custom_id", "")))
         if action is not None:
             self.spawn(self.clicks.handle(interaction, action))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, cast
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -13,6 +13,7 @@ from adapters.settings import AdapterSettings, IdList
 CONTENT_LIMIT = 2000
 # The auto-archive durations Discord offers a thread.
 ARCHIVE_MINUTES = (60, 1440, 4320, 10080)
+ArchiveMinutes = Literal[60, 1440, 4320, 10080]
 
 
 class DiscordSettings(AdapterSettings):
@@ -66,6 +67,10 @@ class DiscordSettings(AdapterSettings):
         if value not in ARCHIVE_MINUTES:
             raise ValueError(f"must be one of {', '.join(map(str, ARCHIVE_MINUTES))}")
         return value
+
+    @property
+    def archive_duration(self) -> ArchiveMinutes:
+        return cast(ArchiveMinutes, self.thread_archive_minutes)  # checked above
 
     def missing(self) -> str | None:
         if self.token is None:

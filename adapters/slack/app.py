@@ -116,7 +116,8 @@ class SlackAdapter(AdapterShell):
             self._socket = AsyncSocketModeHandler(
                 self.app, self.settings.app_token.get_secret_value(), web_client=self.web
             )
-            await self._reach(self._socket.connect_async(), "LOOPBRIDGE_SLACK_APP_TOKEN")
+            connecting = self._socket.connect_async()  # type: ignore[no-untyped-call]  # untyped in bolt
+            await self._reach(connecting, "LOOPBRIDGE_SLACK_APP_TOKEN")
         else:
             events = self.app.web_app(path=self.settings.http_path)
             events.middlewares.append(_plain_timestamp)
@@ -144,7 +145,7 @@ class SlackAdapter(AdapterShell):
         """Disconnect (the Web API client still makes the last edits of turns in flight)."""
         if self._socket is not None:
             with contextlib.suppress(Exception):
-                await self._socket.close_async()
+                await self._socket.close_async()  # type: ignore[no-untyped-call]  # untyped in bolt
             self._socket = None
         if self._runner is not None:
             await self._runner.cleanup()
@@ -287,7 +288,8 @@ async def _plain_timestamp(request: web.Request, handler: Any) -> web.StreamResp
     stamp = request.headers.get("X-Slack-Request-Timestamp")
     if stamp is not None and not TIMESTAMP.fullmatch(stamp):
         return web.json_response({"error": "invalid_timestamp"}, status=401)
-    return await handler(request)
+    response: web.StreamResponse = await handler(request)
+    return response
 
 
 __all__ = ["Decision", "SlackAdapter"]
