@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from adapters.showing import TurnShows
 from adapters.surface import Surface
+from adapters.turn_events import starts_background_turn, turn_of
 from bridge.client import LoopClient
 from bridge.contract.models import StreamEventModel
 
@@ -78,7 +79,7 @@ class BackgroundTurns:
             async with contextlib.aclosing(self.client.watch(loop_id)) as events:
                 async for event in events:
                     self._keep(follower)
-                    if event.event == "started" and event.data.get("trigger") == "background":
+                    if starts_background_turn(event):
                         await self._show(loop_id, event, events, follower)
         except Exception as exc:  # the loop was archived, the server went away for good
             log.info("stopped following loop %s: %s", loop_id, exc)
@@ -90,13 +91,13 @@ class BackgroundTurns:
         events: AsyncGenerator[StreamEventModel, None],
         follower: _Follower,
     ) -> None:
-        turn_id = started.data.get("turn_id")
+        turn_id = turn_of(started)
 
         async def this_turn() -> AsyncGenerator[StreamEventModel, None]:
             yield started
             async for event in events:
                 self._keep(follower)
-                if event.data.get("turn_id", turn_id) != turn_id:
+                if turn_of(event) not in (None, turn_id):
                     continue  # a message queued behind this turn: its sender shows it
                 yield event
 

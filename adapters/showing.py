@@ -22,8 +22,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 from adapters.render import TurnRenderer
 from adapters.surface import Surface
-from adapters.turn_events import apply_event
-from bridge.client import TERMINAL_EVENTS, LoopApiError, LoopClient
+from adapters.turn_events import apply_event, ends_turn, is_snapshot
+from bridge.client import LoopApiError, LoopClient
 from bridge.contract.models import StreamEventModel
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class TurnShows:
             async with renderer.running():
                 async for event in events:
                     apply_event(renderer, renderer.loop_id, event)
-                    if event.event in TERMINAL_EVENTS:
+                    if ends_turn(event):
                         return
 
     def shown(self, loop_id: str) -> bool:
@@ -69,7 +69,7 @@ class TurnShows:
             log.debug("no running turn to follow in %s: %s", loop_id, exc)
             await events.aclose()
             return None
-        if first.event != "snapshot":
+        if not is_snapshot(first):
             await events.aclose()
             return None
         return Follow(self, loop_id, events)
