@@ -533,6 +533,48 @@ async def test_embedded_adapter_uses_an_in_process_client(slack: Harness) -> Non
         await adapter.client.aclose()
 
 
+async def test_an_embedded_adapter_that_cannot_start_closes_and_revokes_its_token(
+    slack: Harness,
+) -> None:
+    import socket
+
+    from adapters.slack.runner import start_embedded
+    from adapters.startup import PlatformRefused, PlatformUnreachable
+    from bridge.server.app import create_app
+
+    accounts = slack.server.engine.accounts
+    app = create_app(slack.server.engine, manage_engine=False)
+    await accounts.ensure_user("slack")
+    with socket.socket() as closed:  # a port where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        unused_port = closed.getsockname()[1]
+
+    async def live_tokens() -> set[str]:
+        return {info.token_id for info in await accounts.list_tokens("slack")}
+
+    cases = (
+        # Slack refuses the bot token: trying again cannot help, the token goes.
+        ("xoxb-revoked", slack.fake.api_url, PlatformRefused, False),
+        # Slack cannot be reached: the server tries again later with the same token.
+        (FakeSlack.bot_token, f"http://127.0.0.1:{unused_port}/api/", PlatformUnreachable, True),
+    )
+    for bot_token, api_url, error, kept in cases:
+        info, token = await accounts.create_token("slack", "embedded, for this test")
+        env = {
+            "LOOPBRIDGE_SLACK_BOT_TOKEN": bot_token,
+            "LOOPBRIDGE_SLACK_APP_TOKEN": FakeSlack.app_token,
+            "LOOPBRIDGE_SLACK_API_URL": api_url,
+        }
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            with pytest.raises(error):
+                await start_embedded(
+                    app, token, revoke=lambda info=info: accounts.revoke_token(info.token_id)
+                )
+        assert (info.token_id in await live_tokens()) is kept, error
+
+
 async def test_a_message_sent_while_busy_waits_its_turn_in_order(slack: Harness) -> None:
     await slack.start(streaming="edit")
     root = await slack.fake.say(ALICE, f"{MENTION} [[slow: 2]]")
