@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,12 +24,13 @@ from adapters.background import BackgroundTurns
 from adapters.binding import STARTED_BY, Binding, ConversationKey, ThreadBindings
 from adapters.dedupe import RecentKeys
 from adapters.policy import Actor, Policy
-from adapters.render import RenderStats, TurnRenderer
+from adapters.render import RenderStats
 from adapters.settings import view_links_wanted
+from adapters.showing import TurnShows
 from adapters.surface import Surface
-from adapters.turn_events import apply_event
 from adapters.views import TurnState
 from bridge.client import LoopApiError, LoopClient
+from bridge.contract.events import LoopEvent
 from bridge.contract.models import AUTHOR_LIMIT, Author, PermissionMode
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ class Conversations:
         self.view_links = view_links_wanted() if view_links is None else view_links
         self.bindings = ThreadBindings(client)
         self.recent = RecentKeys()
-        self.background = BackgroundTurns(client, platform)
+        self.shows = TurnShows(client, platform)
+        self.background = BackgroundTurns(client, self.shows)
 
     async def close(self) -> None:
         await self.background.close()
@@ -169,22 +171,24 @@ class Conversations:
                     refused = first.done() and _refusal(first.exception())
                     if refused:
                         return TurnResult("refused", binding, created, text=refused)
-                    renderer = TurnRenderer(
+                    renderer = self.shows.renderer(
                         surface_for(binding, message),
                         binding.loop_id,
-                        own_source_prefix=f"{self.platform}:",
-                        platform=self.platform,
                         link=await self._view_link(binding.loop_id) if created else "",
                     )
-                    async with renderer.running():
+
+                    async def turn() -> AsyncGenerator[LoopEvent, None]:
                         event = await first
                         # The lock keeps messages of one thread in order until the server
                         # has this one (its first event, `started` or `queued`).
                         order.leave()
                         if event is not None:
-                            apply_event(renderer, binding.loop_id, event)
+                            yield event
                         async for event in events:
-                            apply_event(renderer, binding.loop_id, event)
+                            yield event
+
+                    async with contextlib.aclosing(turn()) as stream:
+                        await self.shows.show(renderer, stream)
                 finally:
                     if not first.done():  # cancelled while waiting: the stream can close
                         first.cancel()

@@ -1,4 +1,6 @@
-"""One Loop API event, applied to the rendering of a turn (every adapter's, every follower's)."""
+"""The one place where adapters read Loop API events: one event applied to the rendering
+of a turn (every adapter's, every follower's), and the few facts the followers ask of
+an event."""
 
 from __future__ import annotations
 
@@ -50,4 +52,24 @@ def apply_event(renderer: TurnRenderer, loop_id: str, event: LoopEvent) -> None:
         case ErrorFrame(data=data):
             renderer.finish("error", f"Error: {data.message or data.code}")
         case _:
-            pass  # thinking is not shown
+            pass  # thinking is not shown; unknown events are for newer adapters
+
+
+def ends_turn(event: LoopEvent) -> bool:
+    return event.terminal
+
+
+def is_snapshot(event: LoopEvent) -> bool:
+    """The first event of a watch while a turn runs (its text so far)."""
+    return isinstance(event, SnapshotFrame)
+
+
+def starts_background_turn(event: LoopEvent) -> bool:
+    """A turn that no message started (a background command finished)."""
+    return isinstance(event, StartedFrame) and event.data.trigger == "background"
+
+
+def turn_of(event: LoopEvent) -> str | None:
+    """The turn an event belongs to; None when it does not say."""
+    turn_id: str | None = getattr(event.data, "turn_id", None)
+    return turn_id

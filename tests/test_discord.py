@@ -471,7 +471,8 @@ async def test_a_duplicated_gateway_event_runs_one_turn(discord_: Harness) -> No
     before = len(discord_.server.standin_requests())
     asked = await fake.say(discord_.alice, "only once", mention=True, deliveries=2)
     await discord_.turns(1)
-    await asyncio.sleep(0.5)
+    await until(lambda: len(discord_.adapter.results) == 2 and not discord_.adapter._tasks,
+                what="both deliveries handled")
     loop = await discord_.loop_of(asked.id)
     assert len((await discord_.client.history(loop.id)).data) == 1
     assert discord_.answers(asked.id) == ["Echo #1: only once"]

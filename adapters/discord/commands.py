@@ -32,7 +32,7 @@ class LoopCommands(app_commands.Group):
         super().__init__(name="loop", description="Agent loops: start one, stop it, see it")
         self.conversations = conversations
         self.bound_channels = frozenset(settings.bound_channels)
-        self.archive_minutes = settings.thread_archive_minutes
+        self.archive_minutes = settings.archive_duration
         self.budget = budget
 
     @app_commands.command(name="new", description="Start a loop in a new thread")

@@ -6,8 +6,11 @@ events and clicks to an app in HTTP mode, signed as Slack signs them.
 
 It enforces Slack's limits, so that a test fails when the adapter breaks them:
 - `msg_too_long` for `text` over 4,000 characters, and for a `chat.update`
-  whose message would exceed 4,000 bytes of text; `invalid_blocks` for a
-  section over 3,000 characters or more than 50 blocks;
+  whose mrkdwn (text, sections) would exceed 4,000 bytes; `invalid_blocks` for a
+  section over 3,000 characters, a `markdown` block over 12,000 or empty, or
+  more than 50 blocks; `msg_blocks_too_long` when a message's `markdown` blocks
+  hold more than 12,000 characters together (Slack's cumulative limit); a
+  `markdown` block keeps no `block_id`, as on Slack;
 - 429 with `Retry-After` for a burst of `chat.update` on one message (two less
   than `update_gap` apart) and of `chat.postMessage` in one channel (a token
   bucket: `post_burst` at once, refilled at `post_rate` per second);
@@ -38,6 +41,7 @@ from tests.fakes.serving import serve
 TEXT_LIMIT = 4000
 UPDATE_BYTES_LIMIT = 4000
 SECTION_LIMIT = 3000
+MARKDOWN_LIMIT = 12_000
 BLOCKS_LIMIT = 50
 STREAM_TEXT_LIMIT = 12_000
 
@@ -87,10 +91,12 @@ class Message:
 
     @property
     def answer(self) -> str:
-        """The answer text a person sees in this message (Markdown if streamed)."""
+        """The answer's Markdown a person sees in this message (streamed, or in blocks)."""
         if self.markdown is not None:
             return self.markdown
-        return self.block_text("lb_text")
+        return "\n".join(
+            block["text"] for block in self.blocks if block.get("type") == "markdown"
+        )
 
     @property
     def has_buttons(self) -> bool:
@@ -377,7 +383,7 @@ class FakeSlack:
         text, blocks = _check_content(args)
         visible = text if not blocks else "".join(
             b["text"]["text"] for b in blocks if b.get("type") == "section"
-        )
+        )  # `markdown` blocks have limits of their own (see _check_content)
         if len(visible.encode()) > UPDATE_BYTES_LIMIT:
             raise _Refused("msg_too_long")
         now = time.monotonic()
@@ -513,6 +519,16 @@ def _check_content(args: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             raise _Refused("invalid_blocks")
         if block.get("type") == "section" and not block["text"]["text"].strip():
             raise _Refused("invalid_blocks")
+        if block.get("type") == "markdown":
+            markdown = block.get("text")
+            if not isinstance(markdown, str) or not markdown.strip():
+                raise _Refused("invalid_blocks")
+            if len(markdown) > MARKDOWN_LIMIT:
+                raise _Refused("invalid_blocks")
+            block.pop("block_id", None)
+    markdown_total = sum(len(b["text"]) for b in blocks if b.get("type") == "markdown")
+    if markdown_total > MARKDOWN_LIMIT:
+        raise _Refused("msg_blocks_too_long")
     if not text and not blocks:
         raise _Refused("no_text")
     return text, blocks
