@@ -32,7 +32,9 @@ from adapters.actions import Action
 from adapters.binding import Binding, ConversationKey
 from adapters.conversations import Conversations, Decision, IncomingMessage, TurnResult
 from adapters.policy import Actor
+from adapters.routing import Routes
 from adapters.slack.blocks import resolved_blocks, selected_answers
+from adapters.slack.chat import SlackChat
 from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.settings import SlackSettings
 from adapters.slack.thread import NativeStreaming, SlackThread
@@ -93,8 +95,11 @@ class SlackAdapter:
             logger=logger,
         )
         self.conversations = Conversations(
-            client, settings.policy(), platform=PLATFORM, permission_mode=settings.permission_mode
+            client, settings.policy(), platform=PLATFORM, permission_mode=settings.permission_mode,
+            routes=Routes.load(PLATFORM),
         )
+        # Thread history, names, files in and out (issue 10): adapters/slack/chat.py.
+        self.chat = SlackChat(self.web, settings.bot_token.get_secret_value(), settings.file_limit)
         self.native = NativeStreaming(settings.streaming == "native")
         self.bot_user_id = ""
         self.team_id = ""
@@ -161,6 +166,7 @@ class SlackAdapter:
             self._runner = None
         await self._tasks.drain(5)
         await self.conversations.close()
+        await self.chat.aclose()
 
     async def run_forever(self) -> None:
         await self.start()
@@ -214,6 +220,7 @@ class SlackAdapter:
         )
 
     async def _run_turn(self, incoming: IncomingMessage, event: dict[str, Any]) -> None:
+        incoming = await self.chat.enrich(incoming, event)  # name, files, thread extras
         def surface(binding: Binding, message: IncomingMessage) -> SlackThread:
             return SlackThread(
                 self.web,

@@ -42,6 +42,9 @@ class SlackSettings(BaseSettings):
     admins: IdList = Field(default_factory=list)
     approvers: IdList = Field(default_factory=list)
     permission_mode: PermissionMode | None = None
+    # The largest file the agent shares that is posted to a thread (Slack takes up to
+    # 1 GB; the adapter holds one in memory while posting it).
+    file_limit: int = Field(100 * 1024 * 1024, ge=1)
 
     @property
     def configured(self) -> bool:
