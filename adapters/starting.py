@@ -74,10 +74,10 @@ async def find_or_start(
         if exc.code not in NAME_ERRORS:
             raise
         return Start(None, refusal=f"No loop was started: {exc.message}")
-    return Start(binding, created, context + rest, options=_as_made(binding, options))
+    return Start(binding, created, context + rest, options=as_made(binding, options))
 
 
-def _as_made(binding: Binding, asked: LoopOptions) -> LoopOptions:
+def as_made(binding: Binding, asked: LoopOptions) -> LoopOptions:
     """What a new loop works with, as the server made it (a repo's configured branch)."""
     loop = binding.created
     if loop is None:

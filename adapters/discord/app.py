@@ -27,6 +27,7 @@ from adapters.binding import Binding
 from adapters.conversations import Conversations, IncomingMessage, TurnResult
 from adapters.discord.access import INTENTS
 from adapters.discord.calls import count_calls
+from adapters.discord.chat import DiscordChat
 from adapters.discord.clicks import Clicks
 from adapters.discord.commands import LoopCommands
 from adapters.discord.follow import Followers
@@ -34,6 +35,7 @@ from adapters.discord.incoming import PLATFORM, Incoming, incoming
 from adapters.discord.pacing import ChannelBudget
 from adapters.discord.settings import DiscordSettings
 from adapters.discord.thread import DiscordThread, ThreadStart
+from adapters.routing import Routes
 from adapters.tasks import HandlerTasks
 from bridge.client import LoopClient
 
@@ -60,9 +62,14 @@ class DiscordAdapter:
         )
         self.tree = app_commands.CommandTree(self.bot)
         self.conversations = Conversations(
-            client, settings.policy(), platform=PLATFORM, permission_mode=settings.permission_mode
+            client, settings.policy(), platform=PLATFORM, permission_mode=settings.permission_mode,
+            routes=Routes.load(PLATFORM),
         )
         self.budget = ChannelBudget(settings.budget, settings.window)
+        # Thread history, files in and out (issue 10): adapters/discord/chat.py.
+        self.chat = DiscordChat(
+            self.bot, self.budget, settings.thread_archive_minutes, settings.api_url
+        )
         self.followers = Followers(client, PLATFORM)
         self.clicks = Clicks(self.conversations, self.followers, self.surface)
         # A click on a background turn's choice needs no follower of its own either.
@@ -111,6 +118,7 @@ class DiscordAdapter:
         self._stopping = True
         await self._tasks.drain(grace)
         await self.conversations.close()
+        await self.chat.aclose()
         await self.bot.close()
         if self._connection is not None:
             with contextlib.suppress(Exception):
@@ -147,6 +155,7 @@ class DiscordAdapter:
         found = await incoming(self.bot, message, self.bound_channels)
         if found is None:
             return
+        found = self.chat.enrich(found, message)  # files, thread extras
         result = await self._turn(found)
         self.results.append(result)
         person = found.message

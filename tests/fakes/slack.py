@@ -414,9 +414,9 @@ class FakeSlack:
 
     def _m_users_info(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
         user = str(args.get("user") or "")
-        if user not in self.people:
+        if not user.startswith(("U", "W")):
             raise _Refused("user_not_found")
-        name = self.people[user]
+        name = self.people.get(user) or user.lower()  # everyone is in the workspace
         return {"user": {"id": user, "name": name.lower().replace(" ", "."), "real_name": name,
                          "profile": {"display_name": name, "real_name": name}}}
 
