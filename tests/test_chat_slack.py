@@ -202,15 +202,19 @@ async def test_a_file_slack_will_not_hand_out_is_named_not_dropped(slack: Harnes
     assert loop is not None and slack.client is not None
     listed = await slack.client.list_files(loop.id, "uploads")
     assert [item.path for item in listed.data] == ["uploads/notes.txt"]
-    # A file Slack lists but does not hand out (its URL gives the sign-in page) is named.
-    record = fake.add_file("secret.pdf", b"%PDF", "application/pdf")
-    record["url_private_download"] = f"{fake.url}/signin"
+    # A file Slack lists but does not hand out (its URL gives the sign-in page), and one
+    # over the 25 MiB a loop takes, are named in the thread; the message still goes.
+    secret = fake.add_file("secret.pdf", b"%PDF", "application/pdf")
+    secret["url_private_download"] = f"{fake.url}/signin"
+    huge = fake.add_file("huge.zip", b"PK", "application/zip")
+    huge["size"] = 30 * 1024 * 1024
     ts = fake.new_ts()
     event = {"type": "message", "user": ALICE, "text": f"{MENTION} [[think]] and this",
              "ts": ts, "channel": CHANNEL, "team": fake.team_id, "channel_type": "channel",
              "subtype": "file_share",
-             "files": [{k: v for k, v in record.items() if k != "content"}]}
+             "files": [{k: v for k, v in f.items() if k != "content"} for f in (secret, huge)]}
     await fake.deliver_event(event, "EvHAND0001")
     await slack.turns(2)
-    (said,) = notes(slack, CHANNEL, ts)
-    assert "`secret.pdf` was not sent" in said
+    first, second = notes(slack, CHANNEL, ts)
+    assert "`secret.pdf` was not sent" in first and "no access" in first
+    assert "`huge.zip` (30.0 MB) was not sent" in second
