@@ -19,14 +19,14 @@ import contextlib
 import logging
 import posixpath
 import re
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from adapters.chat_thread import ChatThread, DownloadFailed, IncomingFile
+from adapters.chat_thread import ChatThread, DownloadFailed, IncomingFile, tell
 from bridge.client import LoopApiError, LoopClient
 
 log = logging.getLogger(__name__)
@@ -212,15 +212,17 @@ class SharedFiles:
             await self.thread.post_file(name, content, caption)
         except Exception as exc:  # the note is the fallback; never lose the turn over it
             log.warning("could not post %s of loop %s: %s", path, self.loop_id, exc)
-            await _quietly(self.thread.say(
+            await tell(
+                self.thread,
                 f"The agent shared `{path}`, but posting it failed ({_reason(exc)}). "
-                + self._how_to_get(path)
-            ))
+                + self._how_to_get(path),
+            )
 
     async def _say_too_large(self, path: str, size: int, limit: int) -> None:
-        await self.thread.say(
+        await tell(
+            self.thread,
             f"The agent shared `{path}` ({megabytes(size)}), too large to post here "
-            f"(at most {megabytes(limit)}). " + self._how_to_get(path)
+            f"(at most {megabytes(limit)}). " + self._how_to_get(path),
         )
 
     def _how_to_get(self, path: str) -> str:
@@ -236,11 +238,3 @@ async def _read_capped(chunks: AsyncIterator[bytes], limit: int) -> bytes | None
             return None
         parts.append(chunk)
     return b"".join(parts)
-
-
-async def _quietly(call: Awaitable[None]) -> None:
-    try:
-        await call
-    except Exception as exc:
-        log.warning("a note to the thread failed: %s", exc)
-

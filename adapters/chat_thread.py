@@ -3,12 +3,15 @@ its earlier messages, the files people attach, a plain note, and posting a file.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 from adapters.context import ThreadMessage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,3 +49,12 @@ class ChatThread(Protocol):
 
 class DownloadFailed(Exception):
     """A file could not be fetched from the platform; the message says why."""
+
+
+async def tell(thread: ChatThread, text: str) -> None:
+    """A note in the thread, best effort: a note that cannot be posted is logged, and
+    never stops the turn it is about."""
+    try:
+        await thread.say(text)
+    except Exception as exc:
+        log.warning("a note to the thread failed: %s", exc)

@@ -23,7 +23,7 @@ from adapters.actions import Action
 from adapters.attachments import FilesIn, SharedFiles, bring_in
 from adapters.background import BackgroundTurns
 from adapters.binding import STARTED_BY, Binding, ConversationKey, ThreadBindings
-from adapters.chat_thread import ChatThread, IncomingFile
+from adapters.chat_thread import ChatThread, IncomingFile, tell
 from adapters.dedupe import RecentKeys
 from adapters.policy import Actor, Policy
 from adapters.render import RenderStats, TurnRenderer
@@ -161,20 +161,23 @@ class Conversations:
             start = await self._binding(message)
             binding, created = start.binding, start.created
             if start.refusal and message.thread is not None:
-                await message.thread.say(start.refusal)
+                await tell(message.thread, start.refusal)
                 return TurnResult("no_loop", text=start.refusal)
             if binding is None:
                 return TurnResult("ignored")
             files = await self._files_in(binding, message)
             if created and start.options.summary() and message.thread is not None:
                 # The thread's first reply says what the loop works with.
-                await message.thread.say(start.options.summary())
+                await tell(message.thread, start.options.summary())
+            content = files.content(start.content)
+            if not content.strip():  # only options (`@bot repo=app`): the loop waits
+                return TurnResult("empty", binding, created)
             if background is not None:
                 bound = binding
                 self.background.follow(binding.loop_id, lambda: background(bound))
             events = self.client.send(
                 binding.loop_id,
-                files.content(start.content),
+                content,
                 permission_mode=turn_mode(binding, self.routes, self.permission_mode),
                 idempotency_key=message.key.message_key(message.message_id),
                 author=self.author(message.author),
@@ -254,7 +257,7 @@ class Conversations:
             return FilesIn()
         files = await bring_in(self.client, binding.loop_id, message.files, message.thread)
         for note in files.notes:
-            await message.thread.say(note)
+            await tell(message.thread, note)
         return files
 
     # ---- clicks -----------------------------------------------------------------------

@@ -180,16 +180,22 @@ class SlackChatThread:
             yield chunks
 
     async def say(self, text: str) -> None:
+        # The fallback text is mrkdwn: escaped, so a name the agent chose cannot @channel.
         await self.chat.web.chat_postMessage(
-            channel=self.channel, thread_ts=self.thread_ts, text=text,
+            channel=self.channel, thread_ts=self.thread_ts, text=_plain(text),
             blocks=[{"type": "markdown", "text": text}],
         )
 
     async def post_file(self, name: str, data: bytes, caption: str) -> None:
         await self.chat.web.files_upload_v2(
             channel=self.channel, thread_ts=self.thread_ts, content=data, filename=name,
-            title=name, initial_comment=caption or None,
+            title=name, initial_comment=_plain(caption) or None,
         )
+
+
+def _plain(text: str) -> str:
+    """Text Slack shows as written: no `<!channel>`, `<@U…>` or links made of it."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _ts(message: dict[str, Any]) -> tuple[int, int]:
