@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import struct
 import zlib
 from collections.abc import AsyncIterator
@@ -73,10 +74,14 @@ def last_user_message(server: Server) -> list[dict]:
     raise AssertionError("no user message")
 
 
-def user_texts(server: Server) -> str:
-    """Every text the model was sent in person's messages, over all its requests."""
+def user_texts(server: Server, needle: str = "") -> str:
+    """Every text the model was sent in person's messages, over all its requests; with
+    `needle`, of the newest request that holds it only (the stand-in serves the session)."""
+    requests = server.standin_requests()
+    if needle:
+        requests = [r for r in requests if needle in json.dumps(r)][-1:]
     seen = []
-    for request in server.standin_requests():
+    for request in requests:
         for message in request["messages"]:
             if message["role"] != "user":
                 continue

@@ -120,7 +120,7 @@ async def test_a_mention_mid_thread_brings_the_earlier_messages_bounded(
     history_reads = [c for c in fake.calls
                      if c.method == "GET" and c.path == f"/channels/{thread.id}/messages"]
     assert len(history_reads) == 1
-    seen = user_texts(chat.server)
+    seen = user_texts(chat.server, "can you look?")
     alice, bob = chat.alice.id, chat.bob.id
     assert f"[alice (discord:{alice})]: the login page is broken since Monday" in seen
     assert f"[bob (discord:{bob})]: safari note 51" in seen

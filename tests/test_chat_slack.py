@@ -119,7 +119,7 @@ async def test_a_mention_mid_thread_brings_the_earlier_messages_bounded(
     await slack.turns(1)
     # One history call for the mention, never one per message.
     assert len(slack.fake.methods("conversations.replies")) == before + 1
-    seen = user_texts(slack.server)
+    seen = user_texts(slack.server, "can you look?")
     assert "[Alice Smith (slack:U0ALICE)]: the login page is broken since Monday" in seen
     assert "[Bob Jones (slack:U0BOB)]: safari note 54" in seen
     assert "[ci-bot (slack:BCI-BOT, a bot)]: CI failed on build 42" in seen
