@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from typing import Any, ClassVar
 
 from adapters.conversations import Conversations, TurnResult
+from adapters.routing import Routes
 from adapters.settings import AdapterSettings
 from adapters.tasks import HandlerTasks
 from adapters.views import OutcomeMarks
@@ -41,7 +42,7 @@ class AdapterShell:
         self.client = client
         self.conversations = Conversations(
             client, settings.policy(), platform=self.platform,
-            permission_mode=settings.permission_mode,
+            permission_mode=settings.permission_mode, routes=Routes.load(self.platform),
         )
         self.results: deque[TurnResult] = deque(maxlen=RESULTS_KEPT)
         self._tasks = HandlerTasks(log, self.platform)

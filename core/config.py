@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     vaults: dict[str, Vault] = Field(default_factory=dict)
     repos: dict[str, Repo] = Field(default_factory=dict)
     budgets: Budgets = Field(default_factory=Budgets)
+    # Chat adapters' defaults per channel (`[routes.slack.C123]`); read by adapters/routing.py.
+    routes: dict[str, dict[str, dict[str, object]]] = Field(default_factory=dict)
     metrics: bool = True
     metrics_token: SecretStr | None = None
     log_format: Literal["text", "json"] = "text"
@@ -146,6 +148,17 @@ class Settings(BaseSettings):
             return Vault()
         return self.vaults.get(name)
 
+    def known(self, kind: str, user: str) -> list[str]:
+        """The names of one kind (profile, vault, repo) that `user` may choose."""
+        table: dict[str, Restricted]
+        if kind == "profile":
+            table = dict(self.profiles)
+        elif kind == "vault":
+            table = {"default": Vault(), **self.vaults}
+        else:
+            table = dict(self.repos)
+        return sorted(name for name, setting in table.items() if setting.allows(user))
+
     def check_access(
         self, user: str, profiles: list[str], vault: str, repo: str | None
     ) -> None:
@@ -157,7 +170,9 @@ class Settings(BaseSettings):
         ]
         for kind, name, setting in chosen:
             if setting is None:
-                raise EngineError(f"unknown_{kind}", f"no {kind} named {name!r}")
+                # The names this user may choose, so a person (in a chat thread) can pick one.
+                known = ", ".join(self.known(kind, user)) or "none"
+                raise EngineError(f"unknown_{kind}", f"no {kind} named {name!r} (known: {known})")
             if not setting.allows(user):
                 raise EngineError(
                     f"{kind}_not_allowed", f"the {kind} {name!r} is kept for other users"

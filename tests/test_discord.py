@@ -199,7 +199,10 @@ async def test_a_mention_in_a_thread_people_opened_binds_that_thread(discord_: H
     await fake.say(discord_.bob, "not for the bot", channel=thread.id)
     await fake.say(discord_.bob, "now for the bot", channel=thread.id, mention=True)
     await discord_.turns(1)
-    assert discord_.answers(thread.id) == ["Echo #1: now for the bot"]
+    (answer,) = discord_.answers(thread.id)
+    # The thread's earlier message came along (thread context, docs/chat.md).
+    assert answer.startswith("Echo #1: Earlier in this thread") and "not for the bot" in answer
+    assert answer.endswith("now for the bot")
     assert (await discord_.loop_of(thread.id)).metadata["started_by"] == discord_.bob.id
     assert fake.threads_of(fake.general_id) == [thread]  # no thread in a thread
     # discord.py had not seen the thread: the adapter looked it up to find its channel.

@@ -29,6 +29,7 @@ from adapters.binding import Binding
 from adapters.conversations import IncomingMessage, TurnResult
 from adapters.discord.access import INTENTS
 from adapters.discord.calls import count_calls
+from adapters.discord.chat import DiscordChat
 from adapters.discord.clicks import OUTCOME_MARKS, Clicks
 from adapters.discord.commands import LoopCommands
 from adapters.discord.components import interaction_data
@@ -65,6 +66,10 @@ class DiscordAdapter(AdapterShell):
         )
         self.tree = app_commands.CommandTree(self.bot)
         self.budget = ChannelBudget(settings.budget, settings.window)
+        # Thread history, files in and out (issue 10): adapters/discord/chat.py.
+        self.chat = DiscordChat(
+            self.bot, self.budget, settings.thread_archive_minutes, settings.api_url
+        )
         self.clicks = Clicks(self.conversations, self.surface)
         self.tree.add_command(LoopCommands(self.conversations, settings, self.budget))
         self.bound_channels = frozenset(settings.bound_channels)
@@ -110,6 +115,7 @@ class DiscordAdapter(AdapterShell):
 
     async def _disconnect(self) -> None:
         # Last: the turns in flight edit their messages through the bot until then.
+        await self.chat.aclose()
         await self.bot.close()
         if self._connection is not None:
             with contextlib.suppress(Exception):
@@ -133,6 +139,7 @@ class DiscordAdapter(AdapterShell):
         found = await incoming(self.bot, message, self.bound_channels)
         if found is None:
             return
+        found = self.chat.enrich(found, message)  # files, thread extras
         result = await self._turn(found)
         self.results.append(result)
         person = found.message

@@ -187,16 +187,20 @@ class DiscordThread:
     async def _start_thread(self) -> None:
         if self._start is None:
             return
-        start = self._start
-        parent = self.bot.get_partial_messageable(start.parent_id, guild_id=start.guild_id)
-        try:
-            await parent.get_partial_message(start.message_id).create_thread(
-                name=start.name, auto_archive_duration=self.archive_minutes
-            )
-        except discord.HTTPException as exc:
-            if exc.code != THREAD_EXISTS:
-                raise
+        await open_thread(self.bot, self._start, self.archive_minutes)
         self._start = None
+
+
+async def open_thread(bot: discord.Client, start: ThreadStart, archive_minutes: int) -> None:
+    """Start the thread on the person's message (already started is fine too)."""
+    parent = bot.get_partial_messageable(start.parent_id, guild_id=start.guild_id)
+    try:
+        await parent.get_partial_message(start.message_id).create_thread(
+            name=start.name, auto_archive_duration=archive_minutes  # type: ignore[arg-type]
+        )
+    except discord.HTTPException as exc:
+        if exc.code != THREAD_EXISTS:
+            raise
 
 
 def _attached(text: str) -> discord.File:

@@ -33,6 +33,7 @@ from adapters.conversations import Decision, IncomingMessage
 from adapters.policy import Actor
 from adapters.shell import AdapterShell
 from adapters.slack.blocks import resolved_blocks, selected_answers
+from adapters.slack.chat import SlackChat
 from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.settings import SlackSettings
 from adapters.slack.thread import NativeStreaming, SlackThread
@@ -96,6 +97,8 @@ class SlackAdapter(AdapterShell):
             request_verification_enabled=http,
             logger=logger,
         )
+        # Thread history, names, files in and out (issue 10): adapters/slack/chat.py.
+        self.chat = SlackChat(self.web, settings.bot_token.get_secret_value(), settings.file_limit)
         self.native = NativeStreaming(settings.streaming == "native")
         self.bot_user_id = ""
         self.team_id = ""
@@ -151,6 +154,9 @@ class SlackAdapter(AdapterShell):
             await self._runner.cleanup()
             self._runner = None
 
+    async def _disconnect(self) -> None:
+        await self.chat.aclose()  # after the turns in flight posted their files
+
     # ---- listeners -----------------------------------------------------------------------
 
     def _register(self) -> None:
@@ -192,6 +198,7 @@ class SlackAdapter(AdapterShell):
         )
 
     async def _run_turn(self, incoming: IncomingMessage, event: dict[str, Any]) -> None:
+        incoming = await self.chat.enrich(incoming, event)  # name, files, thread extras
         def surface(binding: Binding, message: IncomingMessage) -> SlackThread:
             return self.thread(
                 message.key.channel, message.key.thread, message.author.user_id,

@@ -35,6 +35,9 @@ class SlackSettings(AdapterSettings):
     # it and falls back to edits; "edit" always posts and edits.
     streaming: Literal["native", "edit"] = "native"
     part_limit: int = Field(DEFAULT_PART_LIMIT, ge=200, le=MARKDOWN_LIMIT)
+    # The largest file the agent shares that is posted to a thread (Slack takes up to
+    # 1 GB; the adapter holds one in memory while posting it).
+    file_limit: int = Field(100 * 1024 * 1024, ge=1)
 
     def missing(self) -> str | None:
         prefix = self.env_prefix()
