@@ -37,6 +37,7 @@ from core.runtime import (
 )
 from core.sandbox import LocalSandbox, Sandbox, choose_sandbox
 from core.sandbox.base import branch_problem
+from core.starts import StartGate
 from core.storage import Database, EventLogUnavailable, EventWriter, private_dir
 from core.tables import events, idempotency, loops, turns
 from core.tasks import spawn
@@ -147,6 +148,7 @@ class Engine:
         self._runtimes: dict[str, LoopRuntime] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self.quotas = Quotas(settings, self._runtimes)
+        self.starts = StartGate(settings.max_starting)
         self._purger: asyncio.Task[None] | None = None
         # Runtimes dropped from memory giving back their unused event ids.
         self._releases: set[asyncio.Task[None]] = set()
@@ -440,6 +442,7 @@ class Engine:
             sandbox=self.sandbox,
             agent_env=agent_env_from(os.environ, os.geteuid() == 0),
             forget=self._forget,
+            starts=self.starts,
             budget_gate=self._budget_gate if self.settings.budgets.any else None,
         )
 

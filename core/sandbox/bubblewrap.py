@@ -264,7 +264,8 @@ class BubblewrapSandbox(Sandbox):
         route = model_route(url, port_inside=port)
         async with self.forwarders_lock:
             if route.key not in self.forwarders:
-                forwarder = ModelForwarder(route, socket_dir(self.data_dir) / "net" / route.key)
+                sockets = socket_dir(self.data_dir, self.settings.replica_id)
+                forwarder = ModelForwarder(route, sockets / "net" / route.key)
                 await forwarder.start()
                 self.forwarders[route.key] = forwarder
         return route
@@ -306,7 +307,7 @@ class BubblewrapSandbox(Sandbox):
             args += [*dirs_to(path, made), "--bind", str(path), str(path)]
         args += ["--ro-bind", str(self.inside), INSIDE]
         if route is not None:
-            net = socket_dir(self.data_dir) / "net" / route.key
+            net = socket_dir(self.data_dir, self.settings.replica_id) / "net" / route.key
             args += ["--ro-bind", str(net), NET_DIR]
             args += ["--ro-bind", str(net / HOSTS_FILE), "/etc/hosts"]
         for secret in self.hidden_files():
