@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -48,8 +49,9 @@ class Leadership:
         self._conn: AsyncConnection | None = None
         self.held = False
 
-    async def acquire(self, poll: float) -> None:
-        """Return once this replica holds the lock, asking every `poll` seconds."""
+    async def acquire(self, poll: float, waiting: Callable[[], None] | None = None) -> None:
+        """Return once this replica holds the lock, asking every `poll` seconds
+        (`waiting` is called once another replica is found to hold it)."""
         while True:
             try:
                 conn = await self._connection()
@@ -57,6 +59,9 @@ class Leadership:
                     self.held = True
                     log.info("this replica now runs %s", self.what)
                     return
+                if waiting is not None:
+                    waiting()
+                    waiting = None
             except Exception as exc:  # the database is away: ask again later
                 log.warning("cannot ask who runs %s: %s", self.what, exc)
                 await self._drop()

@@ -19,12 +19,14 @@ from sqlalchemy.exc import IntegrityError
 
 from core import audit, budgets, files, metrics
 from core.accounts import Accounts
+from core.advisory import clustered
 from core.budgets import Refusal
 from core.config import Settings
 from core.errors import EngineError
 from core.events import Event, EventStream, Overflow, Subscription
 from core.ids import aware, loop_id, new_id, utcnow
 from core.quotas import Admission, Quotas
+from core.rates import SharedRates
 from core.runtime import (
     RESERVE_IDS,
     SERVER_STOPPED,
@@ -149,6 +151,12 @@ class Engine:
         self._opening: dict[str, asyncio.Lock] = {}
         self.quotas = Quotas(settings, self._runtimes)
         self.starts = StartGate(settings.max_starting)
+        # Replicas share one database: the rate limit counts across them (core/rates.py).
+        self.rates = (
+            SharedRates(self.db, settings.rate_limit_per_minute)
+            if clustered(self.db.engine)
+            else None
+        )
         self._purger: asyncio.Task[None] | None = None
         # Runtimes dropped from memory giving back their unused event ids.
         self._releases: set[asyncio.Task[None]] = set()
@@ -192,6 +200,8 @@ class Engine:
         if self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
         await self.writer.close()
+        if self.rates is not None:
+            await self.rates.close()
         await self.sandbox.close()
         await self.db.close()
 
