@@ -101,7 +101,7 @@ class SharedRates:
             set_={"count": rate_windows.c.count + adding.excluded.count},
         ).returning(rate_windows.c.key, rate_windows.c.count)
         async with self.db.engine.begin() as conn:
-            totals: dict[str, int] = dict((await conn.execute(statement)).tuples().all())
+            totals = {str(key): int(n) for key, n in await conn.execute(statement)}
             if sweep:  # the minutes before the last are of no use to anyone
                 await conn.execute(delete(rate_windows).where(rate_windows.c.minute < minute - 1))
         return totals

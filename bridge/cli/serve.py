@@ -242,11 +242,18 @@ async def _lead_adapters(engine: Engine, app: Any) -> None:
         while True:
             await leadership.acquire(LEADER_POLL_SECONDS, _waiting_to_lead)
             adapters: list[_Embedded] = []
+            failed = False
             try:
                 adapters = await _start_adapters(engine, app)
                 await leadership.lost(every=LEADER_CHECK_SECONDS)
+            except Exception:  # a bug: let another replica try them
+                log.exception("the embedded chat adapters failed on this replica")
+                failed = True
             finally:
                 await _stop_adapters(engine, adapters)
+            if failed:
+                await leadership.release()
+                await asyncio.sleep(LEADER_POLL_SECONDS)
     finally:
         await leadership.release()
 
