@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 from core.config import Settings
 from core.errors import EngineError
-from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
+from core.sandbox.base import AgentHost, Sandbox, SandboxSpec, write_script
 from core.sandbox.image import run
 from core.sandbox.network import (
     DEFAULT_MODEL_URL,
@@ -193,11 +193,10 @@ class BubblewrapSandbox(Sandbox):
         uid, gid = (self.user.uid, self.user.gid) if self.user is not None else (-1, -1)
         command = shlex.join([PYTHON, "-S", "-I", INSIDE, str(uid), str(gid)])
         text = LAUNCHER.replace("{bash}", bash).replace("{bwrap}", shlex.quote(bwrap))
-        self.launcher.write_text(text.replace("{command}", command))
-        self.launcher.chmod(0o755)
+        write_script(self.launcher, text.replace("{command}", command))
         self.args_dir.mkdir(parents=True, exist_ok=True)
-        self.inside.write_text(INSIDE_LAUNCHER.replace("{socket}", f"{NET_DIR}/{MODEL_SOCKET}"))
-        self.inside.chmod(0o644)
+        inside = INSIDE_LAUNCHER.replace("{socket}", f"{NET_DIR}/{MODEL_SOCKET}")
+        write_script(self.inside, inside, 0o644)
         await self.try_sandbox()
         self.started = True
 

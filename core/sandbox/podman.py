@@ -42,7 +42,7 @@ from podman.errors import APIError, ImageNotFound, NotFound
 
 from core.config import Settings
 from core.errors import EngineError
-from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
+from core.sandbox.base import AgentHost, Sandbox, SandboxSpec, write_script
 from core.sandbox.image import (
     RECIPE_LABEL,
     build_image,
@@ -292,11 +292,7 @@ class PodmanSandbox(Sandbox):
             pdeathsig=PR_SET_PDEATHSIG,
         )
         self.launcher.parent.mkdir(parents=True, exist_ok=True)
-        # Put in place whole: another replica on this data dir may be running it.
-        staged = self.launcher.with_name(f"{self.launcher.name}.{os.getpid()}")
-        staged.write_text(f"#!{sys.executable} -S\n{text}")
-        staged.chmod(0o755)
-        staged.replace(self.launcher)
+        write_script(self.launcher, f"#!{sys.executable} -S\n{text}")
 
     async def ensure_image(self) -> str:
         """The sandbox image's id, building it when missing or made from another recipe."""
