@@ -7,6 +7,7 @@ live; environment variables win over the file for the scalar settings.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -110,6 +111,11 @@ class Settings(BaseSettings):
     http_body_timeout: float = Field(60.0, gt=0)
     login_failures_per_name: int = Field(5, ge=1)  # a minute, then 429
     login_failures_per_address: int = Field(20, ge=1)
+    # Which replica this process is among several on one PostgreSQL database (docs/cluster.md).
+    replica_id: str = Field(default_factory=socket.gethostname)  # LOOPBRIDGE_REPLICA_ID
+    # Agents cold-starting at once on this replica; more wait their turn (a burst of
+    # starts is what saturates a machine first).
+    max_starting: int = Field(default_factory=lambda: 2 * (os.cpu_count() or 1), ge=1)
     profiles: dict[str, Profile] = Field(default_factory=dict)
     vaults: dict[str, Vault] = Field(default_factory=dict)
     repos: dict[str, Repo] = Field(default_factory=dict)

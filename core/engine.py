@@ -19,12 +19,14 @@ from sqlalchemy.exc import IntegrityError
 
 from core import audit, budgets, files, metrics
 from core.accounts import Accounts
+from core.advisory import clustered
 from core.budgets import Refusal
 from core.config import Settings
 from core.errors import EngineError
 from core.events import Event, EventStream, Overflow, Subscription
 from core.ids import aware, loop_id, new_id, utcnow
 from core.quotas import Admission, Quotas
+from core.rates import SharedRates
 from core.runtime import (
     RESERVE_IDS,
     SERVER_STOPPED,
@@ -37,6 +39,7 @@ from core.runtime import (
 )
 from core.sandbox import LocalSandbox, Sandbox, choose_sandbox
 from core.sandbox.base import branch_problem
+from core.starts import StartGate
 from core.storage import Database, EventLogUnavailable, EventWriter, private_dir
 from core.tables import events, idempotency, loops, turns
 from core.tasks import spawn
@@ -147,6 +150,13 @@ class Engine:
         self._runtimes: dict[str, LoopRuntime] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self.quotas = Quotas(settings, self._runtimes)
+        self.starts = StartGate(settings.max_starting)
+        # Replicas share one database: the rate limit counts across them (core/rates.py).
+        self.rates = (
+            SharedRates(self.db, settings.rate_limit_per_minute)
+            if clustered(self.db.engine)
+            else None
+        )
         self._purger: asyncio.Task[None] | None = None
         # Runtimes dropped from memory giving back their unused event ids.
         self._releases: set[asyncio.Task[None]] = set()
@@ -190,6 +200,8 @@ class Engine:
         if self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
         await self.writer.close()
+        if self.rates is not None:
+            await self.rates.close()
         await self.sandbox.close()
         await self.db.close()
 
@@ -440,6 +452,7 @@ class Engine:
             sandbox=self.sandbox,
             agent_env=agent_env_from(os.environ, os.geteuid() == 0),
             forget=self._forget,
+            starts=self.starts,
             budget_gate=self._budget_gate if self.settings.budgets.any else None,
         )
 

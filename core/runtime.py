@@ -39,6 +39,7 @@ from core.ids import new_id, utcnow
 from core.sandbox import AgentHost, Sandbox, SandboxSpec
 from core.share import SERVER as SHARE_SERVER
 from core.share import SHARE_TOOL, share_server
+from core.starts import StartGate
 from core.storage import TRANSIENT, Database, EventWriter
 from core.tables import loops, turns
 from core.tasks import spawn
@@ -69,6 +70,8 @@ class Context:
     sandbox: Sandbox
     agent_env: dict[str, str]
     forget: Callable[[LoopRuntime], None]
+    # The engine's bound on agents cold-starting at once (LOOPBRIDGE_MAX_STARTING).
+    starts: StartGate
     # Set when budgets are configured: asked again before a queued turn starts.
     budget_gate: BudgetGate | None = None
 
@@ -518,6 +521,12 @@ class LoopRuntime:
     async def _ensure_agent(self, permission_mode: str) -> bool:
         if self.agent is not None and self.agent.alive:
             return False
+        # Hook (issue 12): cold starts are bounded per replica (LOOPBRIDGE_MAX_STARTING);
+        # the others queue here.
+        async with self.ctx.starts.slot():
+            return await self._start_agent(permission_mode)
+
+    async def _start_agent(self, permission_mode: str) -> bool:
         spec = sandbox_spec(
             self.ctx.settings, self.id, self._agent_env(), self.spec.repo, self.spec.branch
         )

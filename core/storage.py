@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from core.advisory import MIGRATIONS_LOCK, clustered, lock_transaction
 from core.errors import SettingsError
 from core.tables import events
 from core.tasks import spawn
@@ -99,6 +100,10 @@ class Database:
         if self.sqlite_file is not None:
             private_sqlite_files(self.sqlite_file)
         async with self.engine.begin() as conn:
+            if clustered(self.engine):
+                # Replicas starting together migrate one at a time: the later ones wait
+                # here, then find the schema already new.
+                await lock_transaction(conn, MIGRATIONS_LOCK)
             await conn.run_sync(_upgrade)
 
     async def close(self) -> None:

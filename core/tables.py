@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -139,4 +140,13 @@ audit = Table(
     Column("person_name", String(200), nullable=True),
     Column("source", String(64), nullable=True),
     Column("detail", JSON, nullable=False),
+)
+
+# Requests per rate-limit key (a user) per minute, counted by every replica on PostgreSQL.
+rate_windows = Table(
+    "rate_windows",
+    metadata,
+    Column("key", String(300), primary_key=True),
+    Column("minute", BigInteger, primary_key=True),  # minutes since the epoch
+    Column("count", Integer, nullable=False),
 )

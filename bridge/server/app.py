@@ -160,7 +160,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     settings = engine.settings
     app.state.auth = Authenticator(
         engine.accounts,
-        RateLimiter(settings.rate_limit_per_minute),
+        RateLimiter(settings.rate_limit_per_minute, engine.rates),
         LoginThrottle(settings.login_failures_per_name, settings.login_failures_per_address),
     )
 

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from core.errors import EngineError
-from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
+from core.sandbox.base import AgentHost, Sandbox, SandboxSpec, write_script
 from core.sandbox.image import run
 from core.sandbox.users import AGENT_USER, AgentUser, agent_user, give_tree
 
@@ -88,8 +88,7 @@ class LocalSandbox(Sandbox):
 
     async def start(self) -> None:
         self.launcher.parent.mkdir(parents=True, exist_ok=True)
-        self.launcher.write_text(f"#!{sys.executable} -S\n{LAUNCHER}")
-        self.launcher.chmod(0o755)
+        write_script(self.launcher, f"#!{sys.executable} -S\n{LAUNCHER}")
         self.user = await agent_user()
         if self.user is not None:
             await self.try_view()

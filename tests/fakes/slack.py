@@ -176,6 +176,7 @@ class FakeSlack:
         self._ids = itertools.count(1)
         self._buckets: dict[str, tuple[float, float]] = {}
         self._sockets: list[web.WebSocketResponse] = []
+        self.most_connections = 0  # Socket Mode connections open at once, at most
         self._connected = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._http: ClientSession | None = None
@@ -208,6 +209,11 @@ class FakeSlack:
 
     async def wait_connected(self, seconds: float = 10) -> None:
         await asyncio.wait_for(self._connected.wait(), seconds)
+
+    @property
+    def connections(self) -> int:
+        """Socket Mode connections open now."""
+        return len(self._sockets)
 
     async def drop_socket(self) -> None:
         """Close every Socket Mode connection (the app is expected to reconnect)."""
@@ -621,6 +627,7 @@ class FakeSlack:
         socket = web.WebSocketResponse(autoping=True)
         await socket.prepare(request)
         self._sockets.append(socket)
+        self.most_connections = max(self.most_connections, len(self._sockets))
         await socket.send_str(json.dumps({
             "type": "hello", "num_connections": len(self._sockets),
             "connection_info": {"app_id": self.app_id},
