@@ -196,7 +196,9 @@ async def _start_adapters(engine: Engine, app: Any) -> list[_Embedded]:
         await engine.accounts.ensure_user(platform)
         info, token = await engine.accounts.create_token(platform, label)
         embedded = _Embedded(platform, info.token_id)
-        start = functools.partial(start_on, app, token)
+        # A start that fails for good revokes the token at once (adapters/runner.py).
+        revoke = functools.partial(engine.accounts.revoke_token, info.token_id)
+        start = functools.partial(start_on, app, token, revoke)
         try:
             adapter = await start()
         except AdapterSettingsError as exc:
@@ -223,12 +225,12 @@ async def _stop_adapters(engine: Engine, adapters: list[_Embedded]) -> None:
 
 def _adapters_configured() -> bool:
     """Whether any embedded adapter has its settings (a wrong one stops `serve` here)."""
-    from adapters.discord.runner import load_discord_settings
+    from adapters.discord.settings import DiscordSettings
     from adapters.settings import AdapterSettingsError
-    from adapters.slack.runner import load_slack_settings
+    from adapters.slack.settings import SlackSettings
 
     try:
-        return load_slack_settings().configured or load_discord_settings().configured
+        return SlackSettings.load().configured or DiscordSettings.load().configured
     except AdapterSettingsError as exc:
         raise SettingsError(str(exc)) from None
 
