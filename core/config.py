@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
@@ -18,10 +18,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from bridge.contract.models import PermissionMode
 from core.errors import EngineError, SettingsError
 
-PermissionMode = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk", "auto"]
-PERMISSION_MODES: tuple[str, ...] = PermissionMode.__args__
+PERMISSION_MODES: tuple[str, ...] = get_args(PermissionMode)
 MiB = 1024 * 1024
 ENV_PREFIX = "LOOPBRIDGE_"
 
