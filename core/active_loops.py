@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -21,6 +22,11 @@ from core.storage import Database, EventWriter
 from core.tables import events, loops
 from core.tasks import spawn
 from core.turn import LoopSpec
+
+# The row an owner check read for this request (the server checks the owner before it
+# reads the body): the send that follows starts the loop's runtime from it instead of
+# reading it again. Used once; a row changed since is caught where the runtime starts.
+_checked: ContextVar[Any] = ContextVar("checked_loop_row", default=None)
 
 
 class ActiveLoops:
@@ -51,15 +57,20 @@ class ActiveLoops:
         """`loop_not_found` or `not_loop_owner`, answered from memory when the loop is active."""
         runtime = self.runtimes.get(loop_id(raw_id))
         if runtime is None or runtime.spec.owner != user:
-            await self.store.owned_row(user, raw_id)
+            _checked.set(await self.store.owned_row(user, raw_id))
 
     async def owned(self, user: str, raw_id: str) -> LoopRuntime:
         """The loop's runtime, after the owner check (from memory when the loop is active;
-        else the row the check reads is the one the runtime starts from)."""
-        runtime = self.runtimes.get(loop_id(raw_id))
+        else the row the owner check read is the one the runtime starts from)."""
+        loop = loop_id(raw_id)
+        runtime = self.runtimes.get(loop)
         if runtime is not None and runtime.spec.owner == user:
             return runtime
-        return await self.open(await self.store.owned_row(user, raw_id))
+        row = _checked.get()
+        _checked.set(None)
+        if row is None or row.id != loop or row.created_by != user:
+            row = await self.store.owned_row(user, raw_id)
+        return await self.open(row)
 
     async def open(self, row: Any) -> LoopRuntime:
         """The runtime of the loop whose (owner-checked) row this is, started if need be."""

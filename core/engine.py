@@ -206,7 +206,7 @@ class Engine:
 
     async def watch(self, user: str, raw_id: str, last_event_id: int | None = None) -> EventStream:
         """Every event of the loop from now on (or after `last_event_id`), until closed."""
-        runtime = await self.active.open(await self.store.owned_row(user, raw_id))
+        runtime = await self.active.owned(user, raw_id)
         return await self.streams.watch(runtime, last_event_id)
 
     async def history(
