@@ -65,7 +65,11 @@ class Engine:
         self.quotas = Quotas(settings, self._runtimes)
         self.streams = Streams(self.db, self.writer, self.active)
         self.turns = Turns(
-            settings, self.db, self.active, self.streams, self.quotas,
+            settings,
+            self.db,
+            self.active,
+            self.streams,
+            self.quotas,
             lambda loop: self.sandbox.workdir(loop),
         )
         if settings.budgets.any:

@@ -120,7 +120,10 @@ class History:
         await self.active.usage_saved()
         query = (
             select(
-                turns.c.loop_id, turns.c.author_id, turns.c.ended_at, loops.c.created_by,
+                turns.c.loop_id,
+                turns.c.author_id,
+                turns.c.ended_at,
+                loops.c.created_by,
                 *USAGE_COLUMNS,
             )
             .select_from(turns.join(loops, turns.c.loop_id == loops.c.id))

@@ -45,8 +45,14 @@ async def record(
 ) -> None:
     await conn.execute(
         INSERT_IDEMPOTENCY,
-        {"user_id": user, "key": key, "request_hash": request_hash, "loop_id": loop,
-         "turn_id": turn_id, "created_at": utcnow()},
+        {
+            "user_id": user,
+            "key": key,
+            "request_hash": request_hash,
+            "loop_id": loop,
+            "turn_id": turn_id,
+            "created_at": utcnow(),
+        },
     )
 
 

@@ -71,7 +71,16 @@ class LoopStore:
             branch = branch or self.settings.repos[repo].branch
         now = utcnow()
         loop = Loop(
-            new_id("loop"), title, now, user, False, None, metadata or {}, profiles, vault, repo,
+            new_id("loop"),
+            title,
+            now,
+            user,
+            False,
+            None,
+            metadata or {},
+            profiles,
+            vault,
+            repo,
             branch,
             active_at=now,
         )

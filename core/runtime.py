@@ -393,10 +393,19 @@ class LoopRuntime:
             if block.id in turn.tool_calls:
                 continue
             summary = sdk.summarize_input(block.name, block.input)
-            data = {"tool_use_id": block.id, "tool": block.name, "input_summary": summary,
-                    "input": tool_record.clipped_input(block.input)}
-            call = {**data, "ok": None, "output": None, "diff": None,
-                    "text_offset": turn.text_length}
+            data = {
+                "tool_use_id": block.id,
+                "tool": block.name,
+                "input_summary": summary,
+                "input": tool_record.clipped_input(block.input),
+            }
+            call = {
+                **data,
+                "ok": None,
+                "output": None,
+                "diff": None,
+                "text_offset": turn.text_length,
+            }
             turn.tool_calls[block.id] = call
             turn.tool_inputs[block.id] = block.input
             call["event_id"] = self.events.emit(ToolCallEvent.model_validate(data), turn.id)

@@ -85,7 +85,14 @@ class Turns:
         turn: Turn | None = None
         try:
             turn, earlier = await self._record(
-                user, runtime, content, mode, idempotency_key, request_hash, admission, author,
+                user,
+                runtime,
+                content,
+                mode,
+                idempotency_key,
+                request_hash,
+                admission,
+                author,
                 attached,
             )
         except BudgetRefused as refused:
@@ -131,7 +138,11 @@ class Turns:
             if self.settings.budgets.any:
                 person = (author or {}).get("id") or user
                 refusal = await budgets.check(
-                    conn, self.settings.budgets, user=user, author=person, loop=runtime.id,
+                    conn,
+                    self.settings.budgets,
+                    user=user,
+                    author=person,
+                    loop=runtime.id,
                     now=utcnow(),
                 )
                 if refusal is not None:
@@ -171,11 +182,20 @@ class Turns:
         self, refusal: Refusal, user: str, author: Author | None, loop: str, turn_id: str | None
     ) -> None:
         metrics.BUDGET_REFUSALS.labels(refusal.budget).inc()
-        detail = {"budget": refusal.budget, "cap_usd": refusal.cap, "spent_usd": refusal.spent,
-                  "message": refusal.message}
+        detail = {
+            "budget": refusal.budget,
+            "cap_usd": refusal.cap,
+            "spent_usd": refusal.spent,
+            "message": refusal.message,
+        }
         person = author if author and author.get("id") else {"id": user}
         await audit.record(
-            self.db, "budget", user=user, loop=loop, turn_id=turn_id, person=person,
+            self.db,
+            "budget",
+            user=user,
+            loop=loop,
+            turn_id=turn_id,
+            person=person,
             detail=detail,
         )
 
@@ -197,13 +217,21 @@ class Turns:
         turn, choice, answer = runtime.answer(choice_id, body, source, by)
         detail: dict[str, Any] = {"choice_id": choice.id, "answer": answer}
         if choice.kind == "permission":
-            detail |= {"tool": choice.payload["tool"],
-                       "input_summary": choice.payload["input_summary"]}
+            detail |= {
+                "tool": choice.payload["tool"],
+                "input_summary": choice.payload["input_summary"],
+            }
         else:
             detail["questions"] = [q.get("question") for q in choice.payload["questions"]]
         await audit.record(
-            self.db, choice.kind, user=user, loop=loop, turn_id=turn.id,
-            person=by or {"id": user}, source=source, detail=detail,
+            self.db,
+            choice.kind,
+            user=user,
+            loop=loop,
+            turn_id=turn.id,
+            person=by or {"id": user},
+            source=source,
+            detail=detail,
         )
 
     async def interrupt(self, user: str, loop: str, source: str, by: Author | None) -> None:
@@ -213,6 +241,11 @@ class Turns:
             await runtime.interrupt()
         if turn is not None:
             await audit.record(
-                self.db, "interrupt", user=user, loop=loop, turn_id=turn.id,
-                person=by or {"id": user}, source=source,
+                self.db,
+                "interrupt",
+                user=user,
+                loop=loop,
+                turn_id=turn.id,
+                person=by or {"id": user},
+                source=source,
             )

@@ -60,7 +60,10 @@ async def test_the_queue_hands_out_turns_in_order_when_ready() -> None:
 def test_a_typed_event_becomes_its_name_and_data_once() -> None:
     delta = make_event(AssistantDeltaEvent(text="hi"), 7, "turn_x")
     assert (delta.name, delta.data, delta.seq, delta.turn_id) == (
-        "assistant_delta", {"text": "hi"}, 7, "turn_x",
+        "assistant_delta",
+        {"text": "hi"},
+        7,
+        "turn_x",
     )
     result = make_event(ToolResultEvent(tool_use_id="t1", ok=True, output="done"), 8)
     assert json.loads(result.json) == {"tool_use_id": "t1", "ok": True, "output": "done"}
