@@ -20,7 +20,10 @@ class TurnQueue:
 
     def put(self, turn: Turn) -> None:
         self._turns.append(turn)
-        self._changed.set()
+        # The worker looks on the event loop's next pass, not at once: the request that
+        # queued the turn starts its stream first, behind the watchers already waiting, as
+        # every reader that comes later is (bench/README.md, fan-out: watchers vs sender).
+        asyncio.get_running_loop().call_soon(self._changed.set)
 
     def wake(self) -> None:
         """Something `take`'s condition reads changed: look again."""
