@@ -330,18 +330,18 @@ def trace_stalls(home: Path) -> asyncio.Task[None]:
             if took >= 0.002 or info["generation"] == 2:
                 note(stall(f"server gc gen{info['generation']} ({info['collected']} freed)", took))
 
-    from core.runtime import LoopRuntime
+    from core.emitter import Emitter
 
-    publish = LoopRuntime._publish
+    publish = Emitter.publish
 
-    def published(runtime: LoopRuntime, name: str, data: dict[str, Any], turn_id: Any) -> None:
+    def published(emitter: Emitter, name: str, data: dict[str, Any], turn_id: Any) -> None:
         # When the engine got each stamped delta from the agent: the CLI's share of the lag.
         if name == "assistant_delta":
             received.write(json.dumps([time.time(), data["text"]]) + "\n")
-        publish(runtime, name, data, turn_id)
+        publish(emitter, name, data, turn_id)
 
     received = (home / "received.jsonl").open("a", buffering=1)
-    LoopRuntime._publish = published  # type: ignore[method-assign]
+    Emitter.publish = published  # type: ignore[method-assign]
     gc.callbacks.append(collected)
     return asyncio.create_task(watch_loop(note, "server's event loop late"))
 

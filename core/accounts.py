@@ -231,7 +231,7 @@ class Accounts:
         until = time.monotonic() + self._trust_seconds
         self._trusted[digest] = _Trusted(row.id, row.user_id, until)
         await self._touch(row.id)
-        return row.user_id
+        return str(row.user_id)
 
     async def _touch(self, token_id: str) -> None:
         now = utcnow()

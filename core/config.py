@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
@@ -22,7 +22,7 @@ from pydantic_settings import (
 from bridge.contract.models import PermissionMode
 from core.errors import EngineError, SettingsError
 
-PERMISSION_MODES: tuple[str, ...] = PermissionMode.__args__
+PERMISSION_MODES: tuple[str, ...] = get_args(PermissionMode)
 MiB = 1024 * 1024
 ENV_PREFIX = "LOOPBRIDGE_"
 

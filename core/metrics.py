@@ -11,7 +11,7 @@ from collections.abc import Callable
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 # The `_created` series double every counter's lines for little use.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client's own
 
 # Seconds: a warm first delta is ~50 ms, a cold start ~1 s, a loaded one a few.
 FIRST_DELTA_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)

@@ -43,6 +43,7 @@ from podman.errors import APIError, ImageNotFound, NotFound
 from core.config import Settings
 from core.errors import EngineError
 from core.sandbox.base import AgentHost, Sandbox, SandboxSpec, write_script
+from core.sandbox.env import python_prefixes
 from core.sandbox.image import (
     RECIPE_LABEL,
     build_image,
@@ -96,7 +97,7 @@ LAUNCHER = """\
 import ctypes, os, signal, sys
 ctypes.CDLL(None).prctl({pdeathsig}, signal.SIGTERM)
 keep = set(os.environ.get("LOOPBRIDGE_AGENT_ENV", "").split())
-prefixes = ("CLAUDE_CODE_", "CLAUDE_AGENT_SDK_", "ANTHROPIC_")
+prefixes = {prefixes}
 names = sorted(k for k in os.environ if k in keep or k.startswith(prefixes))
 own = {{"PATH": {path!r}, "CONTAINERS_CONF": {conf!r}}}
 env = {{**os.environ, **own}}
@@ -232,7 +233,7 @@ class PodmanSandbox(Sandbox):
                 await asyncio.gather(*(self.discard(c) for c in made))
             except (APIError, OSError) as exc:  # requests' errors are OSErrors
                 log.warning("could not remove the sandboxes: %s", exc)
-            self.client.close()
+            self.client.close()  # type: ignore[no-untyped-call]  # podman-py's own
             self.client = None
         if self.watchdog is not None:
             await stop_watchdog(self.watchdog)
@@ -290,6 +291,7 @@ class PodmanSandbox(Sandbox):
             workdir=WORKDIR,
             cli=f"{CLI_DIR}/{self.cli_path.name}",
             pdeathsig=PR_SET_PDEATHSIG,
+            prefixes=python_prefixes(),
         )
         self.launcher.parent.mkdir(parents=True, exist_ok=True)
         write_script(self.launcher, f"#!{sys.executable} -S\n{text}")
