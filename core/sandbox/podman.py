@@ -260,6 +260,9 @@ class PodmanSandbox(Sandbox):
                 stdout=log_file,
                 stderr=log_file,
                 env=podman_env(),
+                # conmon, started by the service, writes an `oom` file into its working
+                # directory when a container runs out of memory: keep that in the data dir.
+                cwd=self.data_dir,
                 # Its own session, so a Ctrl-C in the terminal does not stop it before
                 # `close` has stopped the containers through it; and it ends with this
                 # process even when `close` never runs (SIGKILL).
