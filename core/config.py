@@ -7,6 +7,7 @@ live; environment variables win over the file for the scalar settings.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -117,6 +118,10 @@ class Settings(BaseSettings):
     metrics: bool = True
     metrics_token: SecretStr | None = None
     log_format: Literal["text", "json"] = "text"
+    # Several replicas [ext] (docs/deploy.md): this replica's name among them, and the URL
+    # the others reach it at (serve derives it from its listener when unset).
+    replica_id: str = Field(default_factory=socket.gethostname)  # LOOPBRIDGE_REPLICA_ID
+    internal_url: str | None = None  # LOOPBRIDGE_INTERNAL_URL
 
     @classmethod
     def settings_customise_sources(

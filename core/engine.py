@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import claude_agent_sdk
 from sqlalchemy import and_, delete, func, insert, or_, select, update
@@ -41,6 +41,9 @@ from core.storage import Database, EventLogUnavailable, EventWriter, private_dir
 from core.tables import events, idempotency, loops, turns
 from core.tasks import spawn
 from core.usage import Usage, UsageSum, day_key, group
+
+if TYPE_CHECKING:
+    from core.replicas import Replicas
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,13 @@ class Engine:
         # Runtimes dropped from memory giving back their unused event ids.
         self._releases: set[asyncio.Task[None]] = set()
         self.ready = False
+        # [ext] Several replicas: on PostgreSQL, loops have one owner among the replicas
+        # (core/replicas). None on SQLite: nothing of it touches the single process.
+        self.replicas: Replicas | None = None
+        if self.db.engine.dialect.name == "postgresql":
+            from core.replicas import Replicas
+
+            self.replicas = Replicas(self)
 
     @property
     def cli_path(self) -> Path:
@@ -165,6 +175,8 @@ class Engine:
         await self.db.migrate()
         self.writer.start()
         await self.sandbox.start()
+        if self.replicas is not None:
+            await self.replicas.start()
         await self._recover()
         self._purger = spawn(self._purge_idempotency(), "idempotency-purge")
         metrics.watch_engine(self._agents_running, self._streams_open, self._choices_pending)
@@ -190,6 +202,8 @@ class Engine:
         if self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
         await self.writer.close()
+        if self.replicas is not None:  # after the writer: the last events are in the log
+            await self.replicas.close()
         await self.sandbox.close()
         await self.db.close()
 
@@ -206,42 +220,13 @@ class Engine:
 
     async def _recover(self) -> None:
         """Turns a stopped server left open end with an `error` event, in the log too; their
-        history keeps what the log holds of them. The error takes an id above every id
-        the stopped server may have published (its reservation)."""
+        history keeps what the log holds of them. [ext] With several replicas, only the
+        loops whose owner is gone (core/replicas) are touched."""
+        if self.replicas is not None:
+            await self.replicas.recover()
+            return
         async with self.db.write() as conn:
-            rows = (
-                await conn.execute(
-                    select(turns.c.id, turns.c.loop_id)
-                    .where(turns.c.ended.in_(("queued", "running")))
-                    .order_by(turns.c.loop_id, turns.c.number)
-                )
-            ).all()
-            for row in rows:
-                seq = await _newest_id(conn, row.loop_id) + 1
-                data = {"code": "agent_failed", "message": SERVER_STOPPED, "turn_id": row.id}
-                await conn.execute(
-                    insert(events).values(
-                        loop_id=row.loop_id,
-                        seq=seq,
-                        turn_id=row.id,
-                        name="error",
-                        data=json.dumps(data, separators=(",", ":")),
-                    )
-                )
-                await conn.execute(
-                    update(loops).where(loops.c.id == row.loop_id).values(event_id_reserved=seq)
-                )
-                logged = await _logged_turn(conn, row.id)
-                await conn.execute(
-                    update(turns)
-                    .where(turns.c.id == row.id)
-                    .values(
-                        ended="error",
-                        error={"code": "agent_failed", "message": SERVER_STOPPED},
-                        ended_at=utcnow(),
-                        **logged,
-                    )
-                )
+            await end_open_turns(conn)
 
     # ---- loops ----------------------------------------------------------------------
 
@@ -403,6 +388,8 @@ class Engine:
         async with lock:
             runtime = self._runtimes.get(row.id)
             if runtime is None:
+                if self.replicas is not None:  # [ext] only the loop's owner runs it
+                    await self.replicas.claim(row.id)
                 # Numbering goes on above every id that may have been published (a runtime
                 # dropped or a server killed may have published more than the log holds),
                 # and the next block of ids is reserved before any is used.
@@ -686,6 +673,9 @@ class Engine:
     async def watch(self, user: str, raw_id: str, last_event_id: int | None = None) -> EventStream:
         """Every event of the loop from now on (or after `last_event_id`), until closed."""
         row = await self._owned_row(user, raw_id)
+        if self.replicas is not None and row.id not in self._runtimes:
+            # [ext] a loop this replica does not run is followed in the shared event log
+            return await self.replicas.follow(row.id, last_event_id)
         runtime = await self._runtime(row)
         if last_event_id is not None and last_event_id > runtime.seq:
             raise EngineError(
@@ -895,6 +885,44 @@ def _through_terminal(batch: list[Event]) -> list[Event]:
         if event.terminal:
             return batch[: index + 1]
     return batch
+
+
+async def end_open_turns(conn: Any, loop: str | None = None) -> list[str]:
+    """End the open turns (of every loop, or of one) that no runtime runs any more with an
+    `error` event, in the log too; their history keeps what the log holds of them. Each
+    error takes an id above every id the stopped runtime may have published (its
+    reservation). The ids of the loops touched."""
+    query = select(turns.c.id, turns.c.loop_id).where(turns.c.ended.in_(("queued", "running")))
+    if loop is not None:
+        query = query.where(turns.c.loop_id == loop)
+    rows = (await conn.execute(query.order_by(turns.c.loop_id, turns.c.number))).all()
+    for row in rows:
+        seq = await _newest_id(conn, row.loop_id) + 1
+        data = {"code": "agent_failed", "message": SERVER_STOPPED, "turn_id": row.id}
+        await conn.execute(
+            insert(events).values(
+                loop_id=row.loop_id,
+                seq=seq,
+                turn_id=row.id,
+                name="error",
+                data=json.dumps(data, separators=(",", ":")),
+            )
+        )
+        await conn.execute(
+            update(loops).where(loops.c.id == row.loop_id).values(event_id_reserved=seq)
+        )
+        logged = await _logged_turn(conn, row.id)
+        await conn.execute(
+            update(turns)
+            .where(turns.c.id == row.id)
+            .values(
+                ended="error",
+                error={"code": "agent_failed", "message": SERVER_STOPPED},
+                ended_at=utcnow(),
+                **logged,
+            )
+        )
+    return sorted({row.loop_id for row in rows})
 
 
 async def _newest_id(conn: Any, loop: str) -> int:

@@ -1,0 +1,196 @@
+"""[ext] Following a loop's event log from a replica that does not run the loop.
+
+The event log is the source of truth: the owner writes each loop's events in order, and
+every insert's transaction sends a PostgreSQL `NOTIFY` naming the loop. Readers here wait
+on one `LISTEN` connection per replica and read the rows after the last id they passed,
+in order, so ids, order and gaps are the owner's; a poll now and then covers a
+notification lost while the listening connection was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import func, make_url, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.events import Event
+from core.storage import Database, backoff
+from core.tables import events, loops
+from core.tasks import spawn
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "loopbridge_events"
+NOTIFY = text("SELECT pg_notify(:channel, l) FROM unnest(CAST(:loops AS text[])) AS l")
+# A reader re-reads the log at least this often, notified or not.
+POLL_SECONDS = 1.0
+READ_BATCH = 500
+SNAPSHOT_EVENTS = ("started", "assistant_delta", "requires_choice", "choice_resolved")
+
+
+async def notify(conn: AsyncConnection, loop_ids: list[str]) -> None:
+    """Wake the readers of these loops on every replica once this transaction commits."""
+    await conn.execute(NOTIFY, {"channel": CHANNEL, "loops": loop_ids})
+
+
+class LogFollower:
+    """This replica's `LISTEN` connection and the readers it wakes."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        url = make_url(db.url).set(drivername="postgresql")
+        self._dsn = url.render_as_string(hide_password=False)
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = spawn(self._listen(), "replicas: listen")
+        with contextlib.suppress(TimeoutError):  # readers poll meanwhile
+            async with asyncio.timeout(5):
+                await self.listening.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _listen(self) -> None:
+        import asyncpg  # the postgres extra's driver, present whenever replicas run
+
+        failures = 0
+        while True:
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self._dsn)
+            except (OSError, asyncpg.PostgresError) as exc:
+                failures += 1
+                log.warning("replicas: cannot listen for new events: %s", exc)
+                await asyncio.sleep(backoff(failures))
+                continue
+            try:
+                conn.add_termination_listener(lambda _conn, ended=lost: ended.set())
+                await conn.add_listener(CHANNEL, self._notified)
+                failures = 0
+                self.listening.set()
+                await lost.wait()
+                log.warning("replicas: the listening connection ended; listening again")
+            finally:
+                self.listening.clear()
+                self._wake_all()  # what was missed meanwhile is read now
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=2)
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        wake = self._wakes.pop(payload, None)
+        if wake is not None:
+            wake.set()
+
+    def _wake_all(self) -> None:
+        wakes, self._wakes = self._wakes, {}
+        for wake in wakes.values():
+            wake.set()
+
+    async def read(self, loop: str, after: int) -> list[Event]:
+        query = (
+            select(events)
+            .where(events.c.loop_id == loop, events.c.seq > after)
+            .order_by(events.c.seq)
+            .limit(READ_BATCH)
+        )
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Event.from_row(r.name, r.data, r.seq, r.turn_id) for r in rows]
+
+    async def stream(
+        self, loop: str, after: int, start: list[Event], turn_id: str | None = None
+    ) -> AsyncIterator[list[Event]]:
+        """The loop's events after `after` as the log gets them, until the reader leaves;
+        with `turn_id`, that turn's alone, through its terminal event."""
+        if start:
+            yield start
+        while True:
+            # Taken before the read: a notification that comes during it is not missed.
+            wake = self._wakes.setdefault(loop, asyncio.Event())
+            batch = await self.read(loop, after)
+            if batch:
+                after = batch[-1].seq or after
+                if turn_id is not None:
+                    batch = _through_terminal([e for e in batch if e.turn_id == turn_id])
+                if batch:
+                    yield batch
+                    if turn_id is not None and batch[-1].terminal:
+                        return
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_SECONDS):
+                    await wake.wait()
+
+
+async def newest_id(conn: AsyncConnection, loop: str) -> int:
+    """The highest id the loop's owner may have published: its reservation or the log's."""
+    reserved = await conn.scalar(select(loops.c.event_id_reserved).where(loops.c.id == loop))
+    logged = await conn.scalar(
+        select(func.coalesce(func.max(events.c.seq), 0)).where(events.c.loop_id == loop)
+    )
+    return max(reserved or 0, logged or 0)
+
+
+async def snapshot(conn: AsyncConnection, loop: str) -> tuple[int, Event | None]:
+    """The log's newest id, and a `snapshot` of the turn running as of it (from the log: the
+    text so far and the pending choice), if one is."""
+    newest = await conn.scalar(
+        select(func.coalesce(func.max(events.c.seq), 0)).where(events.c.loop_id == loop)
+    )
+    started = (
+        await conn.execute(
+            select(events.c.turn_id, events.c.seq)
+            .where(events.c.loop_id == loop, events.c.name == "started")
+            .order_by(events.c.seq.desc())
+            .limit(1)
+        )
+    ).first()
+    if started is None:
+        return newest or 0, None
+    rows = (
+        await conn.execute(
+            select(events.c.name, events.c.data)
+            .where(events.c.loop_id == loop, events.c.turn_id == started.turn_id)
+            .where(events.c.seq >= started.seq, events.c.seq <= newest)
+            .order_by(events.c.seq)
+        )
+    ).all()
+    text_so_far: list[str] = []
+    pending: list[str] = []
+    for name, raw in rows:
+        if name in ("done", "interrupted", "error"):
+            return newest or 0, None
+        if name not in SNAPSHOT_EVENTS or name == "started":
+            continue
+        data = json.loads(raw)
+        if name == "assistant_delta":
+            text_so_far.append(data["text"])
+        elif name == "requires_choice":
+            pending.append(data["choice_id"])
+        elif data["choice_id"] in pending:
+            pending.remove(data["choice_id"])
+    data = {
+        "turn_id": started.turn_id,
+        "assistant_text_so_far": "".join(text_so_far),
+        "pending_choice_id": pending[0] if pending else None,
+    }
+    return newest or 0, Event.make("snapshot", data, newest, started.turn_id)
+
+
+def _through_terminal(batch: list[Event]) -> list[Event]:
+    for index, event in enumerate(batch):
+        if event.terminal:
+            return batch[: index + 1]
+    return batch
