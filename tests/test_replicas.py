@@ -1,0 +1,265 @@
+"""[ext] Several replicas: three real `loopbridge serve` processes on one PostgreSQL database
+and one data directory, the real agent CLI against the stand-in model.
+
+The replicas start once for the module; the last test kills one of them."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from bridge.standin import StandinModel
+from tests.polling import until
+from tests.postgres import Postgres, unavailable
+from tests.replicas import Cluster, processes_in
+from tests.sse import TERMINAL, Ev, events, names, text_of, turn
+
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+
+# What the contract promises: a dead replica's turns end within this, on every stream.
+FAILOVER_SECONDS = 15.0
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def cluster(standin: StandinModel) -> AsyncIterator[Cluster]:
+    # Not under pytest's tmp dir: that is private to root, and PostgreSQL runs as postgres.
+    pg_root = Path(tempfile.mkdtemp(prefix="loopbridge-pg-"))
+    root = Path(tempfile.mkdtemp(prefix="loopbridge-replicas-"))
+    server = Postgres(pg_root)
+    running = Cluster(root / "home", server.start())
+    try:
+        await running.create_token()
+        await running.start("a", "b", "c")  # at once, on a database with no schema yet
+        yield running
+    finally:
+        await running.stop()
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(pg_root, ignore_errors=True)
+
+
+async def new_loop(http: httpx.AsyncClient, **body: object) -> str:
+    r = await http.post("/loops", json=body)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+async def watch_until(
+    http: httpx.AsyncClient, loop: str, ends: int = 1, headers: dict[str, str] | None = None,
+    opened: asyncio.Event | None = None,
+) -> list[Ev]:
+    """A watcher's events (pings left out) through the `ends`-th terminal event."""
+    seen: list[Ev] = []
+
+    async def read() -> None:
+        async with httpx.AsyncClient(
+            base_url=http.base_url, headers=http.headers, timeout=60
+        ) as own:
+            async for ev in events(own, "GET", f"/loops/{loop}/events", headers=headers or {}):
+                if ev.name == "ping":
+                    continue
+                seen.append(ev)
+                if sum(e.name in TERMINAL for e in seen) == ends:
+                    return
+
+    task = asyncio.create_task(read())
+    if opened is not None:
+        opened.set()
+    await task
+    return seen
+
+
+def same(evs: list[Ev]) -> list[tuple[int | None, str, dict[str, object]]]:
+    return [(e.id, e.name, e.data) for e in evs]
+
+
+async def first_events(
+    http: httpx.AsyncClient, loop: str, content: str, count: int, **body: object
+) -> tuple[list[Ev], AsyncIterator[Ev]]:
+    """Send a message and read its first `count` events; the rest of the stream to go on."""
+    stream = events(http, "POST", f"/loops/{loop}/messages", json={"content": content, **body})
+    seen = [ev async for ev in _take(stream, count)]
+    return seen, stream
+
+
+async def _take(stream: AsyncIterator[Ev], count: int) -> AsyncIterator[Ev]:
+    taken = 0
+    async for ev in stream:
+        if ev.name == "ping":
+            continue
+        yield ev
+        taken += 1
+        if taken == count:
+            return
+
+
+async def choice_of(stream: AsyncIterator[Ev]) -> str:
+    async for ev in stream:
+        if ev.name == "requires_choice":
+            return str(ev.data["choice_id"])
+        assert ev.name not in TERMINAL, ev
+    raise AssertionError("the stream ended without a choice")
+
+
+async def rest_of(stream: AsyncIterator[Ev]) -> list[Ev]:
+    seen = []
+    async for ev in stream:
+        if ev.name == "ping":
+            continue
+        seen.append(ev)
+        if ev.name in TERMINAL:
+            break
+    return seen
+
+
+# ---- fan-out and forwarding ---------------------------------------------------------------
+
+
+async def test_create_on_a_send_on_b_watch_on_c(cluster: Cluster) -> None:
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    loop = await new_loop(a.http, title="three replicas")
+    # From the start of the log (id 0), so the watcher sees the whole turn however late
+    # it connects.
+    watcher = asyncio.create_task(watch_until(c.http, loop, headers={"Last-Event-ID": "0"}))
+    sent = await turn(b.http, loop, "hello")
+    watched = await asyncio.wait_for(watcher, 30)
+    assert names(sent)[-1] == "done" and text_of(sent) == "Echo #1: hello"
+    assert same(watched) == same(sent)
+    # A second turn through the third replica numbers on from the first.
+    again = await turn(c.http, loop, "again")
+    assert text_of(again) == "Echo #2: again"
+    assert again[0].id is not None and sent[-1].id is not None and again[0].id > sent[-1].id
+    for replica in (a, b, c):
+        detail = (await replica.http.get(f"/loops/{loop}")).json()
+        assert detail["turn_count"] == 2 and detail["busy"] is False
+        history = (await replica.http.get(f"/loops/{loop}/messages")).json()["data"]
+        assert [h["assistant_text"] for h in history] == ["Echo #1: hello", "Echo #2: again"]
+
+
+async def test_resume_and_replay_through_another_replica(
+    cluster: Cluster, standin: StandinModel
+) -> None:
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    loop = await new_loop(a.http)
+    key = {"Idempotency-Key": "replicas-replay"}
+    before = len(standin.main_requests())
+    sent = await turn(a.http, loop, "once", headers=key)
+    assert text_of(sent) == "Echo #1: once"
+    assert len(standin.main_requests()) == before + 1
+    replayed = await turn(c.http, loop, "once", headers=key)
+    assert same(replayed) == same(sent)
+    assert len(standin.main_requests()) == before + 1, "the model was called again"
+    # Resume on a replica that does not run the loop, from an id the owner's stream gave.
+    resume = {"Last-Event-ID": str(sent[1].id)}
+    resumed = await watch_until(b.http, loop, headers=resume)
+    assert same(resumed) == same(sent[2:])
+    r = await b.http.get(f"/loops/{loop}/events", headers={"Last-Event-ID": "99999999"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_last_event_id"
+
+
+async def test_two_sends_at_once_through_two_replicas_queue(
+    cluster: Cluster, standin: StandinModel
+) -> None:
+    a, b = cluster["a"], cluster["b"]
+    loop = await new_loop(a.http)
+    before = len(standin.main_requests())
+    first, second = await asyncio.gather(
+        turn(a.http, loop, "[[slow: 1]] first"), turn(b.http, loop, "second")
+    )
+    for evs in (first, second):
+        assert names(evs)[-1] == "done", names(evs)
+    assert "queued" in names(first) + names(second)
+    assert len(standin.main_requests()) == before + 2
+    history = (await b.http.get(f"/loops/{loop}/messages")).json()["data"]
+    assert sorted(h["user_text"] for h in history) == ["[[slow: 1]] first", "second"]
+    assert [h["ended"] for h in history] == ["done", "done"]
+
+
+async def test_choice_and_interrupt_through_a_non_owner(cluster: Cluster) -> None:
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    loop = await new_loop(a.http)
+    start, stream = await first_events(a.http, loop, "[[bash: echo ok > allowed.txt]]", 1)
+    assert names(start) == ["started"]
+    choice = await choice_of(stream)
+    r = await b.http.post(f"/loops/{loop}/choices/{choice}", json={"allow": True})
+    assert r.status_code == 202, r.text
+    rest = await rest_of(stream)
+    assert "choice_resolved" in names(rest) and names(rest)[-1] == "done"
+    r = await c.http.post(f"/loops/{loop}/choices/{choice}", json={"allow": True})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "choice_not_found"
+
+    # An interrupt through another replica ends the owner's running turn.
+    start, stream = await first_events(a.http, loop, "[[slow: 30]]", 2)
+    assert names(start) == ["started", "assistant_delta"]
+    # A watcher elsewhere that attaches mid-turn starts with a snapshot, from the log.
+    watch = events(b.http, "GET", f"/loops/{loop}/events")
+    snapshot = [ev async for ev in _take(watch, 1)][0]
+    await watch.aclose()
+    assert snapshot.name == "snapshot"
+    assert snapshot.data["turn_id"] == start[0].data["turn_id"]
+    assert snapshot.data["assistant_text_so_far"].startswith("slow 1/10.")
+    r = await c.http.post(f"/loops/{loop}/interrupt")
+    assert r.status_code == 202
+    rest = await asyncio.wait_for(rest_of(stream), 20)
+    assert names(rest)[-1] == "interrupted"
+
+
+async def test_archive_through_a_non_owner_stops_the_agent(cluster: Cluster) -> None:
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    loop = await new_loop(a.http)
+    assert names(await turn(a.http, loop, "hello"))[-1] == "done"
+    workdir = cluster.home.resolve() / "loops" / loop
+    assert processes_in(workdir), "no agent runs for the loop"
+    r = await b.http.delete(f"/loops/{loop}")
+    assert r.status_code == 204
+    await until(lambda: not processes_in(workdir), 20, "the agent to stop")
+    assert (await c.http.get(f"/loops/{loop}")).json()["archived"] is True
+    r = await c.http.post(f"/loops/{loop}/messages", json={"content": "more"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "loop_archived"
+
+
+async def test_forwarded_header_from_outside_means_nothing(cluster: Cluster) -> None:
+    a, b = cluster["a"], cluster["b"]
+    loop = await new_loop(a.http)
+    assert names(await turn(a.http, loop, "[[slow: 2]]hold"))[-1] == "done"  # a owns it
+    forged = {"X-Loopbridge-Forwarded": "0" * 64}
+    sent = await turn(b.http, loop, "still one owner", headers=forged)
+    assert text_of(sent) == "Echo #2: still one owner"
+
+
+# ---- failover (kills a replica: keep last) -------------------------------------------------
+
+
+async def test_kill_9_of_the_owner_mid_turn(cluster: Cluster) -> None:
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    loop = await new_loop(a.http)
+    assert text_of(await turn(a.http, loop, "one")) == "Echo #1: one"  # a owns the loop
+    opened = asyncio.Event()
+    watcher = asyncio.create_task(watch_until(b.http, loop, opened=opened))
+    await opened.wait()
+    # Sent through c, run on a: c relays a's stream.
+    start, stream = await first_events(c.http, loop, "[[slow: 60]]", 2)
+    assert names(start) == ["started", "assistant_delta"]
+    await cluster.kill("a")
+    killed = time.monotonic()
+    relayed = await asyncio.wait_for(rest_of(stream), FAILOVER_SECONDS + 5)
+    watched = await asyncio.wait_for(watcher, FAILOVER_SECONDS + 5)
+    took = time.monotonic() - killed
+    assert took < FAILOVER_SECONDS, f"the error came {took:.1f} s after the kill"
+    for evs in (relayed, watched):
+        assert evs[-1].name == "error" and evs[-1].data["code"] == "agent_failed", names(evs)
+    assert relayed[-1].id == watched[-1].id
+    # The next message runs on a survivor, in the same conversation.
+    after = await asyncio.wait_for(turn(b.http, loop, "three"), 60)
+    assert names(after)[-1] == "done", after
+    assert text_of(after).startswith("Echo #") and not text_of(after).startswith("Echo #1:")
+    history = (await c.http.get(f"/loops/{loop}/messages")).json()["data"]
+    assert [h["ended"] for h in history] == ["done", "error", "done"]
