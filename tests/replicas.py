@@ -61,7 +61,7 @@ class Cluster:
         return list(await asyncio.gather(*(self._start(name) for name in names)))
 
     async def _start(self, name: str) -> Replica:
-        log = open(self.home.parent / f"replica-{name}.log", "ab")  # noqa: SIM115 - the child's
+        log = open(self.home.parent / f"replica-{name}.log", "ab")  # noqa: ASYNC230, SIM115 - the child's
         try:
             process = await asyncio.create_subprocess_exec(
                 *LOOPBRIDGE, "serve", "--port", "0",

@@ -201,7 +201,7 @@ async def test_choice_and_interrupt_through_a_non_owner(cluster: Cluster) -> Non
     assert names(start) == ["started", "assistant_delta"]
     # A watcher elsewhere that attaches mid-turn starts with a snapshot, from the log.
     watch = events(b.http, "GET", f"/loops/{loop}/events")
-    snapshot = [ev async for ev in _take(watch, 1)][0]
+    (snapshot,) = [ev async for ev in _take(watch, 1)]
     await watch.aclose()
     assert snapshot.name == "snapshot"
     assert snapshot.data["turn_id"] == start[0].data["turn_id"]
