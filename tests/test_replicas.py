@@ -6,6 +6,7 @@ The replicas start once for the module; the last test kills one of them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import time
@@ -16,6 +17,9 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from bridge.client import LoopClient
+from bridge.contract.models import Author
+from bridge.server.net import listen
 from bridge.standin import StandinModel
 from tests.polling import until
 from tests.postgres import Postgres, unavailable
@@ -233,6 +237,121 @@ async def test_forwarded_header_from_outside_means_nothing(cluster: Cluster) -> 
     forged = {"X-Loopbridge-Forwarded": "0" * 64}
     sent = await turn(b.http, loop, "still one owner", headers=forged)
     assert text_of(sent) == "Echo #2: still one owner"
+
+
+# ---- behind a load balancer ------------------------------------------------------------------
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+HAPROXY_CONFIG = """
+global
+    maxconn 512
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    # Every request is balanced on its own: no stickiness of any kind.
+    option http-server-close
+frontend api
+    bind 127.0.0.1:{port}
+    default_backend replicas
+backend replicas
+    balance roundrobin
+{servers}
+"""
+
+
+@pytest.fixture
+def haproxy_port() -> int:
+    probe = listen("127.0.0.1", 0)
+    port = int(probe.getsockname()[1])
+    probe.close()
+    return port
+
+
+@pytest.mark.skipif(not Path(HAPROXY).is_file(), reason="haproxy is not installed")
+async def test_a_slack_style_session_through_haproxy_round_robin(
+    cluster: Cluster, haproxy_port: int
+) -> None:
+    servers = "\n".join(
+        f"    server {name} {cluster[name].url.removeprefix('http://')}" for name in ("a", "b")
+    )
+    config = cluster.home.parent / "haproxy.cfg"
+    config.write_text(HAPROXY_CONFIG.format(port=haproxy_port, servers=servers))
+    proxy = await asyncio.create_subprocess_exec(
+        HAPROXY, "-f", str(config), "-db",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{haproxy_port}"
+    try:
+        await wait_serving(base)
+        before = {name: await requests_served(cluster[name].url) for name in ("a", "b")}
+        async with LoopClient(base, cluster.token) as bot:
+            thread = {"slack_thread": "C123:1716.000100"}
+            loop = await bot.create_loop(title="a Slack thread", metadata=thread)
+            found = await bot.find_loop(thread)
+            assert found is not None and found.id == loop.id
+            watched: list[str] = []
+
+            async def watch() -> None:
+                async for event in bot.watch(loop.id, last_event_id=0):
+                    watched.append(event.event)
+
+            watcher = asyncio.create_task(watch())
+            try:
+                author = Author(id="slack:U1", name="Alice")
+                first = [e async for e in bot.send(loop.id, "hello", author=author)]
+                assert first[-1].event == "done"
+                # A question, answered by a click that lands on whichever replica.
+                asked = bot.send(loop.id, "[[ask]]", author=author)
+                async for event in asked:
+                    if event.event == "requires_choice":
+                        await bot.answer_choice(
+                            loop.id, event.data["choice_id"], answers={"q1": "Blue"}
+                        )
+                    last = event
+                assert last.event == "done"
+                # A permission, allowed the same way.
+                asked = bot.send(loop.id, "[[bash: echo ok > haproxy.txt]]", author=author)
+                async for event in asked:
+                    if event.event == "requires_choice":
+                        await bot.answer_choice(loop.id, event.data["choice_id"], allow=True)
+                    last = event
+                assert last.event == "done"
+                await until(lambda: watched.count("done") == 3, 30, "the watcher's three turns")
+            finally:
+                watcher.cancel()
+            history = (await bot.history(loop.id)).data
+            assert [h.ended for h in history] == ["done", "done", "done"]
+            assert "Blue" in history[1].assistant_text
+            assert (cluster.home / "loops" / loop.id / "work" / "haproxy.txt").read_text() == "ok\n"
+            assert [c.answer for c in history[2].choices] == [{"allow": True}]
+        for name in ("a", "b"):  # both replicas took part
+            assert await requests_served(cluster[name].url) > before[name], name
+    finally:
+        proxy.terminate()
+        await proxy.wait()
+
+
+async def wait_serving(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+        for _ in range(100):
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get("/healthz")).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise AssertionError("haproxy does not serve")
+
+
+async def requests_served(url: str) -> float:
+    """The replica's count of loop API requests answered, from its own /metrics."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        text = (await http.get("/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("loopbridge_http_requests_total{") and "/api/v1/loops" in line
+    )
 
 
 # ---- failover (kills a replica: keep last) -------------------------------------------------
