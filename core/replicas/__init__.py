@@ -62,6 +62,9 @@ class Replicas:
         self.log = LogFollower(engine.db)
         self._tasks: list[asyncio.Task[None]] = []
         self._renewed_at = time.monotonic()
+        # Claims and heartbeats take turns: a heartbeat giving back an idle loop's lease
+        # must not cross a claim that opens the loop again.
+        self._leases = asyncio.Lock()
 
     @property
     def url(self) -> str:
@@ -74,6 +77,7 @@ class Replicas:
         writer.on_insert = notify
         writer.linger = WRITE_LINGER_SECONDS
         await self.log.start()
+        self._renewed_at = time.monotonic()
         self._tasks = [
             spawn(self._every(HEARTBEAT_SECONDS, self._heartbeat), "replicas: heartbeat"),
             spawn(self._every(REAP_SECONDS, self._reap_expired), "replicas: reaper"),
@@ -115,7 +119,7 @@ class Replicas:
     async def claim(self, loop: str) -> None:
         """Make this replica the loop's owner (before its runtime is made here), taking over
         from an owner whose lease expired; `OwnedElsewhere` when a live one holds it."""
-        async with self.db.write() as conn:
+        async with self._leases, self.db.write() as conn:
             await lease.lock(conn, loop)
             found = await lease.read(conn, loop)
             if found is not None and not found.expired:
@@ -175,6 +179,10 @@ class Replicas:
     async def _heartbeat(self) -> None:
         """Renew the leases of the loops this replica runs, give back those it dropped, and
         step down from those another replica took over (fenced out)."""
+        async with self._leases:
+            await self._renew()
+
+    async def _renew(self) -> None:
         runtimes, opening = self.engine._runtimes, self.engine._opening
         keep = [loop for loop in self.held if loop in runtimes or loop in opening]
         dropped = {loop: e for loop, e in self.held.items() if loop not in keep}
