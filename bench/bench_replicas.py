@@ -115,7 +115,13 @@ async def bench_lag(cluster: Cluster, turns: int, deltas: int) -> list[float]:
         await asyncio.gather(*watchers, return_exceptions=True)
     missing = [event_id for event_id in on_a if event_id not in on_b]
     assert not missing, f"B's watcher missed {len(missing)} events"
-    return [(on_b[i] - on_a[i]) * 1000 for i in on_a]
+    lags = [(on_b[i] - on_a[i]) * 1000 for i in sorted(on_a)]
+    share = len(lags) // turns
+    for number in range(turns):
+        part = lags[number * share : (number + 1) * share]
+        log(f"(a) turn {number + 1}: p50 {percentile(part, 0.5):.1f} ms, "
+            f"p99 {percentile(part, 0.99):.1f} ms, max {max(part):.1f} ms")
+    return lags
 
 
 async def bench_failover(cluster: Cluster, round_number: int) -> tuple[float, float]:

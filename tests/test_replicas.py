@@ -239,6 +239,31 @@ async def test_forwarded_header_from_outside_means_nothing(cluster: Cluster) -> 
     assert text_of(sent) == "Echo #2: still one owner"
 
 
+async def test_a_fenced_out_owner_steps_down(cluster: Cluster) -> None:
+    a, b = cluster["a"], cluster["b"]
+    loop = await new_loop(a.http)
+    assert names(await turn(a.http, loop, "one"))[-1] == "done"  # a owns the loop
+    workdir = cluster.home.resolve() / "loops" / loop
+    assert processes_in(workdir), "no agent runs for the loop"
+    import asyncpg  # the postgres extra's (the module skips without it)
+
+    # Another replica (one that no longer answers) took the loop over: a new epoch.
+    conn = await asyncpg.connect(cluster.database_url.replace("+asyncpg", ""))
+    try:
+        moved = await conn.execute(
+            "UPDATE loop_leases SET replica_id = 'gone', internal_url = 'http://127.0.0.1:9',"
+            " epoch = epoch + 1 WHERE loop_id = $1",
+            loop,
+        )
+        assert moved == "UPDATE 1"
+    finally:
+        await conn.close()
+    await until(lambda: not processes_in(workdir), 20, "the fenced-out owner to stop its agent")
+    # The next message waits out the unanswering owner's lease, then runs on a live replica.
+    after = await asyncio.wait_for(turn(b.http, loop, "two"), 60)
+    assert text_of(after) == "Echo #2: two"
+
+
 # ---- behind a load balancer ------------------------------------------------------------------
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
