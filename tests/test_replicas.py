@@ -10,7 +10,7 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() 
 
 # What the contract promises: a dead replica's turns end within this, on every stream.
 FAILOVER_SECONDS = 15.0
+SLOW_TEXT = "".join(f"slow {n}/10. " for n in range(1, 11))  # the stand-in's [[slow]]
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
@@ -87,7 +88,7 @@ def same(evs: list[Ev]) -> list[tuple[int | None, str, dict[str, object]]]:
 
 async def first_events(
     http: httpx.AsyncClient, loop: str, content: str, count: int, **body: object
-) -> tuple[list[Ev], AsyncIterator[Ev]]:
+) -> tuple[list[Ev], AsyncGenerator[Ev, None]]:
     """Send a message and read its first `count` events; the rest of the stream to go on."""
     stream = events(http, "POST", f"/loops/{loop}/messages", json={"content": content, **body})
     seen = [ev async for ev in _take(stream, count)]
@@ -113,14 +114,16 @@ async def choice_of(stream: AsyncIterator[Ev]) -> str:
     raise AssertionError("the stream ended without a choice")
 
 
-async def rest_of(stream: AsyncIterator[Ev]) -> list[Ev]:
+async def rest_of(stream: AsyncGenerator[Ev, None]) -> list[Ev]:
+    """The stream's events through its terminal one; then the stream is closed."""
     seen = []
-    async for ev in stream:
-        if ev.name == "ping":
-            continue
-        seen.append(ev)
-        if ev.name in TERMINAL:
-            break
+    async with contextlib.aclosing(stream):
+        async for ev in stream:
+            if ev.name == "ping":
+                continue
+            seen.append(ev)
+            if ev.name in TERMINAL:
+                break
     return seen
 
 
@@ -203,13 +206,15 @@ async def test_choice_and_interrupt_through_a_non_owner(cluster: Cluster) -> Non
     # An interrupt through another replica ends the owner's running turn.
     start, stream = await first_events(a.http, loop, "[[slow: 30]]", 2)
     assert names(start) == ["started", "assistant_delta"]
-    # A watcher elsewhere that attaches mid-turn starts with a snapshot, from the log.
+    # A watcher elsewhere that attaches mid-turn starts with a snapshot (of what the log
+    # holds by then), and its deltas go on from there with no gap.
     watch = events(b.http, "GET", f"/loops/{loop}/events")
-    (snapshot,) = [ev async for ev in _take(watch, 1)]
-    await watch.aclose()
-    assert snapshot.name == "snapshot"
+    async with contextlib.aclosing(watch):
+        snapshot, *more = [ev async for ev in _take(watch, 3)]
+    assert snapshot.name == "snapshot" and names(more) == ["assistant_delta"] * 2
     assert snapshot.data["turn_id"] == start[0].data["turn_id"]
-    assert snapshot.data["assistant_text_so_far"].startswith("slow 1/10.")
+    so_far = snapshot.data["assistant_text_so_far"] + text_of(more)
+    assert SLOW_TEXT.startswith(so_far) and so_far.count("slow") >= 2, so_far
     r = await c.http.post(f"/loops/{loop}/interrupt")
     assert r.status_code == 202
     rest = await asyncio.wait_for(rest_of(stream), 20)
