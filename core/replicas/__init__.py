@@ -164,7 +164,7 @@ class Replicas:
 
     def follow_turn(self, loop: str, turn_id: str, after: int) -> EventStream:
         """One turn's events after `after`, through its end, from the log."""
-        return EventStream(self.log.stream(loop, after, [], turn_id))
+        return EventStream(self.log.turn(loop, after, turn_id))
 
     # ---- heartbeat, fencing, failover -------------------------------------------------------
 

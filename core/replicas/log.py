@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import func, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from core.events import Event
+from core.events import Channel, Event, Overflow
 from core.storage import Database, backoff
 from core.tables import events, loops
 from core.tasks import spawn
@@ -47,6 +47,7 @@ class LogFollower:
         url = make_url(db.url).set(drivername="postgresql")
         self._dsn = url.render_as_string(hide_password=False)
         self._wakes: dict[str, asyncio.Event] = {}
+        self._tails: dict[str, _Tail] = {}
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
 
@@ -109,29 +110,92 @@ class LogFollower:
             rows = (await conn.execute(query)).all()
         return [Event.from_row(r.name, r.data, r.seq, r.turn_id) for r in rows]
 
-    async def stream(
-        self, loop: str, after: int, start: list[Event], turn_id: str | None = None
-    ) -> AsyncIterator[list[Event]]:
-        """The loop's events after `after` as the log gets them, until the reader leaves;
-        with `turn_id`, that turn's alone, through its terminal event."""
-        if start:
-            yield start
+    async def stream(self, loop: str, after: int, start: list[Event]) -> AsyncIterator[list[Event]]:
+        """The loop's events after `after` as the log gets them, until the reader leaves.
+
+        The readers of one loop here share one tail of its log (one query per write,
+        whatever their number); each catches up from the log on its own first."""
+        tail = self._tails.get(loop)
+        if tail is None:
+            tail = self._tails[loop] = _Tail(self, loop, after)
+        subscription = tail.channel.subscribe()
+        joined = tail.after  # the channel carries every event after this one
+        last = after
+        try:
+            if start:
+                yield start
+            while last < joined:
+                batch = await self.read(loop, last)
+                if not batch:
+                    break
+                last = batch[-1].seq or last
+                yield batch
+            async for batch in subscription.batches():
+                if (batch[0].seq or 0) <= last:
+                    batch = [e for e in batch if (e.seq or 0) > last]
+                if batch:
+                    last = batch[-1].seq or last
+                    yield batch
+        except Overflow:  # too far behind: the client resumes with Last-Event-ID
+            return
+        finally:
+            subscription.close()
+
+    async def turn(self, loop: str, after: int, turn_id: str) -> AsyncIterator[list[Event]]:
+        """One turn's events after `after`, through its terminal event."""
         while True:
             # Taken before the read: a notification that comes during it is not missed.
             wake = self._wakes.setdefault(loop, asyncio.Event())
             batch = await self.read(loop, after)
             if batch:
                 after = batch[-1].seq or after
-                if turn_id is not None:
-                    batch = _through_terminal([e for e in batch if e.turn_id == turn_id])
-                if batch:
-                    yield batch
-                    if turn_id is not None and batch[-1].terminal:
+                mine = _through_terminal([e for e in batch if e.turn_id == turn_id])
+                if mine:
+                    yield mine
+                    if mine[-1].terminal:
                         return
                 continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL_SECONDS):
-                    await wake.wait()
+            await _wait(wake)
+
+
+class _Tail:
+    """One reader of a loop's log on this replica, publishing what it reads to the loop's
+    readers here; it ends when none is left."""
+
+    def __init__(self, follower: LogFollower, loop: str, after: int) -> None:
+        self.follower = follower
+        self.loop = loop
+        self.after = after  # the newest event published
+        self.channel = Channel()
+        self.task = spawn(self._run(), f"replicas: tail of {loop}")
+
+    async def _run(self) -> None:
+        follower, loop = self.follower, self.loop
+        try:
+            while True:
+                wake = follower._wakes.setdefault(loop, asyncio.Event())
+                try:
+                    batch = await follower.read(loop, self.after)
+                except Exception as exc:  # the database: tried again at the next wake
+                    log.warning("replicas: reading loop %s's log failed: %s", loop, exc)
+                    batch = []
+                for event in batch:
+                    self.after = event.seq or self.after
+                    self.channel.publish(event)
+                if batch:
+                    continue
+                if self.channel.subscriber_count == 0:
+                    return
+                await _wait(wake)
+        finally:
+            if follower._tails.get(loop) is self:
+                del follower._tails[loop]
+
+
+async def _wait(wake: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(POLL_SECONDS):
+            await wake.wait()
 
 
 async def newest_id(conn: AsyncConnection, loop: str) -> int:
