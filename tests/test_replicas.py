@@ -206,14 +206,15 @@ async def test_choice_and_interrupt_through_a_non_owner(cluster: Cluster) -> Non
     # An interrupt through another replica ends the owner's running turn.
     start, stream = await first_events(a.http, loop, "[[slow: 30]]", 2)
     assert names(start) == ["started", "assistant_delta"]
-    # A watcher elsewhere that attaches mid-turn starts with a snapshot (of what the log
-    # holds by then), and its deltas go on from there with no gap.
+    # A watcher elsewhere that attaches mid-turn starts with a snapshot of what the log
+    # holds by then (or, when the log has not got the turn's start yet, with `started`),
+    # and its deltas go on from there with no gap.
     watch = events(b.http, "GET", f"/loops/{loop}/events")
     async with contextlib.aclosing(watch):
-        snapshot, *more = [ev async for ev in _take(watch, 3)]
-    assert snapshot.name == "snapshot" and names(more) == ["assistant_delta"] * 2
-    assert snapshot.data["turn_id"] == start[0].data["turn_id"]
-    so_far = snapshot.data["assistant_text_so_far"] + text_of(more)
+        first, *more = [ev async for ev in _take(watch, 3)]
+    assert first.name in ("snapshot", "started") and names(more) == ["assistant_delta"] * 2
+    assert first.data["turn_id"] == start[0].data["turn_id"]
+    so_far = first.data.get("assistant_text_so_far", "") + text_of(more)
     assert SLOW_TEXT.startswith(so_far) and so_far.count("slow") >= 2, so_far
     r = await c.http.post(f"/loops/{loop}/interrupt")
     assert r.status_code == 202
@@ -244,10 +245,12 @@ async def test_forwarded_header_from_outside_means_nothing(cluster: Cluster) -> 
     assert text_of(sent) == "Echo #2: still one owner"
 
 
-async def test_a_fenced_out_owner_steps_down(cluster: Cluster) -> None:
+async def test_a_fenced_out_owner_steps_down_mid_turn(cluster: Cluster) -> None:
     a, b = cluster["a"], cluster["b"]
     loop = await new_loop(a.http)
     assert names(await turn(a.http, loop, "one"))[-1] == "done"  # a owns the loop
+    start, stream = await first_events(a.http, loop, "[[slow: 20]]", 2)
+    assert names(start) == ["started", "assistant_delta"]
     workdir = cluster.home.resolve() / "loops" / loop
     assert processes_in(workdir), "no agent runs for the loop"
     import asyncpg  # the postgres extra's (the module skips without it)
@@ -264,9 +267,29 @@ async def test_a_fenced_out_owner_steps_down(cluster: Cluster) -> None:
     finally:
         await conn.close()
     await until(lambda: not processes_in(workdir), 20, "the fenced-out owner to stop its agent")
-    # The next message waits out the unanswering owner's lease, then runs on a live replica.
-    after = await asyncio.wait_for(turn(b.http, loop, "two"), 60)
-    assert text_of(after) == "Echo #2: two"
+    # a's own stream ends at once (its error is a's own, not in the log).
+    ended = await asyncio.wait_for(rest_of(stream), 10)
+    assert ended[-1].name == "error" and ended[-1].data["code"] == "agent_failed"
+    # The log has nothing more of a's: the turn's deltas so far, then the error with which
+    # the turn ends once the unanswering owner's lease expires.
+    logged = await asyncio.wait_for(
+        watch_until(b.http, loop, headers={"Last-Event-ID": str(start[0].id)}), 20
+    )
+    assert names(logged)[-1] == "error" and logged[-1].data["code"] == "agent_failed"
+    assert set(names(logged)[:-1]) <= {"assistant_delta"}
+    assert SLOW_TEXT.startswith(text_of(start) + text_of(logged[1:]))
+    await asyncio.sleep(3)  # what must NOT happen meanwhile: more rows of the turn
+    conn = await asyncpg.connect(cluster.database_url.replace("+asyncpg", ""))
+    try:
+        rows = await conn.fetch(
+            "SELECT seq, name FROM events WHERE turn_id = $1 ORDER BY seq", start[0].data["turn_id"]
+        )
+    finally:
+        await conn.close()
+    assert rows[-1]["name"] == "error" and rows[-1]["seq"] == logged[-1].id, "written after"
+    # The next message runs on a live replica, in the same conversation.
+    after = await asyncio.wait_for(turn(b.http, loop, "three"), 60)
+    assert names(after)[-1] == "done" and not text_of(after).startswith("Echo #1:")
 
 
 # ---- behind a load balancer ------------------------------------------------------------------

@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from core.errors import EngineError
 from core.events import EventStream
 from core.replicas import lease
-from core.replicas.errors import OwnedElsewhere
+from core.replicas.errors import FencedOut, OwnedElsewhere
 from core.replicas.lease import LEASE_SECONDS
 from core.replicas.log import LogFollower, newest_id, notify, snapshot
 from core.storage import EventWriter
@@ -40,6 +42,7 @@ HEARTBEAT_SECONDS = LEASE_SECONDS / 3
 # Survivors look for expired leases this often: a dead owner's turns end within
 # LEASE_SECONDS + REAP_SECONDS of its last heartbeat.
 REAP_SECONDS = 2.0
+STEPPED_DOWN = "another replica runs this loop now"
 # The event writer's linger with replicas: readers elsewhere see events once written.
 WRITE_LINGER_SECONDS = 0.01
 
@@ -74,7 +77,7 @@ class Replicas:
 
     async def start(self) -> None:
         writer = self.engine.writer
-        writer.on_insert = notify
+        writer.on_insert = self._fence_and_notify
         writer.linger = WRITE_LINGER_SECONDS
         await self.log.start()
         self._renewed_at = time.monotonic()
@@ -166,6 +169,18 @@ class Replicas:
         """One turn's events after `after`, through its end, from the log."""
         return EventStream(self.log.turn(loop, after, turn_id))
 
+    async def _fence_and_notify(self, conn: AsyncConnection, loop_ids: list[str]) -> None:
+        """In each event insert's transaction: the rows go in only while this replica still
+        owns their loops at the epoch it claimed (fencing), and readers everywhere are
+        woken once they are in."""
+        held = await lease.epochs_held(conn, self.me, loop_ids)
+        lost = [loop for loop in loop_ids if held.get(loop) != self.held.get(loop)]
+        if lost:
+            for loop in lost:
+                spawn(self._step_down(loop), f"replicas: step down from {loop}")
+            raise FencedOut(lost)
+        await notify(conn, loop_ids)
+
     # ---- heartbeat, fencing, failover -------------------------------------------------------
 
     async def _every(self, seconds: float, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -184,7 +199,11 @@ class Replicas:
 
     async def _renew(self) -> None:
         runtimes, opening = self.engine._runtimes, self.engine._opening
-        keep = [loop for loop in self.held if loop in runtimes or loop in opening]
+        # A loop dropped from memory keeps its lease until its last events are written.
+        written = self.engine.writer.behind == 0
+        keep = [
+            loop for loop in self.held if loop in runtimes or loop in opening or not written
+        ]
         dropped = {loop: e for loop, e in self.held.items() if loop not in keep}
         if time.monotonic() - self._renewed_at > LEASE_SECONDS:
             # Not renewed in time: another replica may run these loops by now.
@@ -208,6 +227,12 @@ class Replicas:
             return
         log.warning("replicas: loop %s is run by another replica now: stopping here", loop)
         runtime.ctx = dataclasses.replace(runtime.ctx, writer=_Discarded(self.db))
+        # The new owner ends this runtime's turns in the log and in the history; here they
+        # end for this replica's own streams only, and nothing of it is written.
+        for turn in [*([runtime.current] if runtime.current else []), *runtime.queue]:
+            error = {"code": "agent_failed", "message": STEPPED_DOWN, "turn_id": turn.id}
+            runtime.emit("error", error, turn.id)
+            turn.finished.set()
         await runtime.close(archived=False)
 
     async def _reap_expired(self) -> None:

@@ -13,3 +13,11 @@ class OwnedElsewhere(EngineError):
         super().__init__("not_ready", f"loop {loop} is run by another replica; try again")
         self.loop = loop
         self.url = url
+
+
+class FencedOut(Exception):
+    """This replica's events for these loops were refused: another replica owns them now."""
+
+    def __init__(self, loops: list[str]) -> None:
+        super().__init__(f"no longer the owner of {', '.join(loops)}: their events are refused")
+        self.loops = loops

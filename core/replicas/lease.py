@@ -106,6 +106,17 @@ async def release(conn: AsyncConnection, replica: str, held: dict[str, int]) -> 
         )
 
 
+async def epochs_held(conn: AsyncConnection, replica: str, loop_ids: list[str]) -> dict[str, int]:
+    """The epochs of these loops' leases that `replica` holds, locked until the transaction
+    ends: a take-over waits for it (its events cannot slip in after the new owner's)."""
+    query = (
+        select(loop_leases.c.loop_id, loop_leases.c.epoch)
+        .where(loop_leases.c.loop_id.in_(loop_ids), loop_leases.c.replica_id == replica)
+        .with_for_update(read=True)
+    )
+    return {row.loop_id: row.epoch for row in (await conn.execute(query)).all()}
+
+
 async def expired(conn: AsyncConnection) -> list[str]:
     query = select(loop_leases.c.loop_id).where(loop_leases.c.expires_at < func.now())
     rows = await conn.execute(query)
