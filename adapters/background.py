@@ -13,14 +13,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
-from adapters.render import TurnRenderer
+from adapters.showing import TurnShows
 from adapters.surface import Surface
-from adapters.turn_events import apply_event
-from bridge.client import TERMINAL_EVENTS, LoopClient
-from bridge.contract.models import StreamEventModel
+from adapters.turn_events import starts_background_turn, turn_of
+from bridge.client import LoopClient
+from bridge.contract.events import LoopEvent
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +37,11 @@ class BackgroundTurns:
     """One follower per loop in use; `close()` stops them all."""
 
     def __init__(
-        self, client: LoopClient, platform: str, quiet_seconds: float = QUIET_SECONDS
+        self, client: LoopClient, shows: TurnShows, quiet_seconds: float = QUIET_SECONDS
     ) -> None:
         self.client = client
-        self.platform = platform
+        self.shows = shows
         self.quiet_seconds = quiet_seconds
-        # Held while a background turn of a loop is shown (a platform may need to know).
-        self.showing: Callable[[str], AbstractContextManager[object]] = _nothing
         self._followers: dict[str, _Follower] = {}
 
     def follow(self, loop_id: str, surface: Callable[[], Surface]) -> None:
@@ -82,7 +79,7 @@ class BackgroundTurns:
             async with contextlib.aclosing(self.client.watch(loop_id)) as events:
                 async for event in events:
                     self._keep(follower)
-                    if event.event == "started" and event.data.get("trigger") == "background":
+                    if starts_background_turn(event):
                         await self._show(loop_id, event, events, follower)
         except Exception as exc:  # the loop was archived, the server went away for good
             log.info("stopped following loop %s: %s", loop_id, exc)
@@ -90,26 +87,20 @@ class BackgroundTurns:
     async def _show(
         self,
         loop_id: str,
-        started: StreamEventModel,
-        events: AsyncGenerator[StreamEventModel, None],
+        started: LoopEvent,
+        events: AsyncGenerator[LoopEvent, None],
         follower: _Follower,
     ) -> None:
-        turn_id = started.data.get("turn_id")
-        renderer = TurnRenderer(
-            follower.surface(), loop_id, own_source_prefix=f"{self.platform}:",
-            platform=self.platform,
-        )
-        with self.showing(loop_id):
-            async with renderer.running():
-                apply_event(renderer, loop_id, started)
-                async for event in events:
-                    self._keep(follower)
-                    if event.data.get("turn_id", turn_id) != turn_id:
-                        continue  # a message queued behind this turn: its sender shows it
-                    apply_event(renderer, loop_id, event)
-                    if event.event in TERMINAL_EVENTS:
-                        return
+        turn_id = turn_of(started)
 
+        async def this_turn() -> AsyncGenerator[LoopEvent, None]:
+            yield started
+            async for event in events:
+                self._keep(follower)
+                if turn_of(event) not in (None, turn_id):
+                    continue  # a message queued behind this turn: its sender shows it
+                yield event
 
-def _nothing(_loop_id: str) -> AbstractContextManager[object]:
-    return contextlib.nullcontext()
+        # Closing this turn's events leaves the loop's watch stream open for the next.
+        async with contextlib.aclosing(this_turn()) as turn:
+            await self.shows.show(self.shows.renderer(follower.surface(), loop_id), turn)

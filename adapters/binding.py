@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from adapters.routing import PERMISSION_MODE, LoopOptions
 from bridge.client import LoopClient
+from bridge.contract.models import LoopOut
 
 # Metadata keys; the engine never reads them, only the API's filter does.
 BINDING = "binding"
@@ -50,6 +53,10 @@ class Binding:
     loop_id: str
     # The platform user who started the conversation (default approver).
     started_by: str | None
+    # The loop's metadata (routing keeps the loop's permission mode there).
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+    # The loop as the server made it, when it was made just now (what it works with).
+    created: LoopOut | None = field(default=None, compare=False)
 
 
 def title_from(text: str) -> str:
@@ -84,15 +91,28 @@ class ThreadBindings:
         if loop is None:
             return None
         started_by = loop.metadata.get(STARTED_BY)
-        return Binding(key, loop.id, str(started_by) if started_by is not None else None)
+        return Binding(
+            key, loop.id, str(started_by) if started_by is not None else None, loop.metadata
+        )
 
     async def find_or_create(
-        self, key: ConversationKey, *, first_text: str, started_by: str
+        self,
+        key: ConversationKey,
+        *,
+        first_text: str,
+        started_by: str,
+        options: LoopOptions | None = None,
     ) -> tuple[Binding, bool]:
-        """The conversation's loop, and whether it was created now (call under `lock`)."""
+        """The conversation's loop, and whether it was created now (call under `lock`);
+        a new loop gets `options` (routing: repo, branch, profiles, vault, mode)."""
         found = await self.find(key)
         if found is not None:
             return found, False
+        options = options or LoopOptions()
         metadata = {BINDING: str(key), PLATFORM: key.platform, STARTED_BY: started_by}
-        loop = await self.client.create_loop(title=title_from(first_text), metadata=metadata)
-        return Binding(key, loop.id, started_by), True
+        if options.permission_mode:
+            metadata[PERMISSION_MODE] = options.permission_mode
+        loop = await self.client.create_loop(
+            title=title_from(first_text), metadata=metadata, **options.create_args()
+        )
+        return Binding(key, loop.id, started_by, loop.metadata, loop), True

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,16 +20,21 @@ import httpx
 
 from adapters import metrics
 from adapters.actions import Action
+from adapters.attachments import FilesIn, SharedFiles, bring_in
 from adapters.background import BackgroundTurns
 from adapters.binding import STARTED_BY, Binding, ConversationKey, ThreadBindings
+from adapters.chat_thread import ChatThread, IncomingFile, tell
 from adapters.dedupe import RecentKeys
 from adapters.policy import Actor, Policy
-from adapters.render import RenderStats, TurnRenderer
+from adapters.render import RenderStats
+from adapters.routing import Routes
 from adapters.settings import view_links_wanted
+from adapters.showing import TurnShows
+from adapters.starting import Start, find_or_start, turn_mode
 from adapters.surface import Surface
-from adapters.turn_events import apply_event
 from adapters.views import TurnState
 from bridge.client import LoopApiError, LoopClient
+from bridge.contract.events import FileSharedFrame, LoopEvent
 from bridge.contract.models import AUTHOR_LIMIT, Author, PermissionMode
 
 log = logging.getLogger(__name__)
@@ -57,10 +62,15 @@ class IncomingMessage:
     mentioned: bool = False
     # A direct message: every message is for the bot.
     direct: bool = False
+    # Files attached to it, and its thread's extras (history, notes, files); see
+    # chat_thread.py. Without `thread`, files, context and shared files are left out.
+    files: tuple[IncomingFile, ...] = ()
+    thread: ChatThread | None = None
 
 
 # refused: a budget the message falls under is spent (`text` says which, and when it resets).
-Handled = Literal["turn", "duplicate", "ignored", "not_allowed", "empty", "refused"]
+# no_loop: the message's options named what the server does not know (said in the thread).
+Handled = Literal["turn", "duplicate", "ignored", "not_allowed", "empty", "refused", "no_loop"]
 
 
 @dataclass
@@ -93,16 +103,20 @@ class Conversations:
         platform: str,
         permission_mode: PermissionMode | None = None,
         view_links: bool | None = None,
+        routes: Routes | None = None,
     ) -> None:
         self.client = client
         self.policy = policy
         self.platform = platform
         self.permission_mode = permission_mode
+        # Per-channel defaults of new loops (repo, branch, …): see routing.py.
+        self.routes = routes if routes is not None else Routes()
         # A loop's first reply links to its page (read-only, for everyone in the thread).
         self.view_links = view_links_wanted() if view_links is None else view_links
         self.bindings = ThreadBindings(client)
         self.recent = RecentKeys()
-        self.background = BackgroundTurns(client, platform)
+        self.shows = TurnShows(client, platform)
+        self.background = BackgroundTurns(client, self.shows)
 
     async def close(self) -> None:
         await self.background.close()
@@ -129,7 +143,7 @@ class Conversations:
         `background`, show the loop's background turns there too (see background.py)."""
         if not self.recent.first_time(message.key.message_key(message.message_id)):
             return TurnResult("duplicate")
-        if not message.text.strip():
+        if not message.text.strip() and not message.files:
             return TurnResult("empty")
         if not self.policy.may_send(message.author, message.key.channel):
             return TurnResult("not_allowed")
@@ -146,18 +160,34 @@ class Conversations:
         order = _Turnstile(self.bindings.lock(message.key))
         await order.enter()
         try:
-            binding, created = await self._binding(message)
+            start = await self._binding(message)
+            binding, created = start.binding, start.created
+            if start.refusal and message.thread is not None:
+                await tell(message.thread, start.refusal)
+                return TurnResult("no_loop", text=start.refusal)
             if binding is None:
                 return TurnResult("ignored")
+            files = await self._files_in(binding, message)
+            if created and start.options.summary() and message.thread is not None:
+                # The thread's first reply says what the loop works with.
+                await tell(message.thread, start.options.summary())
+            content = files.content(start.content)
+            if not content.strip():  # only options (`@bot repo=app`): the loop waits
+                return TurnResult("empty", binding, created)
             if background is not None:
                 bound = binding
                 self.background.follow(binding.loop_id, lambda: background(bound))
             events = self.client.send(
                 binding.loop_id,
-                message.text,
-                permission_mode=self.permission_mode,
+                content,
+                permission_mode=turn_mode(binding, self.routes, self.permission_mode),
                 idempotency_key=message.key.message_key(message.message_id),
                 author=self.author(message.author),
+                attachments=files.attachments,
+            )
+            shared = (
+                SharedFiles(self.client, binding.loop_id, message.thread)
+                if message.thread is not None else None
             )
             async with contextlib.aclosing(events):
                 # A refusal (a spent budget) comes back at once, before any event: it is
@@ -169,22 +199,28 @@ class Conversations:
                     refused = first.done() and _refusal(first.exception())
                     if refused:
                         return TurnResult("refused", binding, created, text=refused)
-                    renderer = TurnRenderer(
+                    renderer = self.shows.renderer(
                         surface_for(binding, message),
                         binding.loop_id,
-                        own_source_prefix=f"{self.platform}:",
-                        platform=self.platform,
                         link=await self._view_link(binding.loop_id) if created else "",
                     )
-                    async with renderer.running():
+
+                    async def turn() -> AsyncGenerator[LoopEvent, None]:
                         event = await first
                         # The lock keeps messages of one thread in order until the server
                         # has this one (its first event, `started` or `queued`).
                         order.leave()
                         if event is not None:
-                            apply_event(renderer, binding.loop_id, event)
+                            yield event
                         async for event in events:
-                            apply_event(renderer, binding.loop_id, event)
+                            if isinstance(event, FileSharedFrame) and shared is not None:
+                                shared.shared(event.data)
+                            yield event
+
+                    async with contextlib.aclosing(turn()) as stream:
+                        await self.shows.show(renderer, stream)
+                    if shared is not None:
+                        await shared.wait()
                 finally:
                     if not first.done():  # cancelled while waiting: the stream can close
                         first.cancel()
@@ -206,12 +242,27 @@ class Conversations:
             log.warning("no view link for loop %s: %s", loop_id, exc)
             return ""
 
-    async def _binding(self, message: IncomingMessage) -> tuple[Binding | None, bool]:
+    async def _binding(self, message: IncomingMessage) -> Start:
         if message.mentioned or message.direct:
-            return await self.bindings.find_or_create(
-                message.key, first_text=message.text, started_by=message.author.user_id
+            # A mention inside a thread brings the thread's earlier messages along.
+            mid_thread = message.mentioned and not message.direct and (
+                message.key.thread != message.message_id
             )
-        return await self.bindings.find(message.key), False
+            return await find_or_start(
+                self.bindings, self.routes, message.key, text=message.text,
+                started_by=message.author.user_id, thread=message.thread,
+                before=message.message_id if mid_thread else None,
+            )
+        return Start(await self.bindings.find(message.key), content=message.text)
+
+    async def _files_in(self, binding: Binding, message: IncomingMessage) -> FilesIn:
+        """The message's files, uploaded to the loop; what was not sent is said."""
+        if not message.files or message.thread is None:
+            return FilesIn()
+        files = await bring_in(self.client, binding.loop_id, message.files, message.thread)
+        for note in files.notes:
+            await tell(message.thread, note)
+        return files
 
     # ---- clicks -----------------------------------------------------------------------
 

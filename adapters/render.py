@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from adapters.backoff import delay_after, exponential
 from adapters.metrics import LagClock
 from adapters.split import PartSplitter, stream_safe
 from adapters.surface import MessageGone, Surface
@@ -35,8 +36,8 @@ from adapters.views import Activity, ChoiceView, MessageView, TurnState
 
 log = logging.getLogger(__name__)
 
-# Backoff after a failed platform call: 1, 2, 4 … seconds, at most this.
-MAX_BACKOFF = 16.0
+# Backoff after a failed platform call: 1, 2, 4 … seconds, at most 16.
+BACKOFF = exponential(1.0, 16.0)
 # A message whose calls keep failing is given up after this many tries in a row.
 MAX_FAILURES = 8
 # Seconds between two looks at a platform's budget while a part waits for a slot.
@@ -297,7 +298,7 @@ class TurnRenderer:
                       self.loop_id, slot.failures, exc)
             slot.shown = slot.view
             return
-        backoff = min(MAX_BACKOFF, 2.0 ** (slot.failures - 1))
+        backoff = delay_after(BACKOFF, slot.failures)
         log.warning("platform call failed (try %d, again in %.0f s): %s",
                     slot.failures, backoff, exc)
         slot.ready_at = self.clock() + backoff

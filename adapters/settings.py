@@ -1,13 +1,17 @@
-"""Settings every adapter shares: where the Loop API is, and id lists from the environment."""
+"""Settings every adapter shares: the base class of a platform's settings, where the
+Loop API is, and id lists from the environment."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import json
+from typing import Annotated, Any, Self
 
-from pydantic import BeforeValidator, SecretStr, ValidationError
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from adapters.policy import Policy
 from bridge.client import LoopClient
+from bridge.contract.models import PermissionMode
 
 
 def _id_list(value: Any) -> Any:
@@ -15,14 +19,62 @@ def _id_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            import json
-
             return json.loads(text)
         return [part for part in text.replace(",", " ").split() if part]
     return value
 
 
 IdList = Annotated[list[str], NoDecode, BeforeValidator(_id_list)]
+
+
+class AdapterSettings(BaseSettings):
+    """What every platform's settings hold; a subclass names its `env_prefix`
+    (`LOOPBRIDGE_SLACK_`) and adds what is its own."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    # The platform's API base URL (a fake, or a proxy); None: the platform's own.
+    api_url: str | None = None
+    # Seconds between two edits of one message.
+    edit_interval: float = Field(1.0, ge=0.2)
+    # Who may do what (empty: everyone); ids are the platform's user, role or channel ids.
+    channels: IdList = Field(default_factory=list)
+    users: IdList = Field(default_factory=list)
+    admins: IdList = Field(default_factory=list)
+    approvers: IdList = Field(default_factory=list)
+    permission_mode: PermissionMode | None = None
+
+    @classmethod
+    def env_prefix(cls) -> str:
+        return str(cls.model_config.get("env_prefix", ""))
+
+    @classmethod
+    def load(cls) -> Self:
+        """From the environment; AdapterSettingsError (one line) when a value is wrong."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            raise settings_error(exc, cls.env_prefix()) from None
+
+    @property
+    def configured(self) -> bool:
+        """Enough is set to connect (what `loopbridge serve` may check)."""
+        return self.missing() is None
+
+    def missing(self) -> str | None:
+        """What to set before the adapter can connect, in one line; None: nothing."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """AdapterSettingsError when something needed is not set."""
+        missing = self.missing()
+        if missing is not None:
+            raise AdapterSettingsError(missing)
+
+    def policy(self) -> Policy:
+        return Policy(
+            channels=self.channels, users=self.users, admins=self.admins, approvers=self.approvers
+        )
 
 
 class ApiSettings(BaseSettings):

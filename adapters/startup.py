@@ -14,9 +14,12 @@ Alone (`loopbridge slack`), either ends the command with its line. Inside
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from adapters.backoff import exponential
 
 T = TypeVar("T")
 
@@ -46,14 +49,20 @@ async def start_with_retries(
 ) -> T | None:
     """`start()` again while the platform is unreachable, waiting longer each time;
     None once the platform refuses. Each failure is reported in one line."""
-    delay = first_delay
-    while True:
-        try:
-            return await start()
-        except PlatformRefused as exc:
-            report(f"{exc}; it stays off (fix the setting and restart)")
-            return None
-        except PlatformUnreachable as exc:
-            report(f"{exc}; trying again in {delay:.0f} s")
-        await asyncio.sleep(delay)
-        delay = min(MAX_BACKOFF, delay * 2)
+
+    def tell(state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome is not None else None
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
+        report(f"{failure}; trying again in {delay:.0f} s")
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(PlatformUnreachable),
+        wait=exponential(first_delay, MAX_BACKOFF),
+        before_sleep=tell,
+        reraise=True,
+    )
+    try:
+        return await retrying(start)
+    except PlatformRefused as exc:
+        report(f"{exc}; it stays off (fix the setting and restart)")
+        return None

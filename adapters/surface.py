@@ -23,9 +23,11 @@ class Surface(Protocol):
     part_limit: int
     # Seconds between two edits of one message (from the end of the first).
     edit_interval: float
-    # Text once shown can only be added to (a native stream): parts are then cut
-    # after what was shown, never before it.
-    append_only: bool
+    @property
+    def append_only(self) -> bool:
+        """Text once shown can only be added to (a native stream): parts are then cut
+        after what was shown, never before it."""
+        ...
 
     def measure(self, markdown: str) -> int:
         """The size of a part of Markdown as the platform limits it."""

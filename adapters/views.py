@@ -14,6 +14,8 @@ from typing import Any, Literal
 TurnState = Literal["queued", "running", "waiting", "done", "interrupted", "error"]
 ChoiceKind = Literal["permission", "question"]
 ChoiceState = Literal["pending", "resolved", "cancelled"]
+# Tools whose summary is the path of the file they read or change.
+FILE_TOOLS = frozenset({"Write", "Edit", "MultiEdit", "NotebookEdit", "Read"})
 # How many recent tool lines a message keeps; older ones become "+N more".
 ACTIVITY_LINES = 3
 
@@ -155,7 +157,8 @@ class Activity:
 
 def activity_line(tool: str, summary: str | None, ok: bool | None) -> str:
     """ "running `pytest -q`", then "ran `pytest -q`" or "failed: `pytest -q`"."""
-    what = f"`{_one_line(summary)}`" if summary else f"*{tool}*"
+    # A file tool's line names the file it touched: a long path keeps its end.
+    what = f"`{_one_line(summary, keep_end=tool in FILE_TOOLS)}`" if summary else f"*{tool}*"
     if tool not in ("Bash", "BashOutput") and summary:
         what = f"*{tool}* {what}"
     if ok is None:
@@ -163,9 +166,11 @@ def activity_line(tool: str, summary: str | None, ok: bool | None) -> str:
     return f"ran {what}" if ok else f"failed: {what}"
 
 
-def _one_line(text: str, limit: int = 80) -> str:
+def _one_line(text: str, limit: int = 80, keep_end: bool = False) -> str:
     line = " ".join(text.split()).replace("`", "'")
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    if len(line) <= limit:
+        return line
+    return "…" + line[-(limit - 1):] if keep_end else line[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from claude_agent_sdk import (
 
 from bridge.cli.serve import run as run_server
 from bridge.cli.serve import settle_heap
+from bridge.contract.events import TERMINAL
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ENV = {
@@ -71,7 +72,6 @@ CREATE_CONCURRENCY = 8
 WARMUP_LOOPS = 200
 PAGE_LIMIT = 100
 
-TERMINAL = frozenset({"done", "interrupted", "error"})
 TERMINAL_MARKS = tuple(f"event: {name}".encode() for name in TERMINAL)
 MARK_TAIL = max(len(mark) for mark in TERMINAL_MARKS)
 
@@ -128,7 +128,7 @@ class SseParser:
         self._buffer = b""
 
     def feed(self, chunk: bytes, at: float) -> list[Frame]:
-        # sse-starlette ends lines with CRLF; a CR left at a chunk's end joins the next LF.
+        # The server ends lines with CRLF; a CR left at a chunk's end joins the next LF.
         self._buffer = (self._buffer + chunk).replace(b"\r\n", b"\n")
         *blocks, self._buffer = self._buffer.split(b"\n\n")
         return [frame for block in blocks if (frame := _frame(block, at)) is not None]
@@ -330,18 +330,18 @@ def trace_stalls(home: Path) -> asyncio.Task[None]:
             if took >= 0.002 or info["generation"] == 2:
                 note(stall(f"server gc gen{info['generation']} ({info['collected']} freed)", took))
 
-    from core.runtime import LoopRuntime
+    from core.emitter import Emitter
 
-    publish = LoopRuntime._publish
+    publish = Emitter.publish
 
-    def published(runtime: LoopRuntime, name: str, data: dict[str, Any], turn_id: Any) -> None:
+    def published(emitter: Emitter, name: str, data: dict[str, Any], turn_id: Any) -> None:
         # When the engine got each stamped delta from the agent: the CLI's share of the lag.
         if name == "assistant_delta":
             received.write(json.dumps([time.time(), data["text"]]) + "\n")
-        publish(runtime, name, data, turn_id)
+        publish(emitter, name, data, turn_id)
 
     received = (home / "received.jsonl").open("a", buffering=1)
-    LoopRuntime._publish = published  # type: ignore[method-assign]
+    Emitter.publish = published  # type: ignore[method-assign]
     gc.callbacks.append(collected)
     return asyncio.create_task(watch_loop(note, "server's event loop late"))
 

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from core.advisory import clustered
 from core.errors import EngineError
 from core.ids import aware, utcnow
 from core.storage import Database
@@ -28,6 +29,9 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 # not wait on the database (~1.5 ms each). Revoking through this server ends the trust at
 # once; revoking from another process (`loopbridge tokens revoke`) within this time.
 TOKEN_TRUST_SECONDS = 2.0
+# On PostgreSQL the other processes include the other replicas: a token revoked through
+# one is refused by every replica within this time.
+CLUSTER_TOKEN_TRUST_SECONDS = 1.0
 HASHES_AT_ONCE = 2
 TOKEN_BY_HASH = select(tokens.c.id, tokens.c.user_id).where(
     tokens.c.hash == bindparam("hash"), tokens.c.revoked_at.is_(None)
@@ -120,6 +124,8 @@ class Accounts:
         self.db = db
         self._last_used: dict[str, datetime] = {}
         self._trusted: dict[str, _Trusted] = {}  # by token hash
+        trust = CLUSTER_TOKEN_TRUST_SECONDS if clustered(db.engine) else TOKEN_TRUST_SECONDS
+        self._trust_seconds = trust
         # Each scrypt takes 128 MB for a moment: a burst of logins waits here, not in memory.
         self._hashing = asyncio.Semaphore(HASHES_AT_ONCE)
 
@@ -222,10 +228,10 @@ class Accounts:
         if row is None:
             self._trusted.pop(digest, None)
             return None
-        until = time.monotonic() + TOKEN_TRUST_SECONDS
+        until = time.monotonic() + self._trust_seconds
         self._trusted[digest] = _Trusted(row.id, row.user_id, until)
         await self._touch(row.id)
-        return row.user_id
+        return str(row.user_id)
 
     async def _touch(self, token_id: str) -> None:
         now = utcnow()

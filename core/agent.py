@@ -24,12 +24,12 @@ from claude_agent_sdk import (
     ResultMessage,
     StreamEvent,
     SystemMessage,
-    TextBlock,
     ToolResultBlock,
     ToolUseBlock,
     UserMessage,
 )
 
+from bridge.contract.models import PermissionMode
 from core.tasks import spawn
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class AgentSession:
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task[None] | None = None
         self._stderr: list[str] = []
-        self.permission_mode = options.permission_mode or "default"
+        self.permission_mode: PermissionMode = options.permission_mode or "default"
         self._stopping = False
 
     async def start(self) -> None:
@@ -69,9 +69,9 @@ class AgentSession:
         else:
             await self._client.query(_one_message(prompt))
 
-    async def set_permission_mode(self, mode: str) -> None:
+    async def set_permission_mode(self, mode: PermissionMode) -> None:
         if mode != self.permission_mode and self._client is not None:
-            await self._client.set_permission_mode(mode)  # type: ignore[arg-type]
+            await self._client.set_permission_mode(mode)
             self.permission_mode = mode
 
     async def interrupt(self) -> None:
@@ -203,6 +203,3 @@ def starts_activity(message: Message) -> bool:
         return message.parent_tool_use_id is None
     return False
 
-
-def assistant_text(message: AssistantMessage) -> str:
-    return "".join(block.text for block in message.content if isinstance(block, TextBlock))

@@ -35,7 +35,7 @@ class Choice:
 def make_choice(tool: str, tool_input: dict[str, Any], title: str | None) -> Choice:
     future: asyncio.Future[dict[str, Any] | str] = asyncio.get_running_loop().create_future()
     if tool == "AskUserQuestion":
-        payload = {"questions": _questions(tool_input)}
+        payload: dict[str, Any] = {"questions": _questions(tool_input)}
         return Choice(new_id("choice"), "question", payload, tool_input, future)
     payload = {
         "tool": tool,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
@@ -19,10 +19,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from bridge.contract.models import PermissionMode
 from core.errors import EngineError, SettingsError
 
-PermissionMode = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk", "auto"]
-PERMISSION_MODES: tuple[str, ...] = PermissionMode.__args__
+PERMISSION_MODES: tuple[str, ...] = get_args(PermissionMode)
 MiB = 1024 * 1024
 ENV_PREFIX = "LOOPBRIDGE_"
 
@@ -111,16 +111,23 @@ class Settings(BaseSettings):
     http_body_timeout: float = Field(60.0, gt=0)
     login_failures_per_name: int = Field(5, ge=1)  # a minute, then 429
     login_failures_per_address: int = Field(20, ge=1)
+    # Which replica this process is among several on one PostgreSQL database (docs/cluster.md,
+    # docs/deploy.md).
+    replica_id: str = Field(default_factory=socket.gethostname)  # LOOPBRIDGE_REPLICA_ID
+    # Agents cold-starting at once on this replica; more wait their turn (a burst of
+    # starts is what saturates a machine first).
+    max_starting: int = Field(default_factory=lambda: 2 * (os.cpu_count() or 1), ge=1)
     profiles: dict[str, Profile] = Field(default_factory=dict)
     vaults: dict[str, Vault] = Field(default_factory=dict)
     repos: dict[str, Repo] = Field(default_factory=dict)
     budgets: Budgets = Field(default_factory=Budgets)
+    # Chat adapters' defaults per channel (`[routes.slack.C123]`); read by adapters/routing.py.
+    routes: dict[str, dict[str, dict[str, object]]] = Field(default_factory=dict)
     metrics: bool = True
     metrics_token: SecretStr | None = None
     log_format: Literal["text", "json"] = "text"
-    # Several replicas [ext] (docs/deploy.md): this replica's name among them, and the URL
-    # the others reach it at (serve derives it from its listener when unset).
-    replica_id: str = Field(default_factory=socket.gethostname)  # LOOPBRIDGE_REPLICA_ID
+    # [ext] The URL the other replicas reach this one at (docs/deploy.md; serve derives it
+    # from its listener when unset).
     internal_url: str | None = None  # LOOPBRIDGE_INTERNAL_URL
 
     @classmethod
@@ -151,6 +158,17 @@ class Settings(BaseSettings):
             return Vault()
         return self.vaults.get(name)
 
+    def known(self, kind: str, user: str) -> list[str]:
+        """The names of one kind (profile, vault, repo) that `user` may choose."""
+        table: dict[str, Restricted]
+        if kind == "profile":
+            table = dict(self.profiles)
+        elif kind == "vault":
+            table = {"default": Vault(), **self.vaults}
+        else:
+            table = dict(self.repos)
+        return sorted(name for name, setting in table.items() if setting.allows(user))
+
     def check_access(
         self, user: str, profiles: list[str], vault: str, repo: str | None
     ) -> None:
@@ -162,7 +180,9 @@ class Settings(BaseSettings):
         ]
         for kind, name, setting in chosen:
             if setting is None:
-                raise EngineError(f"unknown_{kind}", f"no {kind} named {name!r}")
+                # The names this user may choose, so a person (in a chat thread) can pick one.
+                known = ", ".join(self.known(kind, user)) or "none"
+                raise EngineError(f"unknown_{kind}", f"no {kind} named {name!r} (known: {known})")
             if not setting.allows(user):
                 raise EngineError(
                     f"{kind}_not_allowed", f"the {kind} {name!r} is kept for other users"

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-TERMINAL = frozenset({"done", "interrupted", "error"})
+from bridge.contract.events import TERMINAL
 
 # A watcher further behind than this is cut off; it resumes with Last-Event-ID.
 SUBSCRIBER_BACKLOG = 20_000
@@ -27,27 +27,18 @@ class Event:
     data: dict[str, Any]
     seq: int | None = None
     turn_id: str | None = None
+    # `data` as JSON, encoded once: stored, and framed by the server for every stream.
     json: str = field(default="", compare=False)
-    # The SSE frame, encoded once and shared by every stream that carries the event.
-    frame: bytes = field(default=b"", compare=False)
 
     @classmethod
     def make(
         cls, name: str, data: dict[str, Any], seq: int | None = None, turn_id: str | None = None
     ) -> Event:
-        return cls.build(name, data, json.dumps(data, separators=(",", ":")), seq, turn_id)
+        return cls(name, data, seq, turn_id, json.dumps(data, separators=(",", ":")))
 
     @classmethod
     def from_row(cls, name: str, data: str, seq: int, turn_id: str | None) -> Event:
-        return cls.build(name, json.loads(data), data, seq, turn_id)
-
-    @classmethod
-    def build(
-        cls, name: str, data: dict[str, Any], text: str, seq: int | None, turn_id: str | None
-    ) -> Event:
-        head = f"id: {seq}\r\n" if seq is not None else ""
-        frame = f"{head}event: {name}\r\ndata: {text}\r\n\r\n".encode()
-        return cls(name, data, seq, turn_id, text, frame)
+        return cls(name, json.loads(data), seq, turn_id, data)
 
     @property
     def terminal(self) -> bool:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from core.errors import EngineError
 
@@ -353,7 +354,9 @@ def check_attachments(root: Path, paths: list[str]) -> list[dict[str, str]]:
     return checked
 
 
-def prompt_content(root: Path, text: str, attachments: list[dict[str, str]]) -> str | list[dict]:
+def prompt_content(
+    root: Path, text: str, attachments: list[dict[str, str]]
+) -> str | list[dict[str, Any]]:
     """A message as the model gets it: the text naming every attachment, then the images
     as image blocks. Read when the turn starts, so a file changed since the message was
     sent is read as it is now."""

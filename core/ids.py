@@ -19,14 +19,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def rfc3339(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def aware(moment: datetime) -> datetime:
     """SQLite hands datetimes back without their zone; every stored time is UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

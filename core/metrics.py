@@ -11,7 +11,7 @@ from collections.abc import Callable
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 # The `_created` series double every counter's lines for little use.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client's own
 
 # Seconds: a warm first delta is ~50 ms, a cold start ~1 s, a loaded one a few.
 FIRST_DELTA_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -30,6 +30,11 @@ EVENT_STREAMS_OPEN = Gauge("loopbridge_event_streams_open",
 CHOICES_PENDING = Gauge("loopbridge_choices_pending", "Choices waiting for a person")
 MODEL_COST = Counter("loopbridge_model_cost_usd", "What the model calls cost, in US dollars")
 MODEL_TOKENS = Counter("loopbridge_model_tokens", "Model tokens, by kind", ["kind"])
+AGENTS_STARTING = Gauge("loopbridge_agents_starting", "Agents cold-starting now")
+AGENT_STARTS_WAITING = Gauge("loopbridge_agent_starts_waiting",
+                             "Agent cold starts waiting for LOOPBRIDGE_MAX_STARTING")
+AGENT_STARTS_QUEUED = Counter("loopbridge_agent_starts_queued",
+                              "Agent cold starts that had to wait for another to finish")
 BUDGET_REFUSALS = Counter("loopbridge_budget_refusals",
                           "Messages refused or ended because a budget was spent", ["budget"])
 

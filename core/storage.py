@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +18,15 @@ from sqlalchemy import event, insert, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
+from core.advisory import MIGRATIONS_LOCK, clustered, lock_transaction
 from core.errors import SettingsError
 from core.tables import events
 from core.tasks import spawn
@@ -33,6 +42,8 @@ INSERT_EVENTS = insert(events)
 TRANSIENT = (OperationalError, InterfaceError, OSError, TimeoutError)
 RETRY_FIRST_SECONDS = 0.05
 RETRY_MAX_SECONDS = 2.0
+# Seconds to wait after the n-th failure in a row: doubling, capped.
+BACKOFF = wait_exponential(multiplier=RETRY_FIRST_SECONDS, max=RETRY_MAX_SECONDS)
 # A flush that the writer cannot satisfy fails after this long, or at the writer's next
 # failed attempt (a flush asks for one at once), whichever comes first.
 FLUSH_TIMEOUT_SECONDS = 10.0
@@ -73,21 +84,18 @@ class Database:
 
     async def write_retrying(self, work: Callable[[AsyncConnection], Awaitable[T]], what: str) -> T:
         """`work` in a write transaction, retried with backoff while the database fails."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                async with self.write() as conn:
-                    return await work(conn)
-            except TRANSIENT as exc:
-                if attempt == WRITE_ATTEMPTS:
-                    raise
-                delay = backoff(attempt)
-                log.warning(
-                    "%s failed (attempt %d), retrying in %.2f s: %s",
-                    what, attempt, delay, _first_line(exc),
-                )  # fmt: skip
-                await asyncio.sleep(delay)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TRANSIENT),
+            stop=stop_after_attempt(WRITE_ATTEMPTS),
+            wait=BACKOFF,
+            before_sleep=partial(_log_retry, what),
+            reraise=True,
+        )
+        return await retrying(self._write_once, work)
+
+    async def _write_once(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        async with self.write() as conn:
+            return await work(conn)
 
     async def ping(self) -> None:
         """Raise unless the database answers a query within a few seconds."""
@@ -99,6 +107,10 @@ class Database:
         if self.sqlite_file is not None:
             private_sqlite_files(self.sqlite_file)
         async with self.engine.begin() as conn:
+            if clustered(self.engine):
+                # Replicas starting together migrate one at a time: the later ones wait
+                # here, then find the schema already new.
+                await lock_transaction(conn, MIGRATIONS_LOCK)
             await conn.run_sync(_upgrade)
 
     async def close(self) -> None:
@@ -135,7 +147,7 @@ def _upgrade(conn: Connection) -> None:
     command.upgrade(cfg, "head")
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
@@ -257,28 +269,35 @@ class EventWriter:
     async def _write(self, batch: list[dict[str, Any]]) -> None:
         """Write `batch` (rows are removed from it as they are done with), retrying for as
         long as the database fails; a flush cuts a retry's wait short."""
-        failures = 0
-        while True:
-            try:
-                await self._insert(batch)
-            except TRANSIENT as exc:
-                failures += 1
-                delay = backoff(failures)
-                self._failure = f"{type(exc).__name__}: {_first_line(exc)}"
-                log.error(
-                    "event log write failed (attempt %d, %d events wait), retrying in %.2f s: %s",
-                    failures, self.behind, delay, self._failure,
-                )  # fmt: skip
-                self._attempted()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._hurry.wait()
-                self._hurry.clear()
-                continue
-            if failures:
-                log.warning("the event log is written again after %d failed attempts", failures)
-            self._failure = None
-            return
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TRANSIENT),
+            wait=BACKOFF,
+            sleep=self._pause,
+            before_sleep=self._failed,
+            reraise=True,
+        )
+        await retrying(self._insert, batch)
+        failures = retrying.statistics.get("attempt_number", 1) - 1
+        if failures:
+            log.warning("the event log is written again after %d failed attempts", failures)
+        self._failure = None
+
+    def _failed(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        self._failure = f"{type(exc).__name__}: {_first_line(exc)}" if exc else "unknown"
+        delay = state.upcoming_sleep
+        log.error(
+            "event log write failed (attempt %d, %d events wait), retrying in %.2f s: %s",
+            state.attempt_number, self.behind, delay, self._failure,
+        )  # fmt: skip
+        self._attempted()
+
+    async def _pause(self, delay: float) -> None:
+        """The wait before the next attempt, which a flush cuts short."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._hurry.wait()
+        self._hurry.clear()
 
     async def _insert(self, batch: list[dict[str, Any]]) -> None:
         try:
@@ -318,9 +337,12 @@ class EventWriter:
         self._changed = asyncio.Event()
 
 
-def backoff(failures: int) -> float:
-    """Seconds to wait after the n-th failure in a row: doubling, capped."""
-    return min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
+def _log_retry(what: str, state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    log.warning(
+        "%s failed (attempt %d), retrying in %.2f s: %s",
+        what, state.attempt_number, state.upcoming_sleep, _first_line(exc) if exc else "",
+    )  # fmt: skip
 
 
 def _first_line(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -152,4 +153,13 @@ loop_leases = Table(
     Column("internal_url", String(500), nullable=False),
     Column("epoch", Integer, nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+# Requests per rate-limit key (a user) per minute, counted by every replica on PostgreSQL.
+rate_windows = Table(
+    "rate_windows",
+    metadata,
+    Column("key", String(300), primary_key=True),
+    Column("minute", BigInteger, primary_key=True),  # minutes since the epoch
+    Column("count", Integer, nullable=False),
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from core.runtime import Turn
+    from core.turn import Turn
 
 
 class TurnTracer:

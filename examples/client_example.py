@@ -20,7 +20,18 @@ import os
 import sys
 
 from bridge.client import LoopApiError, LoopClient
-from bridge.contract.models import StreamEventModel
+from bridge.contract.events import (
+    AssistantDeltaFrame,
+    DoneFrame,
+    ErrorFrame,
+    InterruptedFrame,
+    LoopEvent,
+    PermissionPayload,
+    QuestionPayload,
+    RequiresChoiceEvent,
+    RequiresChoiceFrame,
+    ToolCallFrame,
+)
 
 
 async def main(message: str, allow: bool) -> int:
@@ -44,24 +55,26 @@ async def main(message: str, allow: bool) -> int:
         return 0 if history.data and history.data[-1].ended == "done" else 1
 
 
-async def show(client: LoopClient, loop_id: str, event: StreamEventModel, allow: bool) -> None:
-    data = event.data
-    match event.event:
-        case "assistant_delta":
-            print(data["text"], end="", flush=True)
-        case "tool_call":
-            print(f"\n[tool {data['tool']}: {data.get('input_summary') or ''}]", flush=True)
-        case "requires_choice" if data["kind"] == "permission":
-            print(f"\n[{'allowing' if allow else 'denying'} {data['payload'].get('tool')}]")
-            await client.answer_choice(loop_id, data["choice_id"], allow=allow)
-        case "requires_choice":
-            answers = {q["id"]: q["options"][0]["label"] for q in data["payload"]["questions"]}
+async def show(client: LoopClient, loop_id: str, event: LoopEvent, allow: bool) -> None:
+    # Each event is typed (bridge/contract/events.py): match on its model.
+    match event:
+        case AssistantDeltaFrame(data=data):
+            print(data.text, end="", flush=True)
+        case ToolCallFrame(data=data):
+            print(f"\n[tool {data.tool}: {data.input_summary or ''}]", flush=True)
+        case RequiresChoiceFrame(data=RequiresChoiceEvent(payload=PermissionPayload() as asked)):
+            print(f"\n[{'allowing' if allow else 'denying'} {asked.tool}]")
+            await client.answer_choice(loop_id, event.data.choice_id, allow=allow)
+        case RequiresChoiceFrame(data=RequiresChoiceEvent(payload=QuestionPayload() as asked)):
+            answers: dict[str, str | list[str]] = {
+                q.id: q.options[0].label for q in asked.questions
+            }
             print(f"\n[answering {answers}]")
-            await client.answer_choice(loop_id, data["choice_id"], answers=answers)
-        case "done" | "interrupted":
+            await client.answer_choice(loop_id, event.data.choice_id, answers=answers)
+        case DoneFrame() | InterruptedFrame():
             print(f"\n[{event.event}]")
-        case "error":
-            print(f"\n[error {data['code']}: {data['message']}]")
+        case ErrorFrame(data=data):
+            print(f"\n[error {data.code}: {data.message}]")
 
 
 def run() -> None:

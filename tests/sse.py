@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 
-TERMINAL = {"done", "interrupted", "error"}
+from bridge.contract.events import TERMINAL
 
 
 @dataclass
@@ -21,12 +22,21 @@ class Ev:
 
 
 async def events(
-    http: httpx.AsyncClient, method: str, url: str, **kwargs: Any
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    opened: asyncio.Event | None = None,
+    **kwargs: Any,
 ) -> AsyncIterator[Ev]:
+    """The stream's events; `opened` is set once the server answered (a `GET /events`
+    watcher is subscribed by then)."""
     async with aconnect_sse(http, method, url, **kwargs) as source:
         if source.response.status_code != 200:
             await source.response.aread()
             raise AssertionError(f"{source.response.status_code}: {source.response.text}")
+        if opened is not None:
+            opened.set()
         async for sse in source.aiter_sse():
             yield Ev(sse.event, json.loads(sse.data), int(sse.id) if sse.id else None)
 

@@ -15,9 +15,16 @@ import pytest_asyncio
 import uvicorn
 from fastapi import FastAPI
 
-from bridge.client import IN_PROCESS_URL, TERMINAL_EVENTS, LoopApiError, LoopClient, Reconnect
+from bridge.client import IN_PROCESS_URL, LoopApiError, LoopClient, Reconnect
 from bridge.client.asgi import Message, Receive, Send, StreamingASGITransport
-from bridge.contract.models import StreamEventModel
+from bridge.contract.events import (
+    EVENT_DATA,
+    FRAMES,
+    TERMINAL,
+    DoneFrame,
+    LoopEvent,
+    StartedFrame,
+)
 from bridge.server.app import create_app
 from bridge.standin import StandinModel
 from core.config import load_settings
@@ -86,23 +93,23 @@ async def alice(connect: Connect, tokens: dict[str, str]) -> AsyncIterator[LoopC
 
 
 async def collect(
-    events: AsyncGenerator[StreamEventModel, None], count: int | None = None
-) -> list[StreamEventModel]:
+    events: AsyncGenerator[LoopEvent, None], count: int | None = None
+) -> list[LoopEvent]:
     """The events up to the first terminal one, or the first `count`; then the stream closes."""
-    collected: list[StreamEventModel] = []
+    collected: list[LoopEvent] = []
     async with contextlib.aclosing(events):
         async for event in events:
             collected.append(event)
-            if event.event in TERMINAL_EVENTS or len(collected) == count:
+            if event.event in TERMINAL or len(collected) == count:
                 break
     return collected
 
 
-def text_of(events: list[StreamEventModel]) -> str:
-    return "".join(e.data["text"] for e in events if e.event == "assistant_delta")
+def text_of(events: list[LoopEvent]) -> str:
+    return "".join(e.data.text for e in events if e.event == "assistant_delta")
 
 
-def names(events: list[StreamEventModel]) -> list[str]:
+def names(events: list[LoopEvent]) -> list[str]:
     return [e.event for e in events]
 
 
@@ -211,7 +218,39 @@ async def test_send_streams_the_echo_then_done(alice: LoopClient) -> None:
     assert text_of(events) == "Echo #1: hello"
     ids = [e.id or 0 for e in events]
     assert ids == sorted(set(ids))
-    assert events[0].data["turn_id"] == events[-1].data["turn_id"]
+    assert events[0].data.turn_id == events[-1].data.turn_id
+
+
+async def test_an_event_the_client_does_not_know_is_skipped() -> None:
+    """A newer server may send an event this client has no model for: it is left out."""
+    frames = (
+        b'id: 1\r\nevent: started\r\ndata: {"turn_id":"t","cold_start":false,'
+        b'"trigger":"message"}\r\n\r\n'
+        b"id: 2\r\nevent: from_a_newer_server\r\ndata: {}\r\n\r\n"
+        b'id: 3\r\nevent: done\r\ndata: {"turn_id":"t"}\r\n\r\n'
+    )
+
+    async def newer_server(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": frames})
+
+    async with LoopClient.in_process(newer_server, "token") as client:
+        events = await collect(client.send("loop_x", "hi"))
+    assert names(events) == ["started", "done"] and [e.id for e in events] == [1, 3]
+
+
+async def test_send_yields_typed_events(alice: LoopClient) -> None:
+    loop = await alice.create_loop()
+    events = await collect(alice.send(loop.id, "[[think]]"))
+    # Each event is the model of its name (`bridge.contract.events`), its data too.
+    assert all(type(e) is FRAMES[e.event] for e in events)
+    assert all(type(e.data) is EVENT_DATA[e.event] for e in events)
+    started, done = events[0], events[-1]
+    assert isinstance(started, StartedFrame) and started.data.trigger == "message"
+    assert isinstance(done, DoneFrame) and done.terminal
+    assert done.data.turn_id == started.data.turn_id
+    assert not started.terminal and "thinking_delta" in names(events)
 
 
 async def test_the_same_idempotency_key_replays_the_same_events(alice: LoopClient) -> None:
@@ -247,7 +286,7 @@ async def test_a_failed_turn_ends_with_an_error_event(alice: LoopClient) -> None
     loop = await alice.create_loop()
     events = await collect(alice.send(loop.id, "[[fail]]"))
 
-    assert names(events) == ["started", "error"] and events[-1].data["code"] == "agent_failed"
+    assert names(events) == ["started", "error"] and events[-1].data.code == "agent_failed"
 
 
 async def test_a_message_to_a_busy_loop_is_queued(alice: LoopClient) -> None:
@@ -258,7 +297,8 @@ async def test_a_message_to_a_busy_loop_is_queued(alice: LoopClient) -> None:
         rest = await collect(running)
 
     assert started.event == "started" and names(rest)[-1] == "done"
-    assert names(queued)[:2] == ["queued", "started"] and queued[0].data == {"position": 1}
+    assert names(queued)[:2] == ["queued", "started"]
+    assert queued[0].data.model_dump() == {"position": 1}
     assert text_of(queued) == "Echo #2: after"
 
 
@@ -275,25 +315,25 @@ async def test_the_stream_arrives_while_the_turn_runs(alice: LoopClient) -> None
 
 async def test_a_permission_choice_is_answered(alice: LoopClient) -> None:
     loop = await alice.create_loop()
-    events: list[StreamEventModel] = []
+    events: list[LoopEvent] = []
     async for event in alice.send(
         loop.id, "[[bash: echo hi > f.txt && cat f.txt]]", permission_mode="default"
     ):
         events.append(event)
         if event.event == "requires_choice":
-            await alice.answer_choice(loop.id, event.data["choice_id"], allow=True, source="tests")
+            await alice.answer_choice(loop.id, event.data.choice_id, allow=True, source="tests")
 
     choice = next(e for e in events if e.event == "requires_choice")
     resolved = next(e for e in events if e.event == "choice_resolved")
-    assert choice.data["kind"] == "permission" and choice.data["payload"]["tool"] == "Bash"
-    assert resolved.data == {"choice_id": choice.data["choice_id"], "source": "tests"}
-    assert next(e for e in events if e.event == "tool_result").data["ok"] is True
+    assert choice.data.kind == "permission" and choice.data.payload.tool == "Bash"
+    assert resolved.data.model_dump() == {"choice_id": choice.data.choice_id, "source": "tests"}
+    assert next(e for e in events if e.event == "tool_result").data.ok is True
     assert names(events)[-1] == "done" and text_of(events) == "Tool ok: hi"
 
 
 async def test_interrupt_ends_the_turn(alice: LoopClient) -> None:
     loop = await alice.create_loop()
-    events: list[StreamEventModel] = []
+    events: list[LoopEvent] = []
     async for event in alice.send(loop.id, "[[slow: 3]]"):
         events.append(event)
         if event.event == "assistant_delta" and len(events) == 2:

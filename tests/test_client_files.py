@@ -73,12 +73,12 @@ async def test_send_with_attachments_and_a_shared_file(client):
     events = [
         e async for e in client.send(loop, "[[image]] what is it", attachments=["uploads/shot.png"])
     ]
-    text = "".join(e.data["text"] for e in events if e.event == "assistant_delta")
+    text = "".join(e.data.text for e in events if e.event == "assistant_delta")
     assert hashlib.sha256(PNG).hexdigest() in text
     history = await client.history(loop)
     assert [a.path for a in history.data[-1].attachments] == ["uploads/shot.png"]
     events = [e async for e in client.send(loop, "[[share: uploads/shot.png :: the shot]]")]
-    shared = [e.data for e in events if e.event == "file_shared"]
+    shared = [e.data.model_dump() for e in events if e.event == "file_shared"]
     assert shared == [
         {
             "path": "uploads/shot.png",

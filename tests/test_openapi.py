@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from bridge.contract.events import EVENT_DATA, parse_event
 from bridge.contract.models import CHOICE_ANSWER
-from bridge.server.sse import _ping
+from bridge.server.sse import PING
 from tests.conftest import Server, start_server, stop_server
 from tests.polling import until
 from tests.sse import TERMINAL, Ev, events
@@ -341,8 +341,8 @@ async def test_every_event_the_engine_sends_fits_its_model(api: Server) -> None:
     for ev in seen:
         frame = parse_event(ev.name, ev.data, ev.id)
         assert frame.event == ev.name and (ev.id is not None or ev.name == "ping")
-    ping = _ping()
-    parse_event(ping.event or "", ping.data)
+    ping = dict(line.split(": ", 1) for line in PING.decode().split("\r\n") if line)
+    parse_event(ping["event"], ping["data"])
     names = {ev.name for ev in seen} | {"ping"}
     # file_shared needs the agent's share_file tool; its model is checked in the document.
     assert names == set(EVENT_DATA) - {"file_shared"}, set(EVENT_DATA) - names

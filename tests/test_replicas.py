@@ -360,7 +360,7 @@ async def test_a_slack_style_session_through_haproxy_round_robin(
                 async for event in asked:
                     if event.event == "requires_choice":
                         await bot.answer_choice(
-                            loop.id, event.data["choice_id"], answers={"q1": "Blue"}
+                            loop.id, event.data.choice_id, answers={"q1": "Blue"}
                         )
                     last = event
                 assert last.event == "done"
@@ -368,7 +368,7 @@ async def test_a_slack_style_session_through_haproxy_round_robin(
                 asked = bot.send(loop.id, "[[bash: echo ok > haproxy.txt]]", author=author)
                 async for event in asked:
                     if event.event == "requires_choice":
-                        await bot.answer_choice(loop.id, event.data["choice_id"], allow=True)
+                        await bot.answer_choice(loop.id, event.data.choice_id, allow=True)
                     last = event
                 assert last.event == "done"
                 await until(lambda: watched.count("done") == 3, 30, "the watcher's three turns")

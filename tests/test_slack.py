@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from adapters.slack import SlackAdapter, SlackSettings
-from adapters.slack.mrkdwn import to_mrkdwn
+from adapters.slack.settings import DEFAULT_PART_LIMIT
 from bridge.client import LoopClient
 from tests.fakes.slack import FakeSlack, Message
 from tests.polling import until
@@ -65,9 +65,9 @@ class Harness:
             self.fake.http_target = f"http://127.0.0.1:{self.adapter.http_port}/slack/events"
         return self.adapter
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
         if self.adapter is not None:
-            await self.adapter.stop()
+            await self.adapter.stop(grace)
             self.adapter = None
         if self.client is not None:
             await self.client.aclose()
@@ -224,6 +224,27 @@ async def test_permission_refused_for_others_then_approved_by_the_starter(slack:
     assert history.data[0].choices[0].answer == {"allow": True}
 
 
+async def test_a_click_after_a_restart_continues_the_turn(slack: Harness) -> None:
+    await slack.start()
+    root = await slack.fake.say(ALICE, f"{MENTION} [[bash: echo r > slack-restart.txt]]")
+    choice = await choice_message(slack, root)
+    await slack.stop(grace=0)  # the adapter goes away while the turn waits
+
+    await slack.start()  # a new process: no renderer, only the buttons' values
+    await slack.fake.click(ALICE, choice, "lb_allow")
+    await until(lambda: not choice.has_buttons, what="the outcome")
+    assert f"Allowed by <@{ALICE}>" in choice.context_text()
+    # The rest of the turn is shown below the choice, not lost with the old process.
+    await until(lambda: "Tool ok" in slack.answer(root), what="the rest of the turn")
+    await slack.adapter.idle()
+    loop = await loop_of(slack, root)
+    assert (slack.server.engine.sandbox.workdir(loop.id) / "slack-restart.txt").exists()
+    history = await slack.client.history(loop.id)
+    assert history.data[0].ended == "done"
+    answers = slack.fake.answer_messages(CHANNEL, root)
+    assert answers[-1].answer == history.data[0].assistant_text
+
+
 async def test_admin_denies_and_the_model_is_told(slack: Harness) -> None:
     await slack.start()
     root = await slack.fake.say(ALICE, f"{MENTION} [[bash: echo no > slack-denied.txt]]")
@@ -322,9 +343,9 @@ async def test_long_answer_is_split_complete_and_balanced_with_edits(slack: Harn
     whole = (await slack.client.history(loop.id)).data[0].assistant_text
     assert len(whole) > 10_000 and whole.count("```") >= 10
     parts = [m.answer for m in slack.fake.answer_messages(CHANNEL, root)]
-    assert len(parts) >= 4
-    unsplit(parts, to_mrkdwn(whole))
-    assert all(len(p.encode()) <= 3000 for p in parts)
+    assert len(parts) >= 2
+    unsplit(parts, whole)
+    assert all(len(p.encode()) <= DEFAULT_PART_LIMIT for p in parts)
     refused = [c for c in slack.fake.calls if c.error and c.error != "ratelimited"]
     assert refused == []
     # No message was edited faster than once a second, and none is left with buttons.
@@ -332,7 +353,21 @@ async def test_long_answer_is_split_complete_and_balanced_with_edits(slack: Harn
         gaps = [b - a for a, b in zip(message.updates, message.updates[1:], strict=False)]
         assert all(gap >= 0.9 for gap in gaps), gaps
         assert not message.has_buttons
-    assert "```python" not in "".join(parts)  # mrkdwn: no language line in code blocks
+    # Markdown as the model wrote it, for Slack's `markdown` block: no regex conversion.
+    assert "```python" in "".join(parts) and "&amp;" not in "".join(parts)
+
+
+async def test_short_parts_split_complete_and_balanced(slack: Harness) -> None:
+    # A small part limit: many cuts, each in or out of a code block, all balanced.
+    await slack.start(streaming="edit", part_limit=2900)
+    root = await slack.fake.say(ALICE, f"{MENTION} [[long: 450]]")
+    await slack.turns(1, within=90)
+    loop = await loop_of(slack, root)
+    whole = (await slack.client.history(loop.id)).data[0].assistant_text
+    parts = [m.answer for m in slack.fake.answer_messages(CHANNEL, root)]
+    assert len(parts) >= 4
+    unsplit(parts, whole)
+    assert all(len(p.encode()) <= 2900 for p in parts)
 
 
 async def test_long_answer_streams_natively_split_and_balanced(slack: Harness) -> None:
@@ -342,7 +377,7 @@ async def test_long_answer_streams_natively_split_and_balanced(slack: Harness) -
     loop = await loop_of(slack, root)
     whole = (await slack.client.history(loop.id)).data[0].assistant_text
     parts = [m.answer for m in slack.fake.answer_messages(CHANNEL, root)]
-    assert len(parts) >= 4
+    assert len(parts) >= 2
     unsplit(parts, whole)
     assert [c for c in slack.fake.calls if c.error] == []
 
@@ -351,8 +386,9 @@ async def test_same_event_delivered_twice_runs_one_turn(slack: Harness) -> None:
     await slack.start()
     before = len(slack.server.standin_requests())
     root = await slack.fake.say(ALICE, f"{MENTION} only once", deliveries=2)
-    await slack.turns(1)
-    await asyncio.sleep(0.5)
+    # Four deliveries (app_mention and message, twice each), every one handled.
+    await until(lambda: len(slack.adapter.results) == 4 and not slack.adapter._tasks,
+                what="every delivery handled")
     loop = await loop_of(slack, root)
     history = await slack.client.history(loop.id)
     assert len(history.data) == 1
@@ -393,7 +429,11 @@ async def test_without_native_streaming_it_posts_and_edits(slack: Harness) -> No
     await slack.start()
     root = await slack.fake.say(ALICE, f"{MENTION} **bold** and [a link](https://example.com)")
     await slack.turns(1)
-    assert slack.answer(root) == "Echo #1: *bold* and <https://example.com|a link>"
+    # The answer as the model wrote it, for Slack's `markdown` block; the notification
+    # text in mrkdwn (Slack renders no Markdown there).
+    assert slack.answer(root) == "Echo #1: **bold** and [a link](https://example.com)"
+    [answer] = slack.fake.answer_messages(CHANNEL, root)
+    assert answer.text == "Echo #1: *bold* and <https://example.com|a link>"
     assert slack.adapter.native.enabled is False  # not tried again
     root = await slack.fake.say(ALICE, f"{MENTION} second thread")
     await slack.turns(2)
@@ -428,7 +468,7 @@ async def test_rate_limits_are_waited_out_and_the_final_text_arrives(slack: Harn
     assert any(c.status == 429 for c in slack.fake.calls)
     loop = await loop_of(slack, root)
     whole = (await slack.client.history(loop.id)).data[0].assistant_text
-    assert slack.answer(root) == to_mrkdwn(whole).strip()
+    assert slack.answer(root) == whole.strip()
     assert not any(m.has_buttons for m in slack.fake.bot_messages(CHANNEL, root))
 
 
@@ -491,6 +531,48 @@ async def test_embedded_adapter_uses_an_in_process_client(slack: Harness) -> Non
     finally:
         await adapter.stop()
         await adapter.client.aclose()
+
+
+async def test_an_embedded_adapter_that_cannot_start_closes_and_revokes_its_token(
+    slack: Harness,
+) -> None:
+    import socket
+
+    from adapters.slack.runner import start_embedded
+    from adapters.startup import PlatformRefused, PlatformUnreachable
+    from bridge.server.app import create_app
+
+    accounts = slack.server.engine.accounts
+    app = create_app(slack.server.engine, manage_engine=False)
+    await accounts.ensure_user("slack")
+    with socket.socket() as closed:  # a port where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        unused_port = closed.getsockname()[1]
+
+    async def live_tokens() -> set[str]:
+        return {info.token_id for info in await accounts.list_tokens("slack")}
+
+    cases = (
+        # Slack refuses the bot token: trying again cannot help, the token goes.
+        ("xoxb-revoked", slack.fake.api_url, PlatformRefused, False),
+        # Slack cannot be reached: the server tries again later with the same token.
+        (FakeSlack.bot_token, f"http://127.0.0.1:{unused_port}/api/", PlatformUnreachable, True),
+    )
+    for bot_token, api_url, error, kept in cases:
+        info, token = await accounts.create_token("slack", "embedded, for this test")
+        env = {
+            "LOOPBRIDGE_SLACK_BOT_TOKEN": bot_token,
+            "LOOPBRIDGE_SLACK_APP_TOKEN": FakeSlack.app_token,
+            "LOOPBRIDGE_SLACK_API_URL": api_url,
+        }
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            with pytest.raises(error):
+                await start_embedded(
+                    app, token, revoke=lambda info=info: accounts.revoke_token(info.token_id)
+                )
+        assert (info.token_id in await live_tokens()) is kept, error
 
 
 async def test_a_message_sent_while_busy_waits_its_turn_in_order(slack: Harness) -> None:

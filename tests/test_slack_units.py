@@ -18,6 +18,7 @@ from adapters.slack.mrkdwn import from_slack, to_mrkdwn
 from adapters.split import PartSplitter, split_markdown
 from adapters.views import ChoiceView, MessageView, choice_view
 from bridge.standin.scenarios import long_chunks
+from tests.polling import until
 
 FENCE = re.compile(r"^ {0,3}```", re.MULTILINE)
 
@@ -134,8 +135,16 @@ def test_question_blocks_use_selects_for_multi_select() -> None:
 def test_message_blocks_show_text_activity_and_stop() -> None:
     view = MessageView("loop_1", text="**hi**", activity=("running `ls`",), stop=True)
     text, blocks = message_blocks(view)
-    assert text == "*hi*"
-    assert [b["block_id"] for b in blocks] == ["lb_text", "lb_activity", "lb_controls"]
+    assert text == "*hi*"  # the notification, in mrkdwn
+    assert blocks[0] == {"type": "markdown", "text": "**hi**"}  # the answer, as is
+    assert [b.get("block_id") for b in blocks[1:]] == ["lb_activity", "lb_controls"]
+
+
+def test_a_long_answer_notifies_with_its_start_only() -> None:
+    markdown = "**a & b** " * 2000
+    text, blocks = message_blocks(MessageView("loop_1", text=markdown))
+    assert blocks[0]["text"] == markdown.strip()
+    assert text.startswith("*a &amp; b*") and len(text) <= 4000
 
 
 # ---- rendering, against an in-memory surface ---------------------------------------------
@@ -154,11 +163,14 @@ class MemorySurface:
         self.fail_next = 0
         # Posts the platform lets through (None: no budget); each post takes one.
         self.budget: int | None = None
+        self.refusals = 0  # times the renderer found no post free
 
     def measure(self, markdown: str) -> int:
         return len(markdown)
 
     def posts_free(self) -> int | None:
+        if self.budget == 0:
+            self.refusals += 1
         return self.budget
 
     def _record(self, kind: str, message_id: str) -> None:
@@ -198,7 +210,8 @@ async def test_renderer_holds_parts_back_then_sends_the_rest_as_one_file() -> No
     async with renderer.running():
         renderer.started()
         renderer.add_text(text)  # all at once: ~10 parts for a budget of 2
-        await asyncio.sleep(0.5)
+        # The renderer has looked at the empty budget again a few times, and waited.
+        await until(lambda: surface.refusals >= 3, what="the budget looked at again")
         assert len(surface.order) == 2, "parts beyond the budget wait"
         renderer.finish("done")
     first, second, rest = (surface.messages[m] for m in surface.order)
@@ -217,7 +230,9 @@ async def test_renderer_throttles_edits_splits_and_finishes_complete() -> None:
         renderer.started()
         for index in range(0, len(text), 40):
             renderer.add_text(text[index:index + 40])
-            await asyncio.sleep(0.005)
+            if index % 400 == 0:  # now and then, the text waits until the platform saw some
+                calls = len(surface.calls)
+                await until(lambda seen=calls: len(surface.calls) > seen, what="a platform call")
         renderer.finish("done")
     shown = [surface.messages[m] for m in surface.order]
     assert all(isinstance(v, MessageView) and not v.live and not v.stop for v in shown)

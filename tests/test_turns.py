@@ -189,9 +189,11 @@ async def test_watcher_mid_turn_gets_a_snapshot_then_the_same_events(server):
 
 async def test_watchers_and_sender_see_the_same_deltas(server):
     loop = await new_loop(server)
-    watchers = [events(server.http, "GET", f"/loops/{loop}/events") for _ in range(3)]
+    opened = [asyncio.Event() for _ in range(3)]
+    watchers = [events(server.http, "GET", f"/loops/{loop}/events", opened=o) for o in opened]
     reads = [asyncio.create_task(until(w, "done")) for w in watchers]
-    await asyncio.sleep(0.3)
+    # Answered means subscribed: every watcher sees the turn from its start.
+    await asyncio.wait_for(asyncio.gather(*(o.wait() for o in opened)), 30)
     sent = await turn(server.http, loop, "[[long: 40]]")
     for read, watcher in zip(reads, watchers, strict=True):
         seen = await read
@@ -270,9 +272,10 @@ async def collect(stream, terminals: int) -> list[Ev]:
 
 async def test_background_wake_is_a_turn_of_its_own(server):
     loop = await new_loop(server)
-    watcher = events(server.http, "GET", f"/loops/{loop}/events")
+    opened = asyncio.Event()
+    watcher = events(server.http, "GET", f"/loops/{loop}/events", opened=opened)
     watched = asyncio.create_task(collect(watcher, terminals=2))
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(opened.wait(), 30)
     first = await turn(
         server.http, loop, "[[bashbg: sleep 1; echo bg > bg.txt]]",
         permission_mode="bypassPermissions",

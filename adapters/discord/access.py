@@ -17,9 +17,9 @@ PERMISSIONS = discord.Permissions(
     send_messages=True,
     send_messages_in_threads=True,
     create_public_threads=True,
-    read_message_history=True,
+    read_message_history=True,  # a thread's earlier messages, when the bot is mentioned in it
     embed_links=True,  # tool activity and status are a small embed under the answer
-    attach_files=True,  # the rest of a very long answer, as answer.md
+    attach_files=True,  # files the agent shares; the rest of a very long answer, as answer.md
     add_reactions=True,  # 🚫 on a message from someone not allowed to talk to the agent
 )
 SCOPES = ("bot", "applications.commands")

@@ -16,6 +16,8 @@ from adapters.conversations import Conversations
 from adapters.discord.incoming import PLATFORM, actor_of, conversation_key
 from adapters.discord.pacing import ChannelBudget
 from adapters.discord.settings import DiscordSettings
+from adapters.routing import OptionError, merge
+from adapters.starting import NAME_ERRORS, as_made
 from bridge.client import LoopApiError
 
 NO_LOOP = "No loop here: mention me in a channel, or start one with `/loop new`."
@@ -32,17 +34,39 @@ class LoopCommands(app_commands.Group):
         super().__init__(name="loop", description="Agent loops: start one, stop it, see it")
         self.conversations = conversations
         self.bound_channels = frozenset(settings.bound_channels)
-        self.archive_minutes = settings.thread_archive_minutes
+        self.archive_minutes = settings.archive_duration
         self.budget = budget
 
     @app_commands.command(name="new", description="Start a loop in a new thread")
-    @app_commands.describe(title="What the loop is about (the thread's name)")
-    async def new(self, interaction: discord.Interaction, title: str | None = None) -> None:
+    @app_commands.describe(
+        title="What the loop is about (the thread's name)",
+        repo="The repository to work on (else the channel's)",
+        branch="The branch to work on (made when missing)",
+        profiles="Profiles, separated by commas",
+        vault="The vault of secrets the agent gets",
+        mode="The agent's permission mode",
+    )
+    async def new(
+        self, interaction: discord.Interaction, title: str | None = None,
+        repo: str | None = None, branch: str | None = None, profiles: str | None = None,
+        vault: str | None = None, mode: str | None = None,
+    ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         actor = actor_of(interaction.user)
         channel = interaction.channel
         key = conversation_key(channel, self.bound_channels)
         thread: discord.Thread | None = None
+        # The same options as a mention's `repo=…` words (routing.py), checked first.
+        given = {"repo": repo, "branch": branch, "profiles": profiles, "vault": vault,
+                 "permission_mode": mode}
+        inline = {name: value for name, value in given.items() if value}
+        place = (str(getattr(channel, "parent_id", None) or getattr(channel, "id", "")),
+                 str(interaction.guild_id or ""))
+        try:
+            options = merge(self.conversations.routes.defaults(*place), inline)
+        except OptionError as exc:
+            await interaction.followup.send(f"No loop was started: {exc}", ephemeral=True)
+            return
         if key is None:
             if not isinstance(channel, discord.TextChannel):
                 await interaction.followup.send(TEXT_CHANNELS_ONLY, ephemeral=True)
@@ -60,10 +84,18 @@ class LoopCommands(app_commands.Group):
             await interaction.followup.send(NOT_ALLOWED, ephemeral=True)
             return
         bindings = self.conversations.bindings
-        async with bindings.lock(key):
-            binding, created = await bindings.find_or_create(
-                key, first_text=title or "", started_by=actor.user_id
-            )
+        try:
+            async with bindings.lock(key):
+                binding, created = await bindings.find_or_create(
+                    key, first_text=title or "", started_by=actor.user_id, options=options
+                )
+        except LoopApiError as exc:
+            if exc.code not in NAME_ERRORS:
+                raise
+            if thread is not None:
+                await thread.delete()
+            await interaction.followup.send(f"No loop was started: {exc.message}", ephemeral=True)
+            return
         if not created:
             await interaction.followup.send(
                 f"This conversation already has loop `{binding.loop_id}`.", ephemeral=True
@@ -71,9 +103,11 @@ class LoopCommands(app_commands.Group):
             return
         if thread is not None:
             async with self.budget.slot(thread.id, "post", live=False):
+                summary = as_made(binding, options).summary()
                 await thread.send(
                     f"Loop `{binding.loop_id}` started by <@{actor.user_id}>. "
-                    "Write here: every message in this thread goes to the agent.",
+                    + (f"{summary}. " if summary else "")
+                    + "Write here: every message in this thread goes to the agent.",
                     allowed_mentions=NO_MENTIONS,
                 )
         where = thread.mention if thread is not None else "this conversation"

@@ -17,7 +17,8 @@ components; they are stopped before sending so discord.py does not keep them.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import discord
 
@@ -123,7 +124,7 @@ def picked_view(interaction: discord.Interaction) -> discord.ui.View:
     assert interaction.message is not None
     view = discord.ui.View.from_message(interaction.message, timeout=None)
     chosen = set(_values(interaction))
-    custom_id = (interaction.data or {}).get("custom_id")
+    custom_id = interaction_data(interaction).get("custom_id")
     for item in view.children:
         if isinstance(item, discord.ui.Select) and item.custom_id == custom_id:
             for option in item.options:
@@ -147,7 +148,7 @@ def answers_of(interaction: discord.Interaction, action: Action) -> Answers | No
         return None
     if _component_type(interaction) == discord.ComponentType.button.value:
         question_id, _, _ = action.arg.rpartition(":")
-        label = _label(message, (interaction.data or {}).get("custom_id", ""))
+        label = _label(message, str(interaction_data(interaction).get("custom_id", "")))
         return {question_id: label} if label else None
     select = next((s for s, a in _selects(message) if a == action), None)
     if select is None:
@@ -159,12 +160,18 @@ def _value(select: discord.SelectMenu, values: list[str]) -> str | list[str]:
     return values if select.max_values > 1 else (values[0] if values else "")
 
 
+def interaction_data(interaction: discord.Interaction) -> Mapping[str, Any]:
+    """An interaction's `data` (a union of TypedDicts in discord.py) as the JSON it is."""
+    return cast(Mapping[str, Any], interaction.data or {})
+
+
 def _component_type(interaction: discord.Interaction) -> int | None:
-    return (interaction.data or {}).get("component_type")  # type: ignore[return-value]
+    kind = interaction_data(interaction).get("component_type")
+    return kind if isinstance(kind, int) else None
 
 
 def _values(interaction: discord.Interaction) -> list[str]:
-    return [str(value) for value in (interaction.data or {}).get("values", [])]  # type: ignore[union-attr]
+    return [str(value) for value in interaction_data(interaction).get("values", [])]
 
 
 def _controls(message: discord.Message) -> list[discord.Button | discord.SelectMenu]:

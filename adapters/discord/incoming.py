@@ -50,9 +50,10 @@ def conversation_key(channel: object, bound_channels: frozenset[str]) -> Convers
         return ConversationKey(PLATFORM, guild, parent, str(channel.id))
     if isinstance(channel, discord.DMChannel):
         return ConversationKey(PLATFORM, DM_WORKSPACE, str(channel.id), str(channel.id))
-    guild = getattr(channel, "guild", None)
-    if channel is not None and guild is not None and str(channel.id) in bound_channels:
-        return ConversationKey(PLATFORM, str(guild.id), str(channel.id), str(channel.id))
+    in_guild = getattr(channel, "guild", None)
+    channel_id = getattr(channel, "id", None)
+    if in_guild is not None and channel_id is not None and str(channel_id) in bound_channels:
+        return ConversationKey(PLATFORM, str(in_guild.id), str(channel_id), str(channel_id))
     return None
 
 

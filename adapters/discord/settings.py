@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, cast
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from adapters.policy import Policy
-from adapters.settings import IdList
-from bridge.contract.models import PermissionMode
+from adapters.settings import AdapterSettings, IdList
 
 # Discord's limit on a message's content.
 CONTENT_LIMIT = 2000
 # The auto-archive durations Discord offers a thread.
 ARCHIVE_MINUTES = (60, 1440, 4320, 10080)
+ArchiveMinutes = Literal[60, 1440, 4320, 10080]
 
 
-class DiscordSettings(BaseSettings):
+class DiscordSettings(AdapterSettings):
     """`token` is the bot token of the application (Developer Portal → Bot)."""
 
     model_config = SettingsConfigDict(env_prefix="LOOPBRIDGE_DISCORD_", extra="ignore")
 
     token: SecretStr | None = None
-    # The REST base with its version, e.g. http://127.0.0.1:9000/api/v10 (a fake, or the
-    # REST proxy a large bot runs), and the gateway's websocket URL. Both are class
-    # attributes of discord.py, so they hold for every Discord client in the process.
-    api_url: str | None = None
+    # `api_url` is the REST base with its version, e.g. http://127.0.0.1:9000/api/v10 (a
+    # fake, or the REST proxy a large bot runs); `gateway_url` the gateway's websocket URL.
+    # Both are class attributes of discord.py, so they hold for every Discord client in
+    # the process.
     gateway_url: str | None = None
     # For the invite URL; by default read from the token (a bot's user id is its app's id).
     application_id: str | None = None
@@ -36,8 +35,7 @@ class DiscordSettings(BaseSettings):
     # (Discord may take up to an hour to show global commands).
     command_guilds: IdList = Field(default_factory=list)
     sync_commands: bool = True
-    # Seconds between two edits of one message, and what one message of the answer holds.
-    edit_interval: float = Field(1.0, ge=0.2)
+    # What one message of the answer holds.
     part_limit: int = Field(CONTENT_LIMIT, ge=200, le=CONTENT_LIMIT)
     # What Discord allows per channel: `budget` posts, and `budget` edits, per `window` s
     # (the adapter keeps one of each in hand, see pacing.py).
@@ -54,13 +52,8 @@ class DiscordSettings(BaseSettings):
     option_buttons: int = Field(5, ge=0, le=5)
     # How long discord.py waits for the guilds of READY before it calls itself ready.
     guild_ready_timeout: float = Field(2.0, ge=0)
-    # Who may do what (empty: everyone). Ids are Discord user or role ids; `channels` are
-    # the channels where loops may be started (a thread counts as its parent channel).
-    channels: IdList = Field(default_factory=list)
-    users: IdList = Field(default_factory=list)
-    admins: IdList = Field(default_factory=list)
-    approvers: IdList = Field(default_factory=list)
-    permission_mode: PermissionMode | None = None
+    # (Who may do what: ids are Discord user or role ids; `channels` are the channels where
+    # loops may be started, a thread counting as its parent channel.)
 
     @field_validator("token", "api_url", "gateway_url", "application_id", mode="before")
     @classmethod
@@ -76,11 +69,10 @@ class DiscordSettings(BaseSettings):
         return value
 
     @property
-    def configured(self) -> bool:
-        """Enough is set to connect (what `loopbridge serve` may check)."""
-        return self.token is not None
+    def archive_duration(self) -> ArchiveMinutes:
+        return cast(ArchiveMinutes, self.thread_archive_minutes)  # checked above
 
-    def policy(self) -> Policy:
-        return Policy(
-            channels=self.channels, users=self.users, admins=self.admins, approvers=self.approvers
-        )
+    def missing(self) -> str | None:
+        if self.token is None:
+            return f"set {self.env_prefix()}TOKEN (the bot token, Developer Portal → Bot)"
+        return None

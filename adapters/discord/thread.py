@@ -22,6 +22,7 @@ import asyncio
 import io
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import discord
 
@@ -79,7 +80,7 @@ class DiscordThread:
         self.part_limit = settings.part_limit
         self.edit_interval = settings.edit_interval
         self.attach_rest = settings.attach_rest
-        self.archive_minutes = settings.thread_archive_minutes
+        self.archive_minutes = settings.archive_duration
         self.option_buttons = settings.option_buttons
         self.channel = bot.get_partial_messageable(channel_id)
         self._start = start
@@ -99,9 +100,11 @@ class DiscordThread:
         await self._start_thread()
         files = [_attached(view.attachment)] if view.attachment else []
         async with self.budget.slot(self.channel.id, "post", live=view.live):
+            # discord.py takes None for "no embed, no view"; its stubs do not say so.
+            parts: dict[str, Any] = {"embed": status_embed(view), "view": answer_view(view)}
             message = await self.channel.send(
-                content=answer_content(view) or None, embed=status_embed(view),
-                view=answer_view(view), allowed_mentions=NO_MENTIONS, files=files,
+                content=answer_content(view) or None, allowed_mentions=NO_MENTIONS,
+                files=files, **parts,
             )
         if view.text:
             self._worded.add(str(message.id))
@@ -163,9 +166,9 @@ class DiscordThread:
     async def post_choice(self, view: ChoiceView) -> str:
         await self._start_thread()
         async with self.budget.slot(self.channel.id, "post", live=False):
+            controls: dict[str, Any] = {"view": choice_view(view, self.option_buttons)}
             message = await self.channel.send(
-                content=choice_content(view), view=choice_view(view, self.option_buttons),
-                allowed_mentions=NO_MENTIONS,
+                content=choice_content(view), allowed_mentions=NO_MENTIONS, **controls
             )
         return str(message.id)
 
@@ -184,16 +187,20 @@ class DiscordThread:
     async def _start_thread(self) -> None:
         if self._start is None:
             return
-        start = self._start
-        parent = self.bot.get_partial_messageable(start.parent_id, guild_id=start.guild_id)
-        try:
-            await parent.get_partial_message(start.message_id).create_thread(
-                name=start.name, auto_archive_duration=self.archive_minutes
-            )
-        except discord.HTTPException as exc:
-            if exc.code != THREAD_EXISTS:
-                raise
+        await open_thread(self.bot, self._start, self.archive_minutes)
         self._start = None
+
+
+async def open_thread(bot: discord.Client, start: ThreadStart, archive_minutes: int) -> None:
+    """Start the thread on the person's message (already started is fine too)."""
+    parent = bot.get_partial_messageable(start.parent_id, guild_id=start.guild_id)
+    try:
+        await parent.get_partial_message(start.message_id).create_thread(
+            name=start.name, auto_archive_duration=archive_minutes  # type: ignore[arg-type]
+        )
+    except discord.HTTPException as exc:
+        if exc.code != THREAD_EXISTS:
+            raise
 
 
 def _attached(text: str) -> discord.File:

@@ -12,11 +12,9 @@ Everything platform-neutral (binding, policy, rendering, idempotency) lives in
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
-from collections import deque
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -30,16 +28,18 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.actions import Action
 from adapters.binding import Binding, ConversationKey
-from adapters.conversations import Conversations, Decision, IncomingMessage, TurnResult
+from adapters.clicks import click
+from adapters.conversations import Decision, IncomingMessage
 from adapters.policy import Actor
+from adapters.shell import AdapterShell
 from adapters.slack.blocks import resolved_blocks, selected_answers
+from adapters.slack.chat import SlackChat
 from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.settings import SlackSettings
 from adapters.slack.thread import NativeStreaming, SlackThread
 from adapters.slack.web import CountingRateLimitHandler, CountingWebClient
 from adapters.startup import PlatformRefused, PlatformUnreachable, unreachable
-from adapters.tasks import HandlerTasks
-from adapters.views import OutcomeMarks, outcome_line
+from adapters.views import OutcomeMarks
 from bridge.client import LoopClient
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ PERSON_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
 ACTION_IDS = re.compile(r"^lb_")
 TIMESTAMP = re.compile(r"[0-9]{1,12}")  # seconds since 1970, in ASCII digits only
 RATE_LIMIT_RETRIES = 3
-RESULTS_KEPT = 1000
 NOT_ALLOWED_TO_WRITE = "You are not allowed to talk to the agent here."
 # Where a message event names its writer (`user_profile`), best first.
 NAME_FIELDS = ("display_name", "real_name", "name")
@@ -63,16 +62,22 @@ REFUSALS = frozenset({
 T = TypeVar("T")
 
 
-class SlackAdapter:
+class SlackAdapter(AdapterShell):
     """Runs one Slack app against one Loop API client (`start`, then `stop`)."""
+
+    platform = PLATFORM
+    outcome_marks = OutcomeMarks(
+        ":white_check_mark:", ":no_entry_sign:", ":ballot_box_with_check:",
+        bold=lambda text: f"*{escape(text)}*",
+    )
 
     def __init__(
         self, settings: SlackSettings, client: LoopClient, *, logger: logging.Logger | None = None
     ) -> None:
         if settings.bot_token is None:
             raise ValueError("LOOPBRIDGE_SLACK_BOT_TOKEN is not set")
+        super().__init__(settings, client)
         self.settings = settings
-        self.client = client
         self.web = CountingWebClient(
             token=settings.bot_token.get_secret_value(),
             base_url=settings.api_url or AsyncWebClient.BASE_URL,
@@ -92,29 +97,17 @@ class SlackAdapter:
             request_verification_enabled=http,
             logger=logger,
         )
-        self.conversations = Conversations(
-            client, settings.policy(), platform=PLATFORM, permission_mode=settings.permission_mode
-        )
+        # Thread history, names, files in and out (issue 10): adapters/slack/chat.py.
+        self.chat = SlackChat(self.web, settings.bot_token.get_secret_value(), settings.file_limit)
         self.native = NativeStreaming(settings.streaming == "native")
         self.bot_user_id = ""
         self.team_id = ""
-        # The latest outcomes, for tests and status; bounded so a long run does not grow.
-        self.results: deque[TurnResult] = deque(maxlen=RESULTS_KEPT)
-        self._tasks = HandlerTasks(log, "Slack")
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
         self._register()
 
     # ---- running -------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Connect; PlatformRefused / PlatformUnreachable (one line each) when it cannot."""
-        try:
-            await self._connect()
-        except BaseException:
-            await self.stop()
-            raise
 
     async def _connect(self) -> None:
         identity = await self._reach(self.web.auth_test(), "LOOPBRIDGE_SLACK_BOT_TOKEN")
@@ -126,7 +119,8 @@ class SlackAdapter:
             self._socket = AsyncSocketModeHandler(
                 self.app, self.settings.app_token.get_secret_value(), web_client=self.web
             )
-            await self._reach(self._socket.connect_async(), "LOOPBRIDGE_SLACK_APP_TOKEN")
+            connecting = self._socket.connect_async()  # type: ignore[no-untyped-call]  # untyped in bolt
+            await self._reach(connecting, "LOOPBRIDGE_SLACK_APP_TOKEN")
         else:
             events = self.app.web_app(path=self.settings.http_path)
             events.middlewares.append(_plain_timestamp)
@@ -150,28 +144,18 @@ class SlackAdapter:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise unreachable("Slack", self.web.base_url, exc) from None
 
-    async def stop(self) -> None:
-        """Disconnect, then let turns in flight finish their last edits (briefly)."""
+    async def _stop_listening(self) -> None:
+        """Disconnect (the Web API client still makes the last edits of turns in flight)."""
         if self._socket is not None:
             with contextlib.suppress(Exception):
-                await self._socket.close_async()
+                await self._socket.close_async()  # type: ignore[no-untyped-call]  # untyped in bolt
             self._socket = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        await self._tasks.drain(5)
-        await self.conversations.close()
 
-    async def run_forever(self) -> None:
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
-
-    async def idle(self) -> None:
-        """Wait until no message or click is being handled (tests, shutdown)."""
-        await self._tasks.idle()
+    async def _disconnect(self) -> None:
+        await self.chat.aclose()  # after the turns in flight posted their files
 
     # ---- listeners -----------------------------------------------------------------------
 
@@ -180,11 +164,11 @@ class SlackAdapter:
             # Bolt has acknowledged the event already; the turn runs on its own.
             incoming = self.incoming(event, str(body.get("team_id") or self.team_id))
             if incoming is not None:
-                self._tasks.spawn(self._run_turn(incoming, event))
+                self.spawn(self._run_turn(incoming, event))
 
         async def on_action(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
             await ack()
-            self._tasks.spawn(self._click(body, action))
+            self.spawn(self._click(body, action))
 
         self.app.event("app_mention")(on_event)
         self.app.event("message")(on_event)
@@ -214,16 +198,11 @@ class SlackAdapter:
         )
 
     async def _run_turn(self, incoming: IncomingMessage, event: dict[str, Any]) -> None:
+        incoming = await self.chat.enrich(incoming, event)  # name, files, thread extras
         def surface(binding: Binding, message: IncomingMessage) -> SlackThread:
-            return SlackThread(
-                self.web,
-                self.settings,
-                channel=message.key.channel,
-                thread_ts=message.key.thread,
-                team_id=message.key.workspace or self.team_id,
-                user_id=message.author.user_id,
-                direct=message.direct,
-                native=self.native,
+            return self.thread(
+                message.key.channel, message.key.thread, message.author.user_id,
+                team_id=message.key.workspace, direct=message.direct,
             )
 
         result = await self.conversations.handle(
@@ -243,6 +222,22 @@ class SlackAdapter:
                 incoming.key.channel, incoming.author.user_id, incoming.key.thread, result.text
             )
 
+    def thread(
+        self, channel: str, thread_ts: str, user_id: str, *, team_id: str = "",
+        direct: bool | None = None,
+    ) -> SlackThread:
+        """Where a turn is shown: a thread, streamed to `user_id` (Slack wants a recipient)."""
+        return SlackThread(
+            self.web,
+            self.settings,
+            channel=channel,
+            thread_ts=thread_ts,
+            team_id=team_id or self.team_id,
+            user_id=user_id,
+            direct=channel.startswith("D") if direct is None else direct,
+            native=self.native,
+        )
+
     # ---- clicks --------------------------------------------------------------------------
 
     async def _click(self, body: dict[str, Any], element: dict[str, Any]) -> None:
@@ -257,16 +252,22 @@ class SlackAdapter:
             answers = {action.arg: label}
         elif action.verb == "submit":
             answers = selected_answers((body.get("state") or {}).get("values") or {})
-        decision = await self.conversations.decide(actor, action, answers)
         channel = str((body.get("channel") or {}).get("id") or body["container"]["channel_id"])
         message = body.get("message") or {}
         thread = str(message.get("thread_ts") or message.get("ts") or "")
-        if decision.outcome in ("not_allowed", "gone", "failed"):
-            await self._tell(channel, actor.user_id, thread, decision.message)
-            return
-        if decision.outcome == "answered":
-            line = outcome_line(actor.user_id, action.verb, answers, OUTCOME_MARKS)
-            await self._show_outcome(channel, message, line)
+        team = str((body.get("team") or {}).get("id") or body["user"].get("team_id") or "")
+
+        async def show_outcome(decision: Decision, line: str) -> None:
+            if decision.outcome in ("not_allowed", "gone", "failed"):
+                await self._tell(channel, actor.user_id, thread, decision.message)
+            elif decision.outcome == "answered":
+                await self._show_outcome(channel, message, line)
+
+        await click(
+            self.conversations, actor, action, answers, marks=self.outcome_marks,
+            show_outcome=show_outcome,
+            rest_on=lambda: self.thread(channel, thread, actor.user_id, team_id=team),
+        )
 
     async def _show_outcome(self, channel: str, message: dict[str, Any], outcome: str) -> None:
         blocks = resolved_blocks(list(message.get("blocks") or []), outcome)
@@ -294,13 +295,8 @@ async def _plain_timestamp(request: web.Request, handler: Any) -> web.StreamResp
     stamp = request.headers.get("X-Slack-Request-Timestamp")
     if stamp is not None and not TIMESTAMP.fullmatch(stamp):
         return web.json_response({"error": "invalid_timestamp"}, status=401)
-    return await handler(request)
-
-
-OUTCOME_MARKS = OutcomeMarks(
-    ":white_check_mark:", ":no_entry_sign:", ":ballot_box_with_check:",
-    bold=lambda text: f"*{escape(text)}*",
-)
+    response: web.StreamResponse = await handler(request)
+    return response
 
 
 __all__ = ["Decision", "SlackAdapter"]

@@ -1,7 +1,9 @@
 """Block Kit for the adapter's messages: answer parts, choices, outcomes.
 
-Block ids say what a block holds (`lb_text` is the answer's text), so a click
-handler can rebuild a message from its own blocks without any saved state.
+Block ids say what a block holds (`lb_choice` is a choice's text), so a click
+handler can rebuild a message from its own blocks without any saved state. The
+answer's text is a `markdown` block (standard Markdown, which Slack renders; it
+keeps no block id); everything else is mrkdwn, converted by mrkdwn.py.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from adapters.slack.mrkdwn import escape, to_mrkdwn
 from adapters.views import ChoiceView, MessageView, Question
 
 Block = dict[str, Any]
-TEXT_BLOCK = "lb_text"
 ACTIVITY_BLOCK = "lb_activity"
 STATUS_BLOCK = "lb_status"
 CONTROLS_BLOCK = "lb_controls"
@@ -28,17 +29,21 @@ BUTTON_TEXT = 75
 OPTION_TEXT = 75
 OPTION_VALUE = 150
 CONTEXT_TEXT = 3000
+# A message's `text` holds at most 4,000 characters; as a notification, less is more.
+TEXT_LIMIT = 4000
+NOTIFICATION_TEXT = 1000
 MAX_OPTION_BUTTONS = 5
 MAX_SELECT_OPTIONS = 100
 THINKING = "_…_"
 
 
 def message_blocks(view: MessageView) -> tuple[str, list[Block]]:
-    """(fallback text, blocks) of one message of an answer."""
-    text = to_mrkdwn(view.shown_text).strip()
+    """(notification text, blocks) of one message of an answer: the answer's Markdown as
+    is, in a `markdown` block (Slack renders it); the rest in mrkdwn."""
+    markdown = view.shown_text.strip()
     blocks: list[Block] = []
-    if text:
-        blocks.append(section_block(TEXT_BLOCK, text))
+    if markdown:
+        blocks.append({"type": "markdown", "text": markdown})
     lines = list(view.activity)
     if view.hidden_activity:
         lines.insert(0, f"+{view.hidden_activity} more")
@@ -50,7 +55,15 @@ def message_blocks(view: MessageView) -> tuple[str, list[Block]]:
     blocks.extend(link_blocks(view))
     if view.stop:
         blocks.append(controls_block(view.loop_id))
-    return (text or status or "…"), blocks
+    return (notification_text(markdown) or status or "…"), blocks
+
+
+def notification_text(markdown: str) -> str:
+    """The start of an answer as mrkdwn, for the notification and for clients that show
+    no blocks (Slack does not render Markdown there)."""
+    if len(markdown) > NOTIFICATION_TEXT:
+        markdown = markdown[:NOTIFICATION_TEXT].rstrip() + "…"
+    return to_mrkdwn(markdown).strip()[:TEXT_LIMIT]
 
 
 def link_blocks(view: MessageView) -> list[Block]:

@@ -7,7 +7,8 @@ Two ways to show a growing answer:
   cannot carry buttons while it streams, so the Stop button and tool activity
   live in a small control message of the turn.
 - edits (`chat.postMessage` + `chat.update`): the message is Block Kit with the
-  answer converted to mrkdwn, its tool activity and the Stop button.
+  answer's Markdown in a `markdown` block (Slack renders it too), its tool
+  activity and the Stop button.
 
 A stream that fails (no scope for it, a missing recipient, a stale stream, any
 error) is stopped and its message turned into an edited one, with its full text:
@@ -119,8 +120,9 @@ class SlackThread:
         return None
 
     def measure(self, markdown: str) -> int:
-        # Slack counts characters, some of them as two; bytes are never fewer.
-        return len(to_mrkdwn(markdown).encode())
+        # Sent as is (a `markdown` block, a stream's `markdown_text`). Slack counts
+        # characters, some of them as two; bytes are never fewer.
+        return len(markdown.encode())
 
     # ---- answer messages -------------------------------------------------------------
 
@@ -174,13 +176,13 @@ class SlackThread:
     # ---- native streams --------------------------------------------------------------
 
     async def _start_stream(self, view: MessageView) -> str | None:
-        recipient = {} if self.direct else {
-            "recipient_user_id": self.user_id, "recipient_team_id": self.team_id,
-        }
         try:
-            text = {"markdown_text": view.text[:APPEND_LIMIT]} if view.text else {}
+            # slack-sdk leaves out the arguments that are None.
             response = await self.web.chat_startStream(
-                channel=self.channel, thread_ts=self.thread_ts, **text, **recipient,
+                channel=self.channel, thread_ts=self.thread_ts,
+                markdown_text=view.text[:APPEND_LIMIT] or None,
+                recipient_user_id=None if self.direct else self.user_id,
+                recipient_team_id=None if self.direct else self.team_id,
             )
         except SlackApiError as exc:
             self.native.refused(str(exc.response.get("error", "")))
@@ -206,8 +208,9 @@ class SlackThread:
                 stream.sent += piece
             if not view.live:
                 # A finished stream takes blocks below its text: the link, if any.
-                links = {"blocks": link_blocks(view)} if view.link else {}
-                await self.web.chat_stopStream(channel=self.channel, ts=ts, **links)
+                await self.web.chat_stopStream(
+                    channel=self.channel, ts=ts, blocks=link_blocks(view) or None
+                )
                 del self._streams[ts]
         except SlackApiError as exc:
             log.info("streaming to %s failed (%s): editing instead", ts, exc.response.get("error"))

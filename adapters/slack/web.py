@@ -23,7 +23,7 @@ def _status(outcome: Any) -> str:
 
 
 class CountingWebClient(AsyncWebClient):
-    async def api_call(self, api_method: str, **kwargs: Any) -> Any:  # type: ignore[override]
+    async def api_call(self, api_method: str, **kwargs: Any) -> Any:
         return await metrics.counted(
             PLATFORM, api_method, lambda: super(CountingWebClient, self).api_call(
                 api_method, **kwargs

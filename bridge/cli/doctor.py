@@ -33,7 +33,8 @@ from core.sandbox.image import (
     recipe_path,
     run,
 )
-from core.sandbox.podman import CLI_DIR, DEFAULT_MODEL_URL, INSTALL
+from core.sandbox.network import DEFAULT_MODEL_URL
+from core.sandbox.podman import CLI_DIR, INSTALL
 from core.storage import MIGRATIONS, Database
 
 TIMEOUT_SECONDS = 20.0

@@ -50,7 +50,7 @@ def _message(exc: Exception) -> str:
 ENGINE_ENV = ("home", "database_url")
 SERVER_ENV = (
     *ENGINE_ENV, "sandbox", "default_permission_mode", "agent_idle_seconds",
-    "sandbox_idle_seconds", "rate_limit_per_minute", "cli_path",
+    "sandbox_idle_seconds", "rate_limit_per_minute", "cli_path", "max_starting",
 )
 MODEL_ENV = (
     "ANTHROPIC_API_KEY (the model key, handed to agents)",
@@ -92,7 +92,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 def _command(
     commands: Any, name: str, summary: str, run: Any, environment: str = ""
 ) -> argparse.ArgumentParser:
-    parser = commands.add_parser(
+    parser: argparse.ArgumentParser = commands.add_parser(
         name, help=summary, description=summary, epilog=environment or None,
         formatter_class=_Help,
     )

@@ -25,6 +25,7 @@ from bridge.server.net import listen, raise_file_limit
 from bridge.server.protocol import server_config
 from bridge.server.tracing import setup as setup_tracing
 from bridge.server.tracing import shutdown as shutdown_tracing
+from core.advisory import ADAPTERS_LOCK, Leadership, clustered
 from core.config import load_settings, prepare_data_dir
 from core.database_url import check_database_url
 from core.engine import Engine, bundled_cli
@@ -33,6 +34,10 @@ from core.errors import SettingsError
 log = logging.getLogger(__name__)
 
 PLATFORMS = ("slack", "discord")
+# A replica waiting to run the embedded adapters asks this often; one running them checks
+# its lock's connection this often (a takeover after a crash takes about the former).
+LEADER_POLL_SECONDS = 2.0
+LEADER_CHECK_SECONDS = 5.0
 # An embedded adapter's token names the process that made it (its pid and start time, as
 # pids are reused), so a later start can tell whether that process is gone.
 EMBEDDED_LABEL = "embedded adapter"
@@ -109,8 +114,12 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
     app = create_app(engine, manage_engine=False)
     traces = setup_tracing()
     adapters: list[_Embedded] = []
+    leading: asyncio.Task[None] | None = None
     try:
-        adapters = await _start_adapters(engine, app)
+        if clustered(engine.db.engine) and _adapters_configured():
+            leading = asyncio.create_task(_lead_adapters(engine, app))
+        else:
+            adapters = await _start_adapters(engine, app)
         bound = listener.getsockname()[1]
 
         def ready() -> None:
@@ -122,9 +131,11 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
         settle_heap()
         await server.serve(sockets=[listener])
     finally:
-        for embedded in adapters:
-            await embedded.stop()
-            await engine.accounts.revoke_token(embedded.token_id)
+        if leading is not None:
+            leading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leading
+        await _stop_adapters(engine, adapters)
         await engine.close()
         if traces is not None:
             await shutdown_tracing(traces)  # after the engine, so the turns it ended are sent
@@ -187,7 +198,9 @@ async def _start_adapters(engine: Engine, app: Any) -> list[_Embedded]:
         await engine.accounts.ensure_user(platform)
         info, token = await engine.accounts.create_token(platform, label)
         embedded = _Embedded(platform, info.token_id)
-        start = functools.partial(start_on, app, token)
+        # A start that fails for good revokes the token at once (adapters/runner.py).
+        revoke = functools.partial(engine.accounts.revoke_token, info.token_id)
+        start = functools.partial(start_on, app, token, revoke)
         try:
             adapter = await start()
         except AdapterSettingsError as exc:
@@ -204,6 +217,57 @@ async def _start_adapters(engine: Engine, app: Any) -> list[_Embedded]:
             embedded.running(adapter)
         started.append(embedded)
     return started
+
+
+async def _stop_adapters(engine: Engine, adapters: list[_Embedded]) -> None:
+    for embedded in adapters:
+        await embedded.stop()
+        await engine.accounts.revoke_token(embedded.token_id)
+
+
+def _adapters_configured() -> bool:
+    """Whether any embedded adapter has its settings (a wrong one stops `serve` here)."""
+    from adapters.discord.settings import DiscordSettings
+    from adapters.settings import AdapterSettingsError
+    from adapters.slack.settings import SlackSettings
+
+    try:
+        return SlackSettings.load().configured or DiscordSettings.load().configured
+    except AdapterSettingsError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+async def _lead_adapters(engine: Engine, app: Any) -> None:
+    """With replicas (PostgreSQL), the embedded adapters run on one replica at a time,
+    the holder of an advisory lock (core/advisory.py); the others ask for it every few
+    seconds and the first to get it once its holder dies or stops starts them."""
+    leadership = Leadership(engine.db.engine, ADAPTERS_LOCK, "the embedded chat adapters")
+    try:
+        while True:
+            await leadership.acquire(LEADER_POLL_SECONDS, _waiting_to_lead)
+            adapters: list[_Embedded] = []
+            failed = False
+            try:
+                adapters = await _start_adapters(engine, app)
+                await leadership.lost(every=LEADER_CHECK_SECONDS)
+            except Exception:  # a bug: let another replica try them
+                log.exception("the embedded chat adapters failed on this replica")
+                failed = True
+            finally:
+                await _stop_adapters(engine, adapters)
+            if failed:
+                await leadership.release()
+                await asyncio.sleep(LEADER_POLL_SECONDS)
+    finally:
+        await leadership.release()
+
+
+def _waiting_to_lead() -> None:
+    print(
+        "loopbridge: the chat adapters run on another replica; this one takes over "
+        "when that one stops",
+        flush=True,
+    )
 
 
 async def revoke_orphaned_tokens(engine: Engine) -> None:

@@ -6,7 +6,6 @@ or the engine, so adapters and scripts can use it anywhere.
 
 from bridge.client.loops import (
     IN_PROCESS_URL,
-    TERMINAL_EVENTS,
     Download,
     LoopApiError,
     LoopClient,
@@ -15,7 +14,6 @@ from bridge.client.loops import (
 
 __all__ = [
     "IN_PROCESS_URL",
-    "TERMINAL_EVENTS",
     "Download",
     "LoopApiError",
     "LoopClient",

@@ -21,6 +21,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from pydantic import BaseModel, ValidationError
 
 from bridge.client.asgi import ASGIApp, StreamingASGITransport
+from bridge.contract.events import FRAMES, LOOP_EVENT, TERMINAL, LoopEvent
 from bridge.contract.models import (
     Author,
     ErrorResponse,
@@ -31,7 +32,6 @@ from bridge.contract.models import (
     LoopOut,
     LoopPage,
     PermissionMode,
-    StreamEventModel,
     TokenCreated,
     TokenList,
     UsageReport,
@@ -40,7 +40,6 @@ from bridge.contract.models import (
 
 API_PREFIX = "/api/v1"
 IN_PROCESS_URL = "http://loopbridge"
-TERMINAL_EVENTS = frozenset({"done", "interrupted", "error"})
 # The server pings every 15 s: three missed pings mean the connection is dead.
 STREAM_IDLE_TIMEOUT = 50.0
 # Answers worth another try: the server is busy or starting, or a proxy failed.
@@ -49,7 +48,7 @@ RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 NOT_RETRYABLE_CODES = frozenset({"budget_exceeded"})
 
 Model = TypeVar("Model", bound=BaseModel)
-Connect = Callable[[int | None], AsyncGenerator[StreamEventModel, None]]
+Connect = Callable[[int | None], AsyncGenerator[LoopEvent, None]]
 
 
 class LoopApiError(Exception):
@@ -277,8 +276,9 @@ class LoopClient:
         idempotency_key: str | None = "auto",
         author: Author | None = None,
         attachments: list[str] | None = None,
-    ) -> AsyncGenerator[StreamEventModel, None]:
-        """Send a message and stream its turn until `done`, `interrupted` or `error`.
+    ) -> AsyncGenerator[LoopEvent, None]:
+        """Send a message and stream its turn until `done`, `interrupted` or `error`, as
+        typed events (`bridge.contract.events`: `event.event`, `event.id`, `event.data`).
 
         `author` names the person a relaying bot speaks for; the agent is told who wrote it.
 
@@ -301,7 +301,7 @@ class LoopClient:
             body["attachments"] = [{"path": path} for path in attachments]
         path = _loop_path(loop_id, "messages")
 
-        def connect(_: int | None) -> AsyncGenerator[StreamEventModel, None]:
+        def connect(_: int | None) -> AsyncGenerator[LoopEvent, None]:
             return self._stream("POST", path, headers=headers, json=body)
 
         attempts = self.reconnect.attempts if key is not None else 0
@@ -309,11 +309,11 @@ class LoopClient:
 
     def watch(
         self, loop_id: str, last_event_id: int | None = None
-    ) -> AsyncGenerator[StreamEventModel, None]:
+    ) -> AsyncGenerator[LoopEvent, None]:
         """Every event of the loop from now on, or after `last_event_id`, until closed."""
         path = _loop_path(loop_id, "events")
 
-        def connect(after: int | None) -> AsyncGenerator[StreamEventModel, None]:
+        def connect(after: int | None) -> AsyncGenerator[LoopEvent, None]:
             headers = {"Last-Event-ID": str(after)} if after is not None else {}
             return self._stream("GET", path, headers=headers)
 
@@ -321,7 +321,7 @@ class LoopClient:
 
     async def _resumable(
         self, connect: Connect, last_id: int | None, attempts: int, *, until_terminal: bool = False
-    ) -> AsyncGenerator[StreamEventModel, None]:
+    ) -> AsyncGenerator[LoopEvent, None]:
         """Yield each event once across reconnections; ids increase within a loop."""
         failures = 0
         while True:
@@ -333,7 +333,7 @@ class LoopClient:
                         failures = 0
                         last_id = event.id if event.id is not None else last_id
                         yield event
-                        if until_terminal and event.event in TERMINAL_EVENTS:
+                        if until_terminal and event.event in TERMINAL:
                             return
                 raise httpx.RemoteProtocolError("the stream ended before its last event")
             except (httpx.TransportError, LoopApiError) as exc:
@@ -344,8 +344,9 @@ class LoopClient:
 
     async def _stream(
         self, method: str, path: str, *, headers: dict[str, str], **options: Any
-    ) -> AsyncGenerator[StreamEventModel, None]:
-        """The events of one connection, without pings."""
+    ) -> AsyncGenerator[LoopEvent, None]:
+        """The events of one connection, typed, without pings. An event this client does not
+        know (from a newer server) is skipped."""
         async with aconnect_sse(
             self._http,
             method,
@@ -358,7 +359,7 @@ class LoopClient:
                 await source.response.aread()
                 raise LoopApiError.from_response(source.response)
             async for sse in source.aiter_sse():
-                if sse.event != "ping":
+                if sse.event != "ping" and sse.event in FRAMES:
                     yield _event(sse)
 
     # ---- accounts ------------------------------------------------------------------
@@ -420,8 +421,9 @@ def _given(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def _event(sse: ServerSentEvent) -> StreamEventModel:
-    return StreamEventModel(id=int(sse.id) if sse.id else None, event=sse.event, data=sse.json())
+def _event(sse: ServerSentEvent) -> LoopEvent:
+    resume = int(sse.id) if sse.id else None
+    return LOOP_EVENT.validate_python({"event": sse.event, "id": resume, "data": sse.json()})
 
 
 def _retryable(exc: httpx.TransportError | LoopApiError) -> bool:

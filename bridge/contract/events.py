@@ -2,16 +2,18 @@
 
 On the wire each event is an SSE frame, `event: <name>`, `data: <one JSON object>` and,
 for every event but `ping`, an `id:`. `EVENT_DATA` maps each name to the model of its
-data; `parse_event` reads one frame into a `LoopEvent`, a union discriminated on the
-event name. Clients import these; the server publishes them in its OpenAPI document.
+data, `FRAMES` to the model of the whole event (`QueuedFrame`, … with `event`, `id` and
+`data`); `LoopEvent` is their union, discriminated on the name, and `parse_event` reads
+one SSE frame into it. The client yields these; the server publishes them in its OpenAPI
+document.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 Trigger = Literal["message", "background"]
 
@@ -155,44 +157,141 @@ class PingEvent(EventData):
     """A heartbeat, every 15 s; it has no `id`."""
 
 
-EVENT_DATA: dict[str, type[EventData]] = {
-    "queued": QueuedEvent,
-    "started": StartedEvent,
-    "snapshot": SnapshotEvent,
-    "assistant_delta": AssistantDeltaEvent,
-    "thinking_delta": ThinkingDeltaEvent,
-    "tool_call": ToolCallEvent,
-    "tool_result": ToolResultEvent,
-    "requires_choice": RequiresChoiceEvent,
-    "choice_resolved": ChoiceResolvedEvent,
-    "file_shared": FileSharedEvent,
-    "done": DoneEvent,
-    "interrupted": InterruptedEvent,
-    "error": ErrorEvent,
-    "ping": PingEvent,
+# ---- whole events: the name, the resume id and the typed data -------------------------
+
+
+class Frame(BaseModel):
+    """One event as a client reads it. `id` is its resume point (`Last-Event-ID`); a
+    `ping` has none."""
+
+    event: str
+    id: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """The turn's last event: `done`, `interrupted` or `error`."""
+        return self.event in TERMINAL
+
+
+class QueuedFrame(Frame):
+    event: Literal["queued"] = "queued"
+    data: QueuedEvent
+
+
+class StartedFrame(Frame):
+    event: Literal["started"] = "started"
+    data: StartedEvent
+
+
+class SnapshotFrame(Frame):
+    event: Literal["snapshot"] = "snapshot"
+    data: SnapshotEvent
+
+
+class AssistantDeltaFrame(Frame):
+    event: Literal["assistant_delta"] = "assistant_delta"
+    data: AssistantDeltaEvent
+
+
+class ThinkingDeltaFrame(Frame):
+    event: Literal["thinking_delta"] = "thinking_delta"
+    data: ThinkingDeltaEvent
+
+
+class ToolCallFrame(Frame):
+    event: Literal["tool_call"] = "tool_call"
+    data: ToolCallEvent
+
+
+class ToolResultFrame(Frame):
+    event: Literal["tool_result"] = "tool_result"
+    data: ToolResultEvent
+
+
+class RequiresChoiceFrame(Frame):
+    event: Literal["requires_choice"] = "requires_choice"
+    data: RequiresChoiceEvent
+
+
+class ChoiceResolvedFrame(Frame):
+    event: Literal["choice_resolved"] = "choice_resolved"
+    data: ChoiceResolvedEvent
+
+
+class FileSharedFrame(Frame):
+    event: Literal["file_shared"] = "file_shared"
+    data: FileSharedEvent
+
+
+class DoneFrame(Frame):
+    event: Literal["done"] = "done"
+    data: DoneEvent
+
+
+class InterruptedFrame(Frame):
+    event: Literal["interrupted"] = "interrupted"
+    data: InterruptedEvent
+
+
+class ErrorFrame(Frame):
+    event: Literal["error"] = "error"
+    data: ErrorEvent
+
+
+class PingFrame(Frame):
+    event: Literal["ping"] = "ping"
+    data: PingEvent
+
+
+# One event, told apart by its name.
+LoopEvent = Annotated[
+    QueuedFrame
+    | StartedFrame
+    | SnapshotFrame
+    | AssistantDeltaFrame
+    | ThinkingDeltaFrame
+    | ToolCallFrame
+    | ToolResultFrame
+    | RequiresChoiceFrame
+    | ChoiceResolvedFrame
+    | FileSharedFrame
+    | DoneFrame
+    | InterruptedFrame
+    | ErrorFrame
+    | PingFrame,
+    Field(discriminator="event"),
+]
+LOOP_EVENT: TypeAdapter[LoopEvent] = TypeAdapter(LoopEvent)
+FRAMES: dict[str, type[Frame]] = {
+    "queued": QueuedFrame,
+    "started": StartedFrame,
+    "snapshot": SnapshotFrame,
+    "assistant_delta": AssistantDeltaFrame,
+    "thinking_delta": ThinkingDeltaFrame,
+    "tool_call": ToolCallFrame,
+    "tool_result": ToolResultFrame,
+    "requires_choice": RequiresChoiceFrame,
+    "choice_resolved": ChoiceResolvedFrame,
+    "file_shared": FileSharedFrame,
+    "done": DoneFrame,
+    "interrupted": InterruptedFrame,
+    "error": ErrorFrame,
+    "ping": PingFrame,
 }
+# Each event's name and the model of its data.
+def _data_model(frame: type[Frame]) -> type[EventData]:
+    model = frame.model_fields["data"].annotation
+    assert isinstance(model, type) and issubclass(model, EventData)
+    return model
+
+
+EVENT_DATA = {name: _data_model(frame) for name, frame in FRAMES.items()}
+# The events that end a turn: one definition for the engine, the client and the adapters.
 TERMINAL = frozenset({"done", "interrupted", "error"})
 
 
-def _frame(name: str, data: type[EventData]) -> type[BaseModel]:
-    """The model of one whole event: its name, its resume id and its typed data."""
-    frame: type[BaseModel] = create_model(
-        data.__name__.removesuffix("Event") + "Frame",
-        event=(Literal[name], ...),
-        id=(int | None, None),
-        data=(data, ...),
-    )
-    return frame
-
-
-FRAMES = {name: _frame(name, data) for name, data in EVENT_DATA.items()}
-# One of the frames above, told apart by `event` (built from the table: one list of events).
-LoopEvent = Annotated[Union[tuple(FRAMES.values())], Field(discriminator="event")]  # type: ignore[valid-type]  # noqa: UP007
-_EVENT = TypeAdapter(LoopEvent)
-
-
-def parse_event(event: str, data: str | dict[str, Any], id: str | int | None = None) -> Any:
+def parse_event(event: str, data: str | dict[str, Any], id: str | int | None = None) -> LoopEvent:
     """One SSE frame as its typed model; `ValidationError` for an unknown name or bad data."""
     payload = json.loads(data) if isinstance(data, str) else data
     resume = None if id is None or id == "" else id
-    return _EVENT.validate_python({"event": event, "id": resume, "data": payload})
+    return LOOP_EVENT.validate_python({"event": event, "id": resume, "data": payload})

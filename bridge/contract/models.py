@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter, field_validator
 
 from bridge.contract.events import TurnUsage
-from core.ids import rfc3339
+from bridge.contract.times import rfc3339
 
 Timestamp = Annotated[datetime, PlainSerializer(rfc3339, return_type=str)]
 PermissionMode = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk", "auto"]
@@ -353,16 +353,3 @@ class InterruptBody(Strict):
 
 def metadata_size(metadata: dict[str, Any]) -> int:
     return len(json.dumps(metadata, separators=(",", ":")).encode())
-
-
-class StreamEventModel(BaseModel):
-    """One SSE event, as a client reads it: `id`, `event` name and the JSON `data`."""
-
-    id: int | None = None
-    event: str
-    data: dict[str, Any]
-
-    @field_validator("data", mode="before")
-    @classmethod
-    def _parse(cls, value: Any) -> Any:
-        return json.loads(value) if isinstance(value, str) else value

@@ -97,13 +97,14 @@ EVENT_ID = {"pattern": "^[0-9]{1,18}$"}
 
 
 async def _user(request: Request) -> str:
-    user = await request.app.state.auth.user(request)
+    user: str = await request.app.state.auth.user(request)
     logctx.bind(user=user)
     return user
 
 
 async def _session_user(request: Request) -> str:
-    return await request.app.state.auth.session_user(request)
+    user: str = await request.app.state.auth.session_user(request)
+    return user
 
 
 User = Annotated[str, Depends(_user)]
@@ -174,7 +175,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     settings = engine.settings
     app.state.auth = Authenticator(
         engine.accounts,
-        RateLimiter(settings.rate_limit_per_minute),
+        RateLimiter(settings.rate_limit_per_minute, engine.rates),
         LoginThrottle(settings.login_failures_per_name, settings.login_failures_per_address),
     )
 

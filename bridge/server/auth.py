@@ -6,12 +6,14 @@ import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from fastapi import Request
 
 from bridge.server.errors import ApiError
 from core.accounts import Accounts
+from core.rates import SharedRates
 
 SESSION_COOKIE = "loopbridge_session"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -26,11 +28,13 @@ class Bucket:
 
 
 class RateLimiter:
-    """A token bucket per user: `per_minute` requests a minute, bursts up to the same."""
+    """A token bucket per user: `per_minute` requests a minute, bursts up to the same;
+    with replicas (`shared`), also `per_minute` a minute across all of them."""
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, shared: SharedRates | None = None) -> None:
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
+        self.shared = shared
         self._buckets: dict[str, Bucket] = {}
 
     def check(self, user: str) -> None:
@@ -39,13 +43,18 @@ class RateLimiter:
         bucket.tokens = min(self.capacity, bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
         if bucket.tokens < 1:
-            wait = math.ceil((1 - bucket.tokens) / self.rate)
-            raise ApiError(
-                "too_many_requests",
-                f"too many requests; retry in {wait} s",
-                headers={"Retry-After": str(wait)},
-            )
+            _too_many(math.ceil((1 - bucket.tokens) / self.rate))
+        if self.shared is not None and (wait := self.shared.take(user)) is not None:
+            _too_many(wait)
         bucket.tokens -= 1
+
+
+def _too_many(wait: int) -> NoReturn:
+    raise ApiError(
+        "too_many_requests",
+        f"too many requests; retry in {wait} s",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 class LoginThrottle:

@@ -25,8 +25,9 @@ import httpx
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from bridge.contract.events import TERMINAL
+from bridge.server.sse import encode
 from core.engine import Engine
-from core.events import TERMINAL
 from core.ids import loop_id
 from core.replicas import Replicas
 
@@ -138,7 +139,7 @@ class Forwarder:
         rest = self.replicas.follow_turn(loop, turn, frames.last_id)
         async with contextlib.aclosing(rest):
             async for batch in rest.batches():
-                yield b"".join(event.frame for event in batch)
+                yield b"".join(encode(event) for event in batch)
 
 
 class _Frames:

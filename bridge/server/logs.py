@@ -9,7 +9,7 @@ import sys
 from datetime import UTC, datetime
 from typing import IO
 
-from core.ids import rfc3339
+from bridge.contract.times import rfc3339
 from core.logctx import FIELDS, ContextFilter
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -14,7 +14,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 from swagger_ui_bundle import swagger_ui_path
 
-from bridge.contract.events import EVENT_DATA
+from bridge.contract.events import EVENT_DATA, FRAMES
 from bridge.server import errors
 from bridge.server.auth import SESSION_COOKIE
 
@@ -222,7 +222,8 @@ def _event_schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = dict(top["$defs"])
     mapping: dict[str, str] = {}
     for name, model in EVENT_DATA.items():
-        frame = model.__name__.removesuffix("Event") + "Frame"
+        # The frame's data is JSON text on the wire; its schema is the event's model.
+        frame = FRAMES[name].__name__
         properties: dict[str, Any] = {
             "event": {"type": "string", "const": name},
             "data": {

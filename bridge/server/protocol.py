@@ -22,6 +22,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from bridge.server.errors import error_body
+from bridge.server.sse import DRAIN
 from core.config import Settings
 
 # Paths served even when the server is at its connection cap, so health checks still see it.
@@ -91,6 +92,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._probe_only = False
         self._refused = False
         self._timer: asyncio.TimerHandle | None = None
+        # Set when the server shuts down: the event streams of this connection end then
+        # (uvicorn would wait for them), each closing its response properly.
+        self._drain = asyncio.Event()
 
     # ---- connections -----------------------------------------------------------------------
 
@@ -135,6 +139,10 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._head_size + self._unparsed > self.limits.head_bytes:
             self._refuse("headers_too_large", self._too_large())
 
+    def shutdown(self) -> None:
+        self._drain.set()
+        super().shutdown()
+
     def send_400_response(self, msg: str) -> None:
         self._refuse("invalid_http", msg)
 
@@ -142,6 +150,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        extensions = self.scope.setdefault("extensions", {})
+        extensions[DRAIN] = {"event": self._drain}
         self._reading_head = True
         self._head_size = self._url_size = 0
         self._progress = True

@@ -261,8 +261,8 @@ class _MessageFrame:
         yield _sse("message_start", start), False
         deltas = 0
         for index, block in enumerate(reply.blocks):
-            start = {"type": "content_block_start", "index": index, "content_block": _empty(block)}
-            yield _sse("content_block_start", start), False
+            opened = {"type": "content_block_start", "index": index, "content_block": _empty(block)}
+            yield _sse("content_block_start", opened), False
             for delta in _deltas(block):
                 deltas += 1
                 body = {"type": "content_block_delta", "index": index, "delta": delta}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -22,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bridge.contract.events import ErrorEvent
+from core.active_loops import newest_id
 from core.errors import EngineError
 from core.events import EventStream
 from core.replicas import lease
 from core.replicas.errors import FencedOut, OwnedElsewhere
 from core.replicas.lease import LEASE_SECONDS
-from core.replicas.log import LogFollower, newest_id, notify, snapshot
+from core.replicas.log import LogFollower, notify, snapshot
 from core.storage import EventWriter
 from core.tasks import spawn
 
@@ -198,12 +199,10 @@ class Replicas:
             await self._renew()
 
     async def _renew(self) -> None:
-        runtimes, opening = self.engine._runtimes, self.engine._opening
+        active = self.engine.active
         # A loop dropped from memory keeps its lease until its last events are written.
         written = self.engine.writer.behind == 0
-        keep = [
-            loop for loop in self.held if loop in runtimes or loop in opening or not written
-        ]
+        keep = [loop for loop in self.held if active.holds(loop) or not written]
         dropped = {loop: e for loop, e in self.held.items() if loop not in keep}
         if time.monotonic() - self._renewed_at > LEASE_SECONDS:
             # Not renewed in time: another replica may run these loops by now.
@@ -222,16 +221,16 @@ class Replicas:
 
     async def _step_down(self, loop: str) -> None:
         self.held.pop(loop, None)
-        runtime = self.engine._runtimes.pop(loop, None)
+        runtime = self.engine.active.runtimes.pop(loop, None)
         if runtime is None:
             return
         log.warning("replicas: loop %s is run by another replica now: stopping here", loop)
-        runtime.ctx = dataclasses.replace(runtime.ctx, writer=_Discarded(self.db))
+        runtime.events.writer = _Discarded(self.db)
         # The new owner ends this runtime's turns in the log and in the history; here they
         # end for this replica's own streams only, and nothing of it is written.
         for turn in [*([runtime.current] if runtime.current else []), *runtime.queue]:
-            error = {"code": "agent_failed", "message": STEPPED_DOWN, "turn_id": turn.id}
-            runtime.emit("error", error, turn.id)
+            error = ErrorEvent(code="agent_failed", message=STEPPED_DOWN, turn_id=turn.id)
+            runtime.events.emit(error, turn.id)
             turn.finished.set()
         await runtime.close(archived=False)
 

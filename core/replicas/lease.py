@@ -16,7 +16,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from core.engine import end_open_turns
+from core.recovery import end_open_turns
 from core.replicas.log import notify
 from core.tables import loop_leases, loops, turns
 

@@ -18,10 +18,11 @@ from typing import Any
 
 from sqlalchemy import func, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from core.events import Channel, Event, Overflow
-from core.storage import Database, backoff
-from core.tables import events, loops
+from core.storage import BACKOFF, Database
+from core.tables import events
 from core.tasks import spawn
 
 log = logging.getLogger(__name__)
@@ -66,20 +67,17 @@ class LogFollower:
     async def _listen(self) -> None:
         import asyncpg  # the postgres extra's driver, present whenever replicas run
 
-        failures = 0
+        connecting = AsyncRetrying(
+            retry=retry_if_exception_type((OSError, asyncpg.PostgresError)),
+            wait=BACKOFF,
+            before_sleep=_cannot_listen,
+        )
         while True:
             lost = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self._dsn)
-            except (OSError, asyncpg.PostgresError) as exc:
-                failures += 1
-                log.warning("replicas: cannot listen for new events: %s", exc)
-                await asyncio.sleep(backoff(failures))
-                continue
+            conn: Any = await connecting(asyncpg.connect, self._dsn)
             try:
                 conn.add_termination_listener(lambda _conn, ended=lost: ended.set())
                 await conn.add_listener(CHANNEL, self._notified)
-                failures = 0
                 self.listening.set()
                 await lost.wait()
                 log.warning("replicas: the listening connection ended; listening again")
@@ -198,15 +196,6 @@ async def _wait(wake: asyncio.Event) -> None:
             await wake.wait()
 
 
-async def newest_id(conn: AsyncConnection, loop: str) -> int:
-    """The highest id the loop's owner may have published: its reservation or the log's."""
-    reserved = await conn.scalar(select(loops.c.event_id_reserved).where(loops.c.id == loop))
-    logged = await conn.scalar(
-        select(func.coalesce(func.max(events.c.seq), 0)).where(events.c.loop_id == loop)
-    )
-    return max(reserved or 0, logged or 0)
-
-
 async def snapshot(conn: AsyncConnection, loop: str) -> tuple[int, Event | None]:
     """The log's newest id, and a `snapshot` of the turn running as of it (from the log: the
     text so far and the pending choice), if one is."""
@@ -251,6 +240,11 @@ async def snapshot(conn: AsyncConnection, loop: str) -> tuple[int, Event | None]
         "pending_choice_id": pending[0] if pending else None,
     }
     return newest or 0, Event.make("snapshot", data, newest, started.turn_id)
+
+
+def _cannot_listen(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    log.warning("replicas: cannot listen for new events: %s", exc)
 
 
 def _through_terminal(batch: list[Event]) -> list[Event]:

@@ -18,6 +18,15 @@ CLONE_TIMEOUT_SECONDS = 300.0
 GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes"}
 
 
+def write_script(path: Path, text: str, mode: int = 0o755) -> None:
+    """Put a launcher in place whole (staged, then renamed): replicas sharing the data
+    directory each write it at start while the other's agents may be starting it."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    staged.write_text(text)
+    staged.chmod(mode)
+    staged.replace(path)
+
+
 @dataclass(frozen=True)
 class SandboxSpec:
     """What a backend needs to know to prepare a loop's sandbox."""

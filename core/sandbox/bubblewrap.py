@@ -38,7 +38,8 @@ from urllib.parse import urlsplit
 
 from core.config import Settings
 from core.errors import EngineError
-from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
+from core.sandbox.base import AgentHost, Sandbox, SandboxSpec, write_script
+from core.sandbox.env import python_prefixes, shell_patterns
 from core.sandbox.image import run
 from core.sandbox.network import (
     DEFAULT_MODEL_URL,
@@ -71,7 +72,7 @@ keep=" $LOOPBRIDGE_AGENT_ENV LOOPBRIDGE_AGENT_ENV "
 args=$LOOPBRIDGE_BWRAP_ARGS port=$LOOPBRIDGE_AGENT_PORT cli=$LOOPBRIDGE_AGENT_CLI
 for name in $(compgen -e); do
   case "$name" in
-    ANTHROPIC_*|CLAUDE_CODE_*|CLAUDE_AGENT_SDK_*) ;;
+    {patterns}) ;;
     *) [[ $keep == *" $name "* ]] || unset "$name" ;;
   esac
 done
@@ -87,7 +88,7 @@ uid, gid, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 cli = sys.argv[4:]
 # bash passes on what it cannot name: keep only what the engine chose.
 keep = set(os.environ.pop("LOOPBRIDGE_AGENT_ENV", "").split())
-prefixes = ("CLAUDE_CODE_", "CLAUDE_AGENT_SDK_", "ANTHROPIC_")
+prefixes = {prefixes}
 env = {k: v for k, v in os.environ.items() if k in keep or k.startswith(prefixes)}
 
 
@@ -193,11 +194,11 @@ class BubblewrapSandbox(Sandbox):
         uid, gid = (self.user.uid, self.user.gid) if self.user is not None else (-1, -1)
         command = shlex.join([PYTHON, "-S", "-I", INSIDE, str(uid), str(gid)])
         text = LAUNCHER.replace("{bash}", bash).replace("{bwrap}", shlex.quote(bwrap))
-        self.launcher.write_text(text.replace("{command}", command))
-        self.launcher.chmod(0o755)
+        text = text.replace("{patterns}", shell_patterns())
+        write_script(self.launcher, text.replace("{command}", command))
         self.args_dir.mkdir(parents=True, exist_ok=True)
-        self.inside.write_text(INSIDE_LAUNCHER.replace("{socket}", f"{NET_DIR}/{MODEL_SOCKET}"))
-        self.inside.chmod(0o644)
+        inside = INSIDE_LAUNCHER.replace("{socket}", f"{NET_DIR}/{MODEL_SOCKET}")
+        write_script(self.inside, inside.replace("{prefixes}", python_prefixes()), 0o644)
         await self.try_sandbox()
         self.started = True
 
@@ -264,7 +265,8 @@ class BubblewrapSandbox(Sandbox):
         route = model_route(url, port_inside=port)
         async with self.forwarders_lock:
             if route.key not in self.forwarders:
-                forwarder = ModelForwarder(route, socket_dir(self.data_dir) / "net" / route.key)
+                sockets = socket_dir(self.data_dir, self.settings.replica_id)
+                forwarder = ModelForwarder(route, sockets / "net" / route.key)
                 await forwarder.start()
                 self.forwarders[route.key] = forwarder
         return route
@@ -306,7 +308,7 @@ class BubblewrapSandbox(Sandbox):
             args += [*dirs_to(path, made), "--bind", str(path), str(path)]
         args += ["--ro-bind", str(self.inside), INSIDE]
         if route is not None:
-            net = socket_dir(self.data_dir) / "net" / route.key
+            net = socket_dir(self.data_dir, self.settings.replica_id) / "net" / route.key
             args += ["--ro-bind", str(net), NET_DIR]
             args += ["--ro-bind", str(net / HOSTS_FILE), "/etc/hosts"]
         for secret in self.hidden_files():

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 from core.errors import EngineError
-from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
+from core.sandbox.base import AgentHost, Sandbox, SandboxSpec, write_script
+from core.sandbox.env import python_prefixes
 from core.sandbox.image import run
 from core.sandbox.users import AGENT_USER, AgentUser, agent_user, give_tree
 
@@ -37,7 +38,7 @@ LAUNCHER = """\
 import ctypes, json, os, signal, sys
 libc = ctypes.CDLL(None, use_errno=True)
 keep = set(os.environ.get("LOOPBRIDGE_AGENT_ENV", "").split())
-prefixes = ("CLAUDE_CODE_", "CLAUDE_AGENT_SDK_", "ANTHROPIC_")
+prefixes = {prefixes}
 env = {k: v for k, v in os.environ.items() if k in keep or k.startswith(prefixes)}
 cli = os.environ["LOOPBRIDGE_AGENT_CLI"]
 server = int(os.environ["LOOPBRIDGE_SERVER_PID"])
@@ -88,8 +89,8 @@ class LocalSandbox(Sandbox):
 
     async def start(self) -> None:
         self.launcher.parent.mkdir(parents=True, exist_ok=True)
-        self.launcher.write_text(f"#!{sys.executable} -S\n{LAUNCHER}")
-        self.launcher.chmod(0o755)
+        launcher = LAUNCHER.replace("{prefixes}", python_prefixes())
+        write_script(self.launcher, f"#!{sys.executable} -S\n{launcher}")
         self.user = await agent_user()
         if self.user is not None:
             await self.try_view()

@@ -34,9 +34,11 @@ HOSTS_FILE = "hosts"
 DEFAULT_MODEL_URL = "https://api.anthropic.com"
 
 
-def socket_dir(data_dir: Path) -> Path:
-    """This data directory's short, private directory for Unix sockets (made 0700)."""
-    name = "loopbridge-" + hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+def socket_dir(data_dir: Path, replica: str = "") -> Path:
+    """This data directory's short, private directory for Unix sockets (made 0700); one
+    per replica, as replicas on one host may share the data directory."""
+    mark = f"{data_dir}\0{replica}" if replica else str(data_dir)
+    name = "loopbridge-" + hashlib.sha256(mark.encode()).hexdigest()[:12]
     if os.geteuid() == 0:
         base = Path("/run")
     else:

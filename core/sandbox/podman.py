@@ -42,7 +42,8 @@ from podman.errors import APIError, ImageNotFound, NotFound
 
 from core.config import Settings
 from core.errors import EngineError
-from core.sandbox.base import AgentHost, Sandbox, SandboxSpec
+from core.sandbox.base import AgentHost, Sandbox, SandboxSpec, write_script
+from core.sandbox.env import python_prefixes
 from core.sandbox.image import (
     RECIPE_LABEL,
     build_image,
@@ -69,6 +70,8 @@ T = TypeVar("T")
 
 LOOP_LABEL = "loopbridge.loop"
 SERVER_LABEL = "loopbridge.server"
+# Replicas may share a data directory: each one touches only the containers it made.
+REPLICA_LABEL = "loopbridge.replica"
 CONFIG_LABEL = "loopbridge.config"
 WORKDIR = "/work"
 HOME = "/home/agent"
@@ -94,7 +97,7 @@ LAUNCHER = """\
 import ctypes, os, signal, sys
 ctypes.CDLL(None).prctl({pdeathsig}, signal.SIGTERM)
 keep = set(os.environ.get("LOOPBRIDGE_AGENT_ENV", "").split())
-prefixes = ("CLAUDE_CODE_", "CLAUDE_AGENT_SDK_", "ANTHROPIC_")
+prefixes = {prefixes}
 names = sorted(k for k in os.environ if k in keep or k.startswith(prefixes))
 own = {{"PATH": {path!r}, "CONTAINERS_CONF": {conf!r}}}
 env = {{**os.environ, **own}}
@@ -139,10 +142,11 @@ sys.exit(code if code >= 0 else 128 - code)
 # of the pipe without one means the server died, and it removes them.
 WATCHDOG = """\
 import json, os, subprocess, sys
-podman, label = json.loads(sys.argv[1]), sys.argv[2]
+podman, labels = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 if os.read(0, 1):
     sys.exit(0)
-found = subprocess.run([*podman, "ps", "-aq", "--filter", f"label={label}"],
+filters = [f"--filter=label={label}" for label in labels]
+found = subprocess.run([*podman, "ps", "-aq", *filters],
                        capture_output=True, text=True).stdout.split()
 if found:
     subprocess.run([*podman, "rm", "-f", "-t", "0", *found], capture_output=True)
@@ -182,7 +186,8 @@ class PodmanSandbox(Sandbox):
         super().__init__(data_dir, cli_path)
         self.settings = settings
         self.launcher = data_dir / "bin" / "podman-agent-launch"
-        self.sockets = socket_dir(data_dir)
+        self.replica = settings.replica_id
+        self.sockets = socket_dir(data_dir, self.replica)
         self.service_socket = self.sockets / "podman.sock"
         self.service: asyncio.subprocess.Process | None = None
         self.watchdog: asyncio.subprocess.Process | None = None
@@ -191,7 +196,10 @@ class PodmanSandbox(Sandbox):
         self.image_id = ""
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.forwarders: dict[str, ModelForwarder] = {}
-        self.prefix = "loopbridge-" + hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]
+        # Container names differ per replica too: a loop moved to another replica must
+        # not meet the container its old replica has not removed yet.
+        mark = f"{data_dir}\0{self.replica}"
+        self.prefix = "loopbridge-" + hashlib.sha256(mark.encode()).hexdigest()[:8]
 
     # -- server life ---------------------------------------------------------
 
@@ -225,7 +233,7 @@ class PodmanSandbox(Sandbox):
                 await asyncio.gather(*(self.discard(c) for c in made))
             except (APIError, OSError) as exc:  # requests' errors are OSErrors
                 log.warning("could not remove the sandboxes: %s", exc)
-            self.client.close()
+            self.client.close()  # type: ignore[no-untyped-call]  # podman-py's own
             self.client = None
         if self.watchdog is not None:
             await stop_watchdog(self.watchdog)
@@ -283,10 +291,10 @@ class PodmanSandbox(Sandbox):
             workdir=WORKDIR,
             cli=f"{CLI_DIR}/{self.cli_path.name}",
             pdeathsig=PR_SET_PDEATHSIG,
+            prefixes=python_prefixes(),
         )
         self.launcher.parent.mkdir(parents=True, exist_ok=True)
-        self.launcher.write_text(f"#!{sys.executable} -S\n{text}")
-        self.launcher.chmod(0o755)
+        write_script(self.launcher, f"#!{sys.executable} -S\n{text}")
 
     async def ensure_image(self) -> str:
         """The sandbox image's id, building it when missing or made from another recipe."""
@@ -326,11 +334,11 @@ class PodmanSandbox(Sandbox):
             raise EngineError(exc.code, message) from None
 
     async def start_watchdog(self) -> None:
-        """A process outside this one's session that removes this data dir's containers
+        """A process outside this one's session that removes this replica's containers
         when this process ends without `close` (SIGKILL, a crash): nothing keeps running."""
         self.watchdog = await asyncio.create_subprocess_exec(
             sys.executable, "-S", "-c", WATCHDOG,
-            json.dumps(podman_argv(self.cli_url)), f"{SERVER_LABEL}={self.data_dir}",
+            json.dumps(podman_argv(self.cli_url)), json.dumps(self.labels()),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -340,10 +348,14 @@ class PodmanSandbox(Sandbox):
         )
 
     async def tidy_leftovers(self) -> None:
-        """Remove what an earlier run on this data dir left (its watchdog died with it);
-        only this data dir's containers: another server's are not ours to touch."""
-        containers = await self.call(self.api.containers.list, all=True, filters=self.filters())
-        await asyncio.gather(*(self.discard(c) for c in containers))
+        """Remove what an earlier run of this replica left (its watchdog died with it),
+        and this data dir's containers made before replicas were labelled; another
+        server's or replica's are not ours to touch."""
+        containers = await self.call(
+            self.api.containers.list, all=True, filters=[f"label={SERVER_LABEL}={self.data_dir}"]
+        )
+        ours = [c for c in containers if c.labels.get(REPLICA_LABEL, self.replica) == self.replica]
+        await asyncio.gather(*(self.discard(c) for c in ours))
 
     async def tidy_abandoned(self) -> None:
         """Remove the sandboxes of any server whose data dir is gone: nobody can adopt them."""
@@ -411,10 +423,15 @@ class PodmanSandbox(Sandbox):
     def container_name(self, loop_id: str) -> str:
         return f"{self.prefix}-{loop_id}"
 
+    def labels(self) -> list[str]:
+        """This replica's containers' labels, `key=value`: podman takes several label
+        filters as all of them."""
+        return [f"{SERVER_LABEL}={self.data_dir}", f"{REPLICA_LABEL}={self.replica}"]
+
     def filters(self) -> list[str]:
         # podman-py turns a dict's list values into one string: only a list of
         # `key=value` filters keeps one filter per label.
-        return [f"label={SERVER_LABEL}={self.data_dir}"]
+        return [f"label={label}" for label in self.labels()]
 
     async def find(self, loop_id: str) -> Container | None:
         try:
@@ -463,6 +480,7 @@ class PodmanSandbox(Sandbox):
         options["labels"] = {
             LOOP_LABEL: loop_id,
             SERVER_LABEL: str(self.data_dir),
+            REPLICA_LABEL: self.replica,
             CONFIG_LABEL: digest.hexdigest()[:16],
         }
         return options

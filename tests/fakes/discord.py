@@ -20,6 +20,12 @@ It enforces Discord's limits, so that a test fails when the adapter breaks them:
 - without the MESSAGE_CONTENT intent a guild message arrives with empty content
   unless the bot is mentioned, and events need their intents at all.
 
+Files and history, as Discord has them: a person's message may carry attachments,
+served (without a token, like Discord's CDN) at their `url`; the bot's attachments
+count against `ATTACHMENT_BYTES_LIMIT` (10 MiB, a server without boosts: a 413
+above); `GET /channels/{id}/messages` gives a channel's messages newest first, at
+most 100 a call (`before`, `limit`).
+
 Every call is recorded (`calls`); `visible()` and `answer()` give what a person
 would see in a channel, `ephemerals` what only one person saw.
 """
@@ -32,6 +38,7 @@ import datetime
 import itertools
 import json
 import math
+import mimetypes
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -52,6 +59,7 @@ BUTTON_LABEL_LIMIT = 80
 SELECT_OPTIONS_LIMIT = 25
 SELECT_TEXT_LIMIT = 100
 INTERACTION_DEADLINE = 3.0
+HISTORY_LIMIT = 100
 READY_WAIT = 10.0
 EPHEMERAL = 1 << 6
 # Gateway intents (the bits Discord defines).
@@ -85,6 +93,7 @@ class Call:
     code: int | None = None
     # Files uploaded with it: (filename, content).
     files: list[tuple[str, bytes]] = field(default_factory=list)
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,10 +160,15 @@ class Message:
     # Uploaded files: (id, filename, content).
     attachments: list[tuple[str, str, bytes]] = field(default_factory=list)
 
+    # Where its attachments are served (the fake's own CDN).
+    cdn: str = ""
+
     @property
     def text(self) -> str:
         """What a person reads of it: its content, then the text of its attached files."""
-        return self.content + "".join(data.decode() for _, _, data in self.attachments)
+        return self.content + "".join(
+            data.decode(errors="replace") for _, _, data in self.attachments
+        )
 
     def payload(self, guild_id: str | None) -> Json:
         body: Json = {
@@ -164,8 +178,9 @@ class Message:
             "mentions": [person.user() for person in self.mentions], "mention_roles": [],
             "attachments": [
                 {"id": id_, "filename": name, "size": len(data),
-                 "url": f"https://cdn.invalid/{id_}/{name}",
-                 "proxy_url": f"https://media.invalid/{id_}/{name}"}
+                 "content_type": mimetypes.guess_type(name)[0] or "application/octet-stream",
+                 "url": f"{self.cdn}/attachments/{self.channel_id}/{id_}/{name}",
+                 "proxy_url": f"{self.cdn}/attachments/{self.channel_id}/{id_}/{name}"}
                 for id_, name, data in self.attachments
             ],
             "embeds": self.embeds, "pinned": False, "type": 0,
@@ -287,6 +302,7 @@ class FakeDiscord:
         app = web.Application()
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
         app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/attachments/{channel}/{id}/{name}", self._attachment)
         self._runner, self.url = await serve(app)
         return self.url
 
@@ -349,17 +365,40 @@ class FakeDiscord:
         channel: str | None = None,
         mention: bool = False,
         deliveries: int = 1,
+        files: Sequence[tuple[str, bytes]] = (),
     ) -> Message:
-        """A person writes; `mention` puts the bot's mention first, as Discord's client does."""
+        """A person writes; `mention` puts the bot's mention first, as Discord's client does;
+        `files` (name, content) are attached."""
         where = self.channels[channel or self.general_id]
         text = f"<@{self.bot.id}> {content}" if mention else content
         message = Message(self.new_id(), where.id, person, text,
-                          mentions=[self.bot] if mention else [])
+                          mentions=[self.bot] if mention else [], cdn=self.url)
+        message.attachments = [(self.new_id(), name, data) for name, data in files]
         self._show(message)
         self.messages[message.id] = message
         for _ in range(deliveries):
             await self._dispatch_message(message, where)
         return message
+
+    def other_bot_says(self, channel: str, embeds: list[Json], name: str) -> Message:
+        """Another bot posts, its text only in embeds (no event is sent)."""
+        other = Person(self.new_id(), name, bot=True)
+        message = Message(self.new_id(), channel, other, "", embeds=embeds, cdn=self.url)
+        self.messages[message.id] = message
+        return message
+
+    async def _attachment(self, request: web.Request) -> web.StreamResponse:
+        for message in self.messages.values():
+            for id_, name, data in message.attachments:
+                if id_ == request.match_info["id"] and name == request.match_info["name"]:
+                    kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+                    return web.Response(body=data, content_type=kind)
+        return web.Response(status=404, text="not found")
+
+    def shared_files(self, channel: str) -> list[tuple[str, bytes, str]]:
+        """Files the bot posted in a channel: (name, content, the message's text)."""
+        return [(name, data, m.content) for m in self.bot_messages(channel)
+                for _, name, data in m.attachments if name != "answer.md"]
 
     async def click(self, person: Person, message: Message, custom_id: str) -> Interaction:
         """A person clicks a button of a message."""
@@ -551,7 +590,7 @@ class FakeDiscord:
 
     async def _rest(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["path"]
-        call = Call(time.monotonic(), request.method, path, None)
+        call = Call(time.monotonic(), request.method, path, None, query=dict(request.query))
         self.calls.append(call)
         parts = path.strip("/").split("/")
         try:
@@ -588,6 +627,10 @@ class FakeDiscord:
                     "max_concurrency": 1}}, {}
             case "GET", ["channels", channel_id]:
                 return self._channel(channel_id).payload(), {}
+            case "DELETE", ["channels", channel_id]:
+                return self.channels.pop(self._channel(channel_id).id).payload(), {}
+            case "GET", ["channels", channel_id, "messages"]:
+                return self._history(channel_id, call), {}
             case "POST", ["channels", channel_id, "messages"]:
                 return await self._create_message(channel_id, body, call.files)
             case "PATCH", ["channels", channel_id, "messages", message_id]:
@@ -627,6 +670,18 @@ class FakeDiscord:
                 "verify_key": "0" * 64, "flags": 0, "summary": "", "team": None,
                 "interactions_endpoint_url": None}
 
+    def _history(self, channel_id: str, call: Call) -> list[Json]:
+        channel = self._channel(channel_id)
+        query = call.query
+        limit = int(query.get("limit", "50"))
+        if not 1 <= limit <= HISTORY_LIMIT:
+            raise _form_error("limit", "NUMBER_TYPE_MAX", "Must be between 1 and 100.")
+        found = [m for m in self.visible(channel_id) if m.only_for is None]
+        if "before" in query:
+            found = [m for m in found if int(m.id) < int(query["before"])]
+        found.sort(key=lambda m: int(m.id), reverse=True)
+        return [m.payload(channel.guild_id) for m in found[:limit]]
+
     def _channel(self, channel_id: str) -> Channel:
         channel = self.channels.get(channel_id)
         if channel is None:
@@ -647,7 +702,8 @@ class FakeDiscord:
         channel = self._channel(channel_id)
         content, components, embeds = _checked(body, None, files)
         headers = self._take_write(channel_id, "post")
-        message = Message(self.new_id(), channel_id, self.bot, content, components, embeds)
+        message = Message(self.new_id(), channel_id, self.bot, content, components, embeds,
+                          cdn=self.url)
         message.attachments = [(self.new_id(), name, data) for name, data in files]
         self._show(message)
         self.messages[message.id] = message

@@ -6,13 +6,25 @@ events and clicks to an app in HTTP mode, signed as Slack signs them.
 
 It enforces Slack's limits, so that a test fails when the adapter breaks them:
 - `msg_too_long` for `text` over 4,000 characters, and for a `chat.update`
-  whose message would exceed 4,000 bytes of text; `invalid_blocks` for a
-  section over 3,000 characters or more than 50 blocks;
+  whose mrkdwn (text, sections) would exceed 4,000 bytes; `invalid_blocks` for a
+  section over 3,000 characters, a `markdown` block over 12,000 or empty, or
+  more than 50 blocks; `msg_blocks_too_long` when a message's `markdown` blocks
+  hold more than 12,000 characters together (Slack's cumulative limit); a
+  `markdown` block keeps no `block_id`, as on Slack;
 - 429 with `Retry-After` for a burst of `chat.update` on one message (two less
   than `update_gap` apart) and of `chat.postMessage` in one channel (a token
   bucket: `post_burst` at once, refilled at `post_rate` per second);
 - native streams need `thread_ts`, and a recipient outside DMs; they go stale
   after `stream_ttl` seconds, and can be switched off (`native_streaming`).
+
+Files, history and people, as Slack has them:
+- a person's message may carry files; each is served at its `url_private` only with
+  the bot token (without it, a redirect to an HTML sign-in page, as Slack does);
+- `files.getUploadURLExternal` (length at most `file_limit`, Slack's 1 GB by default),
+  a raw POST to the upload URL (its length must match), then
+  `files.completeUploadExternal` shares the file in a thread with its comment;
+- `conversations.replies` gives a thread oldest first, at most 1,000 a call
+  (`latest`/`inclusive` as on Slack); `users.info` gives a person's profile.
 
 Every call is recorded (`calls`), and `thread()` / `answer_text()` give what a
 person would see in a thread.
@@ -38,8 +50,11 @@ from tests.fakes.serving import serve
 TEXT_LIMIT = 4000
 UPDATE_BYTES_LIMIT = 4000
 SECTION_LIMIT = 3000
+MARKDOWN_LIMIT = 12_000
 BLOCKS_LIMIT = 50
 STREAM_TEXT_LIMIT = 12_000
+REPLIES_LIMIT = 1000
+FILE_LIMIT = 1024 * 1024 * 1024
 
 
 @dataclass
@@ -68,6 +83,10 @@ class Message:
     updates: list[float] = field(default_factory=list)
     # When what a person sees of it last changed (monotonic clock).
     changed: float = field(default_factory=time.monotonic)
+    # Files shared with it: Slack's file objects (with `content` for tests to read).
+    files: list[dict[str, Any]] = field(default_factory=list)
+    # Another app's message: its name (it has no user, only a bot profile).
+    bot_name: str | None = None
 
     def as_event_message(self) -> dict[str, Any]:
         body: dict[str, Any] = {"type": "message", "ts": self.ts, "text": self.text,
@@ -76,6 +95,10 @@ class Message:
             body["thread_ts"] = self.thread_ts
         if self.bot:
             body["bot_id"] = FakeSlack.bot_id
+        if self.files:
+            body["files"] = [
+                {k: v for k, v in f.items() if k != "content"} for f in self.files
+            ]
         return body
 
     def block_text(self, prefix: str) -> str:
@@ -87,10 +110,12 @@ class Message:
 
     @property
     def answer(self) -> str:
-        """The answer text a person sees in this message (Markdown if streamed)."""
+        """The answer's Markdown a person sees in this message (streamed, or in blocks)."""
         if self.markdown is not None:
             return self.markdown
-        return self.block_text("lb_text")
+        return "\n".join(
+            block["text"] for block in self.blocks if block.get("type") == "markdown"
+        )
 
     @property
     def has_buttons(self) -> bool:
@@ -128,7 +153,14 @@ class FakeSlack:
         post_rate: float = 1.0,
         stream_ttl: float = 300.0,
         native_streaming: bool = True,
+        file_limit: int = FILE_LIMIT,
     ) -> None:
+        self.file_limit = file_limit
+        # People's display names (users.info), by user id.
+        self.people: dict[str, str] = {}
+        # Uploaded or attached files by id: the Slack file object and its bytes.
+        self.files: dict[str, dict[str, Any]] = {}
+        self._uploads: dict[str, dict[str, Any]] = {}
         self.update_gap = update_gap
         self.post_burst = post_burst
         self.post_rate = post_rate
@@ -144,6 +176,7 @@ class FakeSlack:
         self._ids = itertools.count(1)
         self._buckets: dict[str, tuple[float, float]] = {}
         self._sockets: list[web.WebSocketResponse] = []
+        self.most_connections = 0  # Socket Mode connections open at once, at most
         self._connected = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._http: ClientSession | None = None
@@ -153,7 +186,11 @@ class FakeSlack:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/api/{method}", self._api)
+        app.router.add_get("/api/{method}", self._api)  # slack-sdk reads with GET
         app.router.add_get("/socket", self._socket)
+        app.router.add_get("/files-pri/{file_id}/{name}", self._download)
+        app.router.add_get("/signin", self._signin)
+        app.router.add_post("/upload/{upload_id}", self._upload)
         self._runner, self.url = await serve(app)
         return self.url
 
@@ -172,6 +209,11 @@ class FakeSlack:
 
     async def wait_connected(self, seconds: float = 10) -> None:
         await asyncio.wait_for(self._connected.wait(), seconds)
+
+    @property
+    def connections(self) -> int:
+        """Socket Mode connections open now."""
+        return len(self._sockets)
 
     async def drop_socket(self) -> None:
         """Close every Socket Mode connection (the app is expected to reconnect)."""
@@ -192,10 +234,14 @@ class FakeSlack:
         channel: str = "C0GENERAL",
         thread_ts: str | None = None,
         deliveries: int = 1,
+        files: list[tuple[str, bytes, str]] = (),  # type: ignore[assignment]
     ) -> str:
-        """A person writes; Slack sends `message` (and `app_mention` when the bot is named)."""
+        """A person writes; Slack sends `message` (and `app_mention` when the bot is named).
+        `files` are (name, content, mimetype) attached to the message."""
         ts = self.new_ts()
         message = Message(channel, ts, user, text, thread_ts=thread_ts)
+        message.files = [self.add_file(name, content, mimetype) for name, content, mimetype
+                         in files]
         self.messages[(channel, ts)] = message
         event: dict[str, Any] = {
             "type": "message", "user": user, "text": text, "ts": ts, "channel": channel,
@@ -204,6 +250,9 @@ class FakeSlack:
         }
         if thread_ts:
             event["thread_ts"] = thread_ts
+        if message.files:
+            event["subtype"] = "file_share"
+            event["files"] = message.as_event_message()["files"]
         events = [event]
         if f"<@{self.bot_user_id}>" in text and not channel.startswith("D"):
             mention = {k: v for k, v in event.items() if k != "channel_type"}
@@ -213,6 +262,24 @@ class FakeSlack:
             for attempt in range(deliveries):
                 await self.deliver_event(event_body, event_id, retry=attempt)
         return ts
+
+    def add_file(self, name: str, content: bytes, mimetype: str) -> dict[str, Any]:
+        file_id = f"F{next(self._ids):08d}"
+        url = f"{self.url}/files-pri/{file_id}/{name}"
+        record = {"id": file_id, "name": name, "title": name, "mimetype": mimetype,
+                  "size": len(content), "mode": "hosted", "url_private": url,
+                  "url_private_download": url + "?download=1", "content": content}
+        self.files[file_id] = record
+        return record
+
+    def other_bot_says(
+        self, channel: str, thread_ts: str, blocks: list[dict[str, Any]], name: str
+    ) -> str:
+        """Another app posts in a thread, its text only in blocks (no event is sent)."""
+        message = Message(channel, self.new_ts(), "", "", blocks, thread_ts=thread_ts,
+                          bot_name=name)
+        self.messages[(channel, message.ts)] = message
+        return message.ts
 
     async def deliver_event(self, event: dict[str, Any], event_id: str, retry: int = 0) -> None:
         body = {
@@ -357,6 +424,104 @@ class FakeSlack:
                 "team_id": self.team_id, "user_id": self.bot_user_id, "bot_id": self.bot_id,
                 "is_enterprise_install": False}
 
+    def _m_users_info(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
+        user = str(args.get("user") or "")
+        if not user.startswith(("U", "W")):
+            raise _Refused("user_not_found")
+        name = self.people.get(user) or user.lower()  # everyone is in the workspace
+        return {"user": {"id": user, "name": name.lower().replace(" ", "."), "real_name": name,
+                         "profile": {"display_name": name, "real_name": name}}}
+
+    def _m_conversations_replies(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
+        channel, ts = str(args.get("channel") or ""), str(args.get("ts") or "")
+        limit = int(args.get("limit") or 1000)
+        if not 1 <= limit <= REPLIES_LIMIT:
+            raise _Refused("invalid_limit")
+        found = self.thread(channel, ts)
+        if not found:
+            raise _Refused("thread_not_found")
+        latest = args.get("latest")
+        inclusive = str(args.get("inclusive", "")).lower() in ("1", "true")
+        if latest:
+            found = [m for m in found if _ts_key(m.ts) < _ts_key(str(latest)) or (
+                inclusive and m.ts == latest)]
+        page = found[:limit]
+        messages = []
+        for message in page:
+            body = message.as_event_message()
+            name = message.bot_name
+            if name is not None:  # another app's message: no user, a bot profile
+                body.pop("user", None)
+                body |= {"bot_id": f"B{name.upper()}", "subtype": "bot_message",
+                         "bot_profile": {"name": name}}
+            messages.append(body)
+        return {"messages": messages, "has_more": len(found) > limit}
+
+    def _m_files_getUploadURLExternal(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
+        filename, length = str(args.get("filename") or ""), int(args.get("length") or 0)
+        if not filename or length < 1:
+            raise _Refused("invalid_arguments")
+        if length > self.file_limit:
+            raise _Refused("file_too_large")
+        upload_id = f"U{next(self._ids):08d}"
+        file_id = f"F{next(self._ids):08d}"
+        self._uploads[upload_id] = {"id": file_id, "name": filename, "length": length}
+        return {"upload_url": f"{self.url}/upload/{upload_id}", "file_id": file_id}
+
+    def _m_files_completeUploadExternal(
+        self, call: Call, args: dict[str, Any]
+    ) -> dict[str, Any]:
+        files = args.get("files")
+        files = json.loads(files) if isinstance(files, str) else files or []
+        channel = str(args.get("channel_id") or "")
+        done = []
+        for item in files:
+            record = self.files.get(item["id"])
+            if record is None:
+                raise _Refused("file_not_found")
+            record["title"] = item.get("title") or record["name"]
+            done.append(record)
+        if channel:
+            self._take_post_token(channel)
+            message = Message(channel, self.new_ts(), self.bot_user_id,
+                              str(args.get("initial_comment") or ""),
+                              thread_ts=args.get("thread_ts"), bot=True)
+            message.files = done
+            self.messages[(channel, message.ts)] = message
+        return {"files": [{k: v for k, v in f.items() if k != "content"} for f in done]}
+
+    def shared_files(self, channel: str, thread_ts: str) -> list[tuple[dict[str, Any], str]]:
+        """Files the bot shared in a thread, each with its message's text (the caption)."""
+        return [(f, m.text) for m in self.bot_messages(channel, thread_ts) for f in m.files]
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        record = self.files.get(request.match_info["file_id"])
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if token != self.bot_token:
+            # Slack answers a request without the token with its sign-in page.
+            raise web.HTTPFound(f"{self.url}/signin")
+        if record is None:
+            return web.Response(status=404)
+        return web.Response(body=record["content"], content_type=record["mimetype"])
+
+    async def _signin(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="<html><body>Sign in to Slack</body></html>",
+                            content_type="text/html")
+
+    async def _upload(self, request: web.Request) -> web.StreamResponse:
+        upload = self._uploads.pop(request.match_info["upload_id"], None)
+        if upload is None:
+            return web.Response(status=404, text="unknown upload")
+        content = await request.read()
+        if len(content) != upload["length"]:
+            return web.Response(status=400, text="length mismatch")
+        mimetype = "application/octet-stream"
+        self.files[upload["id"]] = {"id": upload["id"], "name": upload["name"],
+                                    "title": upload["name"], "mimetype": mimetype,
+                                    "size": len(content), "mode": "hosted",
+                                    "content": content}
+        return web.Response(text="OK - " + str(len(content)))
+
     def _m_apps_connections_open(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
         ws = self.url.replace("http://", "ws://")
         return {"url": f"{ws}/socket?ticket={next(self._ids)}"}
@@ -377,7 +542,7 @@ class FakeSlack:
         text, blocks = _check_content(args)
         visible = text if not blocks else "".join(
             b["text"]["text"] for b in blocks if b.get("type") == "section"
-        )
+        )  # `markdown` blocks have limits of their own (see _check_content)
         if len(visible.encode()) > UPDATE_BYTES_LIMIT:
             raise _Refused("msg_too_long")
         now = time.monotonic()
@@ -462,6 +627,7 @@ class FakeSlack:
         socket = web.WebSocketResponse(autoping=True)
         await socket.prepare(request)
         self._sockets.append(socket)
+        self.most_connections = max(self.most_connections, len(self._sockets))
         await socket.send_str(json.dumps({
             "type": "hello", "num_connections": len(self._sockets),
             "connection_info": {"app_id": self.app_id},
@@ -513,6 +679,16 @@ def _check_content(args: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             raise _Refused("invalid_blocks")
         if block.get("type") == "section" and not block["text"]["text"].strip():
             raise _Refused("invalid_blocks")
+        if block.get("type") == "markdown":
+            markdown = block.get("text")
+            if not isinstance(markdown, str) or not markdown.strip():
+                raise _Refused("invalid_blocks")
+            if len(markdown) > MARKDOWN_LIMIT:
+                raise _Refused("invalid_blocks")
+            block.pop("block_id", None)
+    markdown_total = sum(len(b["text"]) for b in blocks if b.get("type") == "markdown")
+    if markdown_total > MARKDOWN_LIMIT:
+        raise _Refused("msg_blocks_too_long")
     if not text and not blocks:
         raise _Refused("no_text")
     return text, blocks

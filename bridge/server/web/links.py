@@ -14,7 +14,8 @@ from core.ids import utcnow
 
 
 def keyring(request: Request) -> Keyring:
-    return request.app.state.keyring
+    ring: Keyring = request.app.state.keyring
+    return ring
 
 
 def mint(

@@ -20,11 +20,11 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.types import Scope
 
+from bridge.contract.times import rfc3339
 from bridge.server.errors import ApiError
 from bridge.server.web.grants import GrantError, Keyring
 from core.engine import Engine
 from core.errors import EngineError
-from core.ids import rfc3339
 
 HERE = Path(__file__).parent
 TEMPLATES = Jinja2Templates(directory=HERE / "templates")
@@ -85,11 +85,12 @@ def safe_next(target: str) -> str:
 
 async def _session_user(request: Request) -> str | None:
     try:
-        return await request.app.state.auth.session_user(request)
+        user: str | None = await request.app.state.auth.session_user(request)
     except ApiError as exc:
         if exc.code == "too_many_requests":
             raise
         return None
+    return user
 
 
 def _routes(engine: Engine) -> APIRouter:
