@@ -57,6 +57,9 @@ REPLIES_LIMIT = 1000
 FILE_LIMIT = 1024 * 1024 * 1024
 
 
+_TS = itertools.count(1)
+
+
 @dataclass
 class Call:
     at: float
@@ -172,7 +175,6 @@ class FakeSlack:
         self.acks: list[str] = []
         self.http_target: str | None = None
         self.url = ""
-        self._ts = itertools.count(1)
         self._ids = itertools.count(1)
         self._buckets: dict[str, tuple[float, float]] = {}
         self._sockets: list[web.WebSocketResponse] = []
@@ -224,7 +226,9 @@ class FakeSlack:
     # ---- what people do --------------------------------------------------------------
 
     def new_ts(self) -> str:
-        return f"{int(time.time())}.{next(self._ts):06d}"
+        # One count for every fake in the process: Slack's ts are unique in a channel, and
+        # tests that share one API server would otherwise reuse a message's idempotency key.
+        return f"{int(time.time())}.{next(_TS):06d}"
 
     async def say(
         self,
