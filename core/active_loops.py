@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -47,6 +47,9 @@ class ActiveLoops:
         self.starts = StartGate(settings.max_starting)
         # Set when budgets are configured: asked again before a queued turn starts.
         self.budget_gate: BudgetGate | None = None
+        # [ext] Set with several replicas: makes this replica the loop's owner before its
+        # runtime starts here (core/replicas), or raises when another replica runs it.
+        self.claim: Callable[[str], Awaitable[None]] | None = None
         self.runtimes: dict[str, LoopRuntime] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         # Runtimes dropped from memory giving back their unused event ids.
@@ -54,6 +57,10 @@ class ActiveLoops:
 
     def get(self, loop: str) -> LoopRuntime | None:
         return self.runtimes.get(loop)
+
+    def holds(self, loop: str) -> bool:
+        """Whether the loop's runtime is in memory here, or being started."""
+        return loop in self.runtimes or loop in self._opening
 
     async def check_owner(self, user: str, raw_id: str) -> None:
         """`loop_not_found` or `not_loop_owner`, answered from memory when the loop is active."""
@@ -83,19 +90,24 @@ class ActiveLoops:
         async with lock:
             runtime = self.runtimes.get(row.id)
             if runtime is None:
-                runtime = await self._start(row)
+                if self.claim is not None:  # [ext] only the loop's owner runs it
+                    await self.claim(row.id)
+                runtime = await self._start(row, read_again=self.claim is not None)
                 self.runtimes[row.id] = runtime
         self._opening.pop(row.id, None)
         return runtime
 
-    async def _start(self, row: Any) -> LoopRuntime:
+    async def _start(self, row: Any, read_again: bool = False) -> LoopRuntime:
         """Numbering goes on above every id that may have been published (a runtime dropped
         or a server killed may have published more than the log holds), and the next block
         of ids is reserved before any is used. The row the caller read is the runtime's
         spec unless the loop changed since (another runtime came and went, or it was
         archived): the reservation is only raised from the value that row holds, and
-        otherwise the row is read again."""
+        otherwise the row is read again. [ext] With several replicas it is read again
+        anyway, once claimed: another replica may have run the loop since."""
         async with self.db.write() as conn:
+            if read_again:
+                row = (await conn.execute(select(loops).where(loops.c.id == row.id))).one()
             seq = max(row.event_id_reserved or 0, await _newest_logged(conn, row.id))
             reserved = seq + RESERVE_IDS
             unchanged = (

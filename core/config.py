@@ -111,7 +111,8 @@ class Settings(BaseSettings):
     http_body_timeout: float = Field(60.0, gt=0)
     login_failures_per_name: int = Field(5, ge=1)  # a minute, then 429
     login_failures_per_address: int = Field(20, ge=1)
-    # Which replica this process is among several on one PostgreSQL database (docs/cluster.md).
+    # Which replica this process is among several on one PostgreSQL database (docs/cluster.md,
+    # docs/deploy.md).
     replica_id: str = Field(default_factory=socket.gethostname)  # LOOPBRIDGE_REPLICA_ID
     # Agents cold-starting at once on this replica; more wait their turn (a burst of
     # starts is what saturates a machine first).
@@ -125,6 +126,9 @@ class Settings(BaseSettings):
     metrics: bool = True
     metrics_token: SecretStr | None = None
     log_format: Literal["text", "json"] = "text"
+    # [ext] The URL the other replicas reach this one at (docs/deploy.md; serve derives it
+    # from its listener when unset).
+    internal_url: str | None = None  # LOOPBRIDGE_INTERNAL_URL
 
     @classmethod
     def settings_customise_sources(

@@ -53,7 +53,8 @@ class Emitter:
     ) -> None:
         self.loop_id = loop_id
         self._db = db
-        self._writer = writer
+        # [ext] Swapped for one that writes nothing when another replica takes the loop over.
+        self.writer = writer
         self._later = later
         self.seq = seq  # the id of the newest published event
         self.reserved = reserved  # ids up to here are reserved in the database
@@ -78,7 +79,7 @@ class Emitter:
     def publish(self, name: str, data: dict[str, Any], turn_id: str | None) -> None:
         self.seq += 1
         event = Event.make(name, data, self.seq, turn_id)
-        self._writer.append(self.loop_id, self.seq, turn_id, name, event.json)
+        self.writer.append(self.loop_id, self.seq, turn_id, name, event.json)
         self.channel.publish(event)
 
     def held_deltas(self, turn_id: str) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import claude_agent_sdk
 
@@ -35,6 +35,9 @@ from core.storage import Database, EventWriter, private_dir
 from core.streams import Streams, TurnStream
 from core.tasks import spawn
 from core.turns import Author, BudgetRefused, Turns
+
+if TYPE_CHECKING:
+    from core.replicas import Replicas
 
 __all__ = [
     "BudgetRefused",
@@ -85,6 +88,14 @@ class Engine:
         )
         self._purger: asyncio.Task[None] | None = None
         self.ready = False
+        # [ext] Several replicas: on PostgreSQL, loops have one owner among the replicas
+        # (core/replicas). None on SQLite: nothing of it touches the single process.
+        self.replicas: Replicas | None = None
+        if clustered(self.db.engine):
+            from core.replicas import Replicas
+
+            self.replicas = Replicas(self)
+            self.active.claim = self.replicas.claim
 
     @property
     def cli_path(self) -> Path:
@@ -99,7 +110,12 @@ class Engine:
         await self.db.migrate()
         self.writer.start()
         await self.sandbox.start()
-        await recover(self.db)
+        if self.replicas is not None:
+            # [ext] only the loops whose owner is gone are recovered (core/replicas)
+            await self.replicas.start()
+            await self.replicas.recover()
+        else:
+            await recover(self.db)
         self._purger = spawn(idempotency.purge(self.db), "idempotency-purge")
         active = self.active
         metrics.watch_engine(active.agents_running, active.streams_open, active.choices_pending)
@@ -121,6 +137,8 @@ class Engine:
             self._purger.cancel()
         await self.active.close_all()
         await self.writer.close()
+        if self.replicas is not None:  # after the writer: the last events are in the log
+            await self.replicas.close()
         if self.rates is not None:
             await self.rates.close()
         await self.sandbox.close()
@@ -220,7 +238,14 @@ class Engine:
 
     async def watch(self, user: str, raw_id: str, last_event_id: int | None = None) -> EventStream:
         """Every event of the loop from now on (or after `last_event_id`), until closed."""
-        runtime = await self.active.owned(user, raw_id)
+        if self.replicas is not None:
+            row = await self.store.owned_row(user, raw_id)
+            if self.active.get(row.id) is None:
+                # [ext] a loop this replica does not run is followed in the shared event log
+                return await self.replicas.follow(row.id, last_event_id)
+            runtime = await self.active.open(row)
+        else:
+            runtime = await self.active.owned(user, raw_id)
         return await self.streams.watch(runtime, last_event_id)
 
     async def history(

@@ -183,6 +183,10 @@ class EventWriter:
         self._changed = asyncio.Event()  # set (and replaced) at every attempt's end
         self._task: asyncio.Task[None] | None = None
         self._failure: str | None = None  # the last attempt's error, until one succeeds
+        self.linger = WRITE_LINGER_SECONDS
+        # [ext] Several replicas: run in each insert's transaction (PostgreSQL's NOTIFY, so
+        # that readers on other replicas wake when the rows are there). None: nothing to do.
+        self.on_insert: Callable[[AsyncConnection, list[str]], Awaitable[None]] | None = None
 
     def start(self) -> None:
         self._task = spawn(self._run(), "event-writer")
@@ -247,7 +251,7 @@ class EventWriter:
             await self._wake.wait()
             # The linger turns a turn's stream of events into a few inserts.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(WRITE_LINGER_SECONDS):
+                async with asyncio.timeout(self.linger):
                     await self._hurry.wait()
             self._wake.clear()
             self._hurry.clear()
@@ -299,6 +303,8 @@ class EventWriter:
         try:
             async with self.db.write() as conn:
                 await conn.execute(INSERT_EVENTS, batch)
+                if self.on_insert is not None:
+                    await self.on_insert(conn, sorted({row["loop_id"] for row in batch}))
             batch.clear()
             return
         except TRANSIENT:
@@ -314,6 +320,8 @@ class EventWriter:
             try:
                 async with self.db.write() as conn:
                     await conn.execute(INSERT_EVENTS, rows)
+                    if self.on_insert is not None:
+                        await self.on_insert(conn, [loop_id])
             except TRANSIENT:
                 raise
             except Exception as exc:

@@ -142,6 +142,19 @@ audit = Table(
     Column("detail", JSON, nullable=False),
 )
 
+# [ext] Several replicas: the replica that owns each active loop (core/replicas/lease.py).
+# Only the owner runs the loop's agent and writes its events and turns; `epoch` grows at
+# every change of owner, and a lease not renewed by `expires_at` may be taken over.
+loop_leases = Table(
+    "loop_leases",
+    metadata,
+    Column("loop_id", String(64), primary_key=True),
+    Column("replica_id", String(200), nullable=False),
+    Column("internal_url", String(500), nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
 # Requests per rate-limit key (a user) per minute, counted by every replica on PostgreSQL.
 rate_windows = Table(
     "rate_windows",

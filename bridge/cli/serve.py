@@ -102,6 +102,8 @@ async def serve(host: str, port: int, on_ready: Callable[[int], None] | None = N
         )
     raise_file_limit()
     listener = _listen(host, port)
+    if settings.internal_url is None:  # [ext] how the other replicas reach this one
+        settings.internal_url = _internal_url(host, listener.getsockname()[1])
     engine = Engine(settings)
     try:
         await engine.start()
@@ -289,6 +291,16 @@ def _started(pid: int) -> str:
     except OSError:
         return ""
     return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+
+
+def _internal_url(host: str, port: int) -> str:
+    """This server's URL for the other replicas: its listening address, or its host name
+    when it listens on every address."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def _listen(host: str, port: int) -> Any:

@@ -67,6 +67,7 @@ from core import logctx
 from core.engine import Engine
 from core.errors import EngineError
 from core.ids import utcnow
+from core.replicas.errors import OwnedElsewhere
 
 # Every loop route answers these before anything else about the request.
 LOOP = ("not_loop_owner", "loop_not_found")
@@ -131,6 +132,13 @@ async def _reader(loop_id: str, request: Request, grant: str | None = None) -> s
 Reader = Annotated[str, Depends(_reader)]
 
 
+async def _elsewhere(request: Request, loop_id: str, stream: bool = False) -> Response | None:
+    """[ext] Several replicas: the owner's answer when another replica runs the loop
+    (bridge/server/forward.py); None, at once, with a single process."""
+    forward = request.app.state.forward
+    return None if forward is None else await forward.elsewhere(request, loop_id, stream)
+
+
 def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -139,6 +147,8 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         try:
             yield
         finally:
+            if app.state.forward is not None:
+                await app.state.forward.close()
             if manage_engine:
                 await engine.close()
 
@@ -157,6 +167,11 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     errors.install(app)
     openapi.install(app)
     app.state.engine = engine
+    app.state.forward = None
+    if engine.replicas is not None:  # [ext] several replicas
+        from bridge.server.forward import Forwarder
+
+        app.state.forward = Forwarder(engine, engine.replicas)
     settings = engine.settings
     app.state.auth = Authenticator(
         engine.accounts,
@@ -262,11 +277,15 @@ def _loop_routes(engine: Engine) -> APIRouter:
         return asdict(page)
 
     @router.get("/loops/{loop_id}", response_model=LoopDetail, responses=error_responses(*LOOP))
-    async def get_loop(loop_id: str, user: Owner) -> Any:
+    async def get_loop(loop_id: str, request: Request, user: Owner) -> Any:
+        if (forwarded := await _elsewhere(request, loop_id)) is not None:
+            return forwarded
         return asdict(await engine.get_loop(user, loop_id))
 
     @router.delete("/loops/{loop_id}", status_code=204, responses=error_responses(*LOOP))
-    async def archive_loop(loop_id: str, user: Owner) -> Response:
+    async def archive_loop(loop_id: str, request: Request, user: Owner) -> Response:
+        if (forwarded := await _elsewhere(request, loop_id)) is not None:
+            return forwarded
         await engine.archive_loop(user, loop_id)
         return Response(status_code=204)
 
@@ -304,6 +323,7 @@ def _loop_routes(engine: Engine) -> APIRouter:
     async def send_message(
         loop_id: str,
         body: SendMessage,
+        request: Request,
         user: Owner,
         idempotency_key: Annotated[
             str | None,
@@ -318,15 +338,22 @@ def _loop_routes(engine: Engine) -> APIRouter:
         if author is not None:
             logctx.bind(author=author["id"])
         attachments = [a.path for a in body.attachments] if body.attachments else None
-        stream = await engine.send(
-            user,
-            loop_id,
-            body.content,
-            body.permission_mode,
-            idempotency_key or None,
-            author,
-            attachments=attachments,
-        )
+        if (forwarded := await _elsewhere(request, loop_id, stream=True)) is not None:
+            return forwarded
+        try:
+            stream = await engine.send(
+                user,
+                loop_id,
+                body.content,
+                body.permission_mode,
+                idempotency_key or None,
+                author,
+                attachments=attachments,
+            )
+        except OwnedElsewhere:  # [ext] another replica claimed the loop meanwhile
+            if (forwarded := await _elsewhere(request, loop_id, stream=True)) is not None:
+                return forwarded
+            raise
         return event_stream(stream.events, {"X-Turn-Id": stream.turn_id})
 
     @router.get(
@@ -368,10 +395,13 @@ def _loop_routes(engine: Engine) -> APIRouter:
     )
     async def history(
         loop_id: str,
+        request: Request,
         user: Reader,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
         after: Annotated[str | None, Query(description=TURN_CURSOR)] = None,
     ) -> Any:
+        if (forwarded := await _elsewhere(request, loop_id)) is not None:
+            return forwarded
         return asdict(await engine.history(user, loop_id, limit, after or None))
 
     @router.post(
@@ -383,6 +413,8 @@ def _loop_routes(engine: Engine) -> APIRouter:
         openapi_extra={"requestBody": {"required": True, "content": CHOICE_BODY}},
     )
     async def answer_choice(loop_id: str, choice_id: str, request: Request, user: Owner) -> Any:
+        if (forwarded := await _elsewhere(request, loop_id)) is not None:
+            return forwarded
         # Read here, after the owner check; None when the body is not JSON. The engine checks
         # the answer against the pending choice (CHOICE_ANSWER's shapes, and its question ids).
         body = await request.json()
@@ -425,6 +457,8 @@ def _loop_routes(engine: Engine) -> APIRouter:
         },
     )
     async def interrupt(loop_id: str, request: Request, user: Owner) -> Any:
+        if (forwarded := await _elsewhere(request, loop_id)) is not None:
+            return forwarded
         # [ext] an optional body names who interrupted, for the audit trail.
         raw = await request.body()
         body = InterruptBody()
