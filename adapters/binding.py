@@ -73,9 +73,7 @@ class ThreadBindings:
 
     def __init__(self, client: LoopClient) -> None:
         self.client = client
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def lock(self, key: ConversationKey) -> asyncio.Lock:
         """Held while a message of this conversation is handed to its loop, to keep order."""

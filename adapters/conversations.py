@@ -187,7 +187,8 @@ class Conversations:
             )
             shared = (
                 SharedFiles(self.client, binding.loop_id, message.thread)
-                if message.thread is not None else None
+                if message.thread is not None
+                else None
             )
             async with contextlib.aclosing(events):
                 # A refusal (a spent budget) comes back at once, before any event: it is
@@ -245,12 +246,18 @@ class Conversations:
     async def _binding(self, message: IncomingMessage) -> Start:
         if message.mentioned or message.direct:
             # A mention inside a thread brings the thread's earlier messages along.
-            mid_thread = message.mentioned and not message.direct and (
-                message.key.thread != message.message_id
+            mid_thread = (
+                message.mentioned
+                and not message.direct
+                and (message.key.thread != message.message_id)
             )
             return await find_or_start(
-                self.bindings, self.routes, message.key, text=message.text,
-                started_by=message.author.user_id, thread=message.thread,
+                self.bindings,
+                self.routes,
+                message.key,
+                text=message.text,
+                started_by=message.author.user_id,
+                thread=message.thread,
                 before=message.message_id if mid_thread else None,
             )
         return Start(await self.bindings.find(message.key), content=message.text)
@@ -284,15 +291,21 @@ class Conversations:
                 return Decision("stopped")
             if action.verb in ("allow", "deny"):
                 await self.client.answer_choice(
-                    action.loop_id, action.choice_id, allow=action.verb == "allow",
-                    source=self.source(actor), by=by,
+                    action.loop_id,
+                    action.choice_id,
+                    allow=action.verb == "allow",
+                    source=self.source(actor),
+                    by=by,
                 )
             else:
                 if not answers:
                     return Decision("failed", "Pick an answer first.")
                 await self.client.answer_choice(
-                    action.loop_id, action.choice_id, answers=answers,
-                    source=self.source(actor), by=by,
+                    action.loop_id,
+                    action.choice_id,
+                    answers=answers,
+                    source=self.source(actor),
+                    by=by,
                 )
         except LoopApiError as exc:
             if exc.code == "choice_not_found":

@@ -12,21 +12,25 @@ from prometheus_client import Counter, Histogram
 EDIT_LAG_BUCKETS = (0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30, 60)
 
 ADAPTER_MESSAGES = Counter(
-    "loopbridge_adapter_messages", "People's messages handled, by outcome",
+    "loopbridge_adapter_messages",
+    "People's messages handled, by outcome",
     ["platform", "outcome"],
 )
 PLATFORM_CALLS = Counter(
-    "loopbridge_adapter_platform_calls", "Calls to the platform's API, by method and status",
+    "loopbridge_adapter_platform_calls",
+    "Calls to the platform's API, by method and status",
     ["platform", "method", "status"],
 )
 RATE_LIMITED = Counter(
-    "loopbridge_adapter_rate_limited", "429 answers from the platform (each is waited out)",
+    "loopbridge_adapter_rate_limited",
+    "429 answers from the platform (each is waited out)",
     ["platform", "method"],
 )
 EDIT_LAG = Histogram(
     "loopbridge_adapter_edit_lag_seconds",
     "From new answer text reaching the adapter to a platform message showing it",
-    ["platform"], buckets=EDIT_LAG_BUCKETS,
+    ["platform"],
+    buckets=EDIT_LAG_BUCKETS,
 )
 
 T = TypeVar("T")

@@ -294,13 +294,18 @@ class TurnRenderer:
         self.stats.failures += 1
         slot.failures += 1
         if slot.failures >= MAX_FAILURES:
-            log.error("giving up on a message of loop %s after %d tries: %s",
-                      self.loop_id, slot.failures, exc)
+            log.error(
+                "giving up on a message of loop %s after %d tries: %s",
+                self.loop_id,
+                slot.failures,
+                exc,
+            )
             slot.shown = slot.view
             return
         backoff = delay_after(BACKOFF, slot.failures)
-        log.warning("platform call failed (try %d, again in %.0f s): %s",
-                    slot.failures, backoff, exc)
+        log.warning(
+            "platform call failed (try %d, again in %.0f s): %s", slot.failures, backoff, exc
+        )
         slot.ready_at = self.clock() + backoff
 
     async def _close(self) -> None:

@@ -148,9 +148,11 @@ class Routes:
             route = self.table.get(place)
             if route is not None:
                 return LoopOptions(
-                    route.repo, route.branch,
+                    route.repo,
+                    route.branch,
                     tuple(route.profiles) if route.profiles is not None else None,
-                    route.vault, route.permission_mode,
+                    route.vault,
+                    route.permission_mode,
                 )
         return LoopOptions()
 
@@ -170,7 +172,7 @@ def parse_options(text: str) -> tuple[dict[str, str], str]:
             known = ", ".join(sorted(NAMES))
             raise OptionError(f"`{name}=` is not an option I know (known: {known}).")
         found[NAMES[name]] = match.group(2)
-        rest = rest[match.end():].lstrip()
+        rest = rest[match.end() :].lstrip()
     return found, rest
 
 

@@ -41,8 +41,11 @@ class AdapterShell:
     def __init__(self, settings: AdapterSettings, client: LoopClient) -> None:
         self.client = client
         self.conversations = Conversations(
-            client, settings.policy(), platform=self.platform,
-            permission_mode=settings.permission_mode, routes=Routes.load(self.platform),
+            client,
+            settings.policy(),
+            platform=self.platform,
+            permission_mode=settings.permission_mode,
+            routes=Routes.load(self.platform),
         )
         self.results: deque[TurnResult] = deque(maxlen=RESULTS_KEPT)
         self._tasks = HandlerTasks(log, self.platform)

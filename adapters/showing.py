@@ -42,7 +42,10 @@ class TurnShows:
 
     def renderer(self, surface: Surface, loop_id: str, link: str = "") -> TurnRenderer:
         return TurnRenderer(
-            surface, loop_id, own_source_prefix=f"{self.platform}:", platform=self.platform,
+            surface,
+            loop_id,
+            own_source_prefix=f"{self.platform}:",
+            platform=self.platform,
             link=link,
         )
 

@@ -111,7 +111,7 @@ class PartSplitter:
 
     def tail_closing(self) -> str:
         """What closes the tail's open code block for now ("" when none is open)."""
-        return closed(self.tail, open_fence(self.tail, self._tail_fence))[len(self.tail):]
+        return closed(self.tail, open_fence(self.tail, self._tail_fence))[len(self.tail) :]
 
     @property
     def text(self) -> str:

@@ -16,10 +16,17 @@ from bridge.contract.models import PermissionMode
 log = logging.getLogger(__name__)
 
 # Refusals of `POST /loops` that a person can fix by choosing other names.
-NAME_ERRORS = frozenset({
-    "unknown_repo", "unknown_profile", "unknown_vault", "invalid_branch",
-    "repo_not_allowed", "profile_not_allowed", "vault_not_allowed",
-})
+NAME_ERRORS = frozenset(
+    {
+        "unknown_repo",
+        "unknown_profile",
+        "unknown_vault",
+        "invalid_branch",
+        "repo_not_allowed",
+        "profile_not_allowed",
+        "vault_not_allowed",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,8 @@ def turn_mode(
 ) -> PermissionMode | None:
     """A turn's permission mode: the loop's own (chosen when it started), the place's,
     else the adapter's."""
-    return mode_of(binding.metadata) or routes.defaults(*places(binding.key)).permission_mode or (
-        fallback
+    return (
+        mode_of(binding.metadata)
+        or routes.defaults(*places(binding.key)).permission_mode
+        or (fallback)
     )

@@ -23,6 +23,7 @@ class Surface(Protocol):
     part_limit: int
     # Seconds between two edits of one message (from the end of the first).
     edit_interval: float
+
     @property
     def append_only(self) -> bool:
         """Text once shown can only be added to (a native stream): parts are then cut

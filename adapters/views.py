@@ -170,7 +170,7 @@ def _one_line(text: str, limit: int = 80, keep_end: bool = False) -> str:
     line = " ".join(text.split()).replace("`", "'")
     if len(line) <= limit:
         return line
-    return "…" + line[-(limit - 1):] if keep_end else line[: limit - 1] + "…"
+    return "…" + line[-(limit - 1) :] if keep_end else line[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -216,4 +216,3 @@ def outcome_line(
     if decided.verb == "denied":
         return f"{marks.denied} Denied by {who}"
     return f"{marks.chose} {who} chose {marks.bold(', '.join(decided.picked))}"
-

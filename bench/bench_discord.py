@@ -162,8 +162,12 @@ async def running_adapter(
     fake: FakeDiscord, server: ServerProcess, channels: list[str]
 ) -> AsyncIterator[DiscordAdapter]:
     settings = DiscordSettings(
-        token=fake.token, api_url=fake.api_url, gateway_url=fake.gateway_url,
-        bound_channels=channels, command_guilds=[fake.guild_id], guild_ready_timeout=0.1,
+        token=fake.token,
+        api_url=fake.api_url,
+        gateway_url=fake.gateway_url,
+        bound_channels=channels,
+        command_guilds=[fake.guild_id],
+        guild_ready_timeout=0.1,
     )
     async with LoopClient(server.url, server.token) as client:
         adapter = DiscordAdapter(settings, client)
@@ -203,8 +207,18 @@ async def run(args: argparse.Namespace) -> None:
 
 def render(rows: Sequence[Row], deltas: int) -> str:
     header = [
-        "pace", "turn s", "answer chars", "messages", "files", "posts", "edits",
-        "429 retried / failed", "complete", "lag done→final s", "budget wait s", "verdict",
+        "pace",
+        "turn s",
+        "answer chars",
+        "messages",
+        "files",
+        "posts",
+        "edits",
+        "429 retried / failed",
+        "complete",
+        "lag done→final s",
+        "budget wait s",
+        "verdict",
     ]
     notes = [
         f"- A `[[long: {deltas}]]` turn: {deltas:,} deltas through the real CLI; the server "
@@ -224,13 +238,16 @@ def render(rows: Sequence[Row], deltas: int) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.bench_discord", description=__doc__,
+        prog="python -m bench.bench_discord",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--deltas", type=int, default=2000, help="deltas of the long turn")
     parser.add_argument(
-        "--paces", type=lambda text: tuple(float(p) for p in text.split(",")),
-        default=DEFAULT_PACES, help="ms between deltas, comma-separated (0: all at once)",
+        "--paces",
+        type=lambda text: tuple(float(p) for p in text.split(",")),
+        default=DEFAULT_PACES,
+        help="ms between deltas, comma-separated (0: all at once)",
     )
     parser.add_argument("--quick", action="store_true", help="paces 0 and 10 ms only")
     args = parser.parse_args(argv)

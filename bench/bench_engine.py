@@ -374,9 +374,7 @@ async def serve(home: Path, nagle: bool, trace: bool = False) -> None:
     from core.engine import Engine
 
     # Agents run as local processes here: the container path is bench_sandbox's subject.
-    engine = Engine(
-        load_settings(home=home, rate_limit_per_minute=UNLIMITED_RATE, sandbox="local")
-    )
+    engine = Engine(load_settings(home=home, rate_limit_per_minute=UNLIMITED_RATE, sandbox="local"))
     await engine.start()
     listener = listen(nagle)
     config = uvicorn.Config(
@@ -524,8 +522,6 @@ async def create_loop(http: httpx.AsyncClient, title: str) -> str:
     resp = await http.post("/loops", json={"title": title})
     resp.raise_for_status()
     return str(resp.json()["id"])
-
-
 
 
 async def bench_latency(
@@ -878,9 +874,7 @@ def render_fanout(f: FanOut) -> str:
         f"### (b) Fan-out: one loop, {f.watchers} watchers, one `[[stamped: {f.deltas}]]` "
         f"turn (a delta every 2 ms), {FANOUT_CASES[f.case]}"
     )
-    return (
-        f"{title}\n\n{table(header, rows)}\n\n" + "\n".join(notes) + "\n\n" + render_breakdown(f)
-    )
+    return f"{title}\n\n{table(header, rows)}\n\n" + "\n".join(notes) + "\n\n" + render_breakdown(f)
 
 
 # ---- (c) memory per idle loop -------------------------------------------------------------

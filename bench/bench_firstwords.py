@@ -136,24 +136,34 @@ class SlackSide:
         return conversation
 
     def placeholder(self, conversation: str, since: float) -> float | None:
-        return next((
-            call.at for call in self.fake.calls
-            if call.at >= since and call.status == 200
-            and call.method in ("chat.postMessage", "chat.startStream")
-            and call.args.get("thread_ts") == conversation
-        ), None)
+        return next(
+            (
+                call.at
+                for call in self.fake.calls
+                if call.at >= since
+                and call.status == 200
+                and call.method in ("chat.postMessage", "chat.startStream")
+                and call.args.get("thread_ts") == conversation
+            ),
+            None,
+        )
 
     def first_words(self, conversation: str, since: float) -> float | None:
-        return next((
-            call.at for call in self.fake.calls
-            if call.at >= since and call.status == 200 and FIRST_WORDS in json.dumps(call.args)
-        ), None)
+        return next(
+            (
+                call.at
+                for call in self.fake.calls
+                if call.at >= since and call.status == 200 and FIRST_WORDS in json.dumps(call.args)
+            ),
+            None,
+        )
 
     async def turns(self, count: int) -> None:
         adapter = self.adapter
         await finished(
             lambda: sum(r.handled == "turn" for r in adapter.results),
-            lambda: bool(adapter._tasks), count,
+            lambda: bool(adapter._tasks),
+            count,
         )
 
 
@@ -172,22 +182,32 @@ class DiscordSide:
         return conversation
 
     def placeholder(self, conversation: str, since: float) -> float | None:
-        return min((
-            message.shown[0][0] for message in self.fake.bot_messages(conversation)
-            if message.shown and message.shown[0][0] >= since
-        ), default=None)
+        return min(
+            (
+                message.shown[0][0]
+                for message in self.fake.bot_messages(conversation)
+                if message.shown and message.shown[0][0] >= since
+            ),
+            default=None,
+        )
 
     def first_words(self, conversation: str, since: float) -> float | None:
-        return min((
-            at for message in self.fake.bot_messages(conversation)
-            for at, content in message.shown if at >= since and FIRST_WORDS in content
-        ), default=None)
+        return min(
+            (
+                at
+                for message in self.fake.bot_messages(conversation)
+                for at, content in message.shown
+                if at >= since and FIRST_WORDS in content
+            ),
+            default=None,
+        )
 
     async def turns(self, count: int) -> None:
         adapter = self.adapter
         await finished(
             lambda: sum(r.handled == "turn" for r in adapter.results),
-            lambda: bool(adapter._tasks), count,
+            lambda: bool(adapter._tasks),
+            count,
         )
 
 
@@ -215,8 +235,11 @@ async def discord_side(server: ServerProcess) -> AsyncIterator[DiscordSide]:
     fake = FakeDiscord()
     await fake.start()
     settings = DiscordSettings(
-        token=fake.token, api_url=fake.api_url, gateway_url=fake.gateway_url,
-        command_guilds=[fake.guild_id], guild_ready_timeout=0.1,
+        token=fake.token,
+        api_url=fake.api_url,
+        gateway_url=fake.gateway_url,
+        command_guilds=[fake.guild_id],
+        guild_ready_timeout=0.1,
     )
     client = LoopClient(server.url, server.token)
     adapter = DiscordAdapter(settings, client)
@@ -262,8 +285,10 @@ async def measure(
         _, sample = await one_turn(platform, model, conversation, done)
         warm.samples.append(sample)
         done += 1
-        log(f"{platform.name} {index + 1}/{turns}: lag cold {cold.samples[-1].lag * 1000:.0f} ms,"
-            f" warm {sample.lag * 1000:.0f} ms")
+        log(
+            f"{platform.name} {index + 1}/{turns}: lag cold {cold.samples[-1].lag * 1000:.0f} ms,"
+            f" warm {sample.lag * 1000:.0f} ms"
+        )
     return cold, warm
 
 
@@ -276,23 +301,41 @@ def ms(value: float) -> str:
 
 def render(series: Sequence[Series], turns: int, gap: float) -> str:
     header = [
-        "platform", "turn", "n", "mention → placeholder median (ms)", "p99",
-        "mention → first delta median", "p99", "mention → first words median", "p99",
-        "first delta → first words median", "p99", "target", "result",
+        "platform",
+        "turn",
+        "n",
+        "mention → placeholder median (ms)",
+        "p99",
+        "mention → first delta median",
+        "p99",
+        "mention → first words median",
+        "p99",
+        "first delta → first words median",
+        "p99",
+        "target",
+        "result",
     ]
     rows = []
     for one in series:
         columns: list[str] = []
         for values in (
-            [s.placeholder for s in one.samples], [s.first_delta for s in one.samples],
-            [s.first_words for s in one.samples], [s.lag for s in one.samples],
+            [s.placeholder for s in one.samples],
+            [s.first_delta for s in one.samples],
+            [s.first_words for s in one.samples],
+            [s.lag for s in one.samples],
         ):
             columns += [ms(statistics.median(values)), ms(percentile(values, 0.99))]
         lags = [s.lag for s in one.samples]
-        rows.append([
-            one.platform, one.kind, str(len(one.samples)), *columns,
-            f"< {ms(TARGET)} ms", verdict(percentile(lags, 0.99) < TARGET),
-        ])
+        rows.append(
+            [
+                one.platform,
+                one.kind,
+                str(len(one.samples)),
+                *columns,
+                f"< {ms(TARGET)} ms",
+                verdict(percentile(lags, 0.99) < TARGET),
+            ]
+        )
     return (
         f"### First words — {turns} cold and {turns} warm `{SCENARIO}` turns per platform "
         f"(follow-up {gap:g} s after the answer ended)\n\n{table(header, rows)}"
@@ -302,10 +345,13 @@ def render(series: Sequence[Series], turns: int, gap: float) -> str:
 async def run(args: argparse.Namespace) -> None:
     model = StandinModel()
     standin_url = await model.start()
-    os.environ.update({
-        **AGENT_ENV, "ANTHROPIC_BASE_URL": standin_url,
-        "LOOPBRIDGE_AGENT_IDLE_SECONDS": AGENT_IDLE_SECONDS,
-    })
+    os.environ.update(
+        {
+            **AGENT_ENV,
+            "ANTHROPIC_BASE_URL": standin_url,
+            "LOOPBRIDGE_AGENT_IDLE_SECONDS": AGENT_IDLE_SECONDS,
+        }
+    )
     sides = {"slack": slack_side, "discord": discord_side}
     series: list[Series] = []
     try:
@@ -321,7 +367,8 @@ async def run(args: argparse.Namespace) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.bench_firstwords", description=__doc__,
+        prog="python -m bench.bench_firstwords",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--turns", type=int, default=10, help="cold (and warm) turns per platform")
@@ -329,8 +376,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--gap", type=float, default=1.0, help="seconds from an answer's end to the follow-up"
     )
     parser.add_argument(
-        "--platforms", type=lambda text: [p.strip() for p in text.split(",")],
-        default=["slack", "discord"], help="comma-separated: slack, discord",
+        "--platforms",
+        type=lambda text: [p.strip() for p in text.split(",")],
+        default=["slack", "discord"],
+        help="comma-separated: slack, discord",
     )
     return parser.parse_args(argv)
 

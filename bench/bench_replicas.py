@@ -121,8 +121,10 @@ async def bench_lag(cluster: Cluster, turns: int, deltas: int, count: int) -> li
     share = len(first) // turns
     for number in range(turns):
         part = first[number * share : (number + 1) * share]
-        log(f"(a) turn {number + 1}: p50 {percentile(part, 0.5):.1f} ms, "
-            f"p99 {percentile(part, 0.99):.1f} ms, max {max(part):.1f} ms")
+        log(
+            f"(a) turn {number + 1}: p50 {percentile(part, 0.5):.1f} ms, "
+            f"p99 {percentile(part, 0.99):.1f} ms, max {max(part):.1f} ms"
+        )
     return lags
 
 
@@ -169,12 +171,15 @@ async def bench_failover(cluster: Cluster, round_number: int) -> tuple[float, fl
 def lag_table(lags: list[float], watchers: int) -> str:
     p50, p99 = percentile(lags, 0.5), percentile(lags, 0.99)
     verdict = "met" if p99 < LAG_TARGET_MS else "MISSED"
-    return "\n".join([
-        "| watchers on B | events × watchers | p50 ms | p99 ms | max ms | mean ms | target p99 |",
-        "|---:|---:|---:|---:|---:|---:|---|",
-        f"| {watchers} | {len(lags)} | {p50:.1f} | {p99:.1f} | {max(lags):.1f} | "
-        f"{statistics.fmean(lags):.1f} | < {LAG_TARGET_MS:.0f} ms: {verdict} |",
-    ])
+    return "\n".join(
+        [
+            "| watchers on B | events × watchers | p50 ms | p99 ms | max ms | mean ms "
+            "| target p99 |",
+            "|---:|---:|---:|---:|---:|---:|---|",
+            f"| {watchers} | {len(lags)} | {p50:.1f} | {p99:.1f} | {max(lags):.1f} | "
+            f"{statistics.fmean(lags):.1f} | < {LAG_TARGET_MS:.0f} ms: {verdict} |",
+        ]
+    )
 
 
 def failover_table(rounds: list[tuple[float, float]]) -> str:

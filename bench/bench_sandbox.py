@@ -161,8 +161,12 @@ def p99(values: list[float]) -> float:
 
 def render_builds(build: float, cached: float) -> str:
     rows = [
-        ["image build from nothing", f"{build:.1f} s", f"< {BUILD_TARGET_S:.0f} s",
-         verdict(build < BUILD_TARGET_S)],
+        [
+            "image build from nothing",
+            f"{build:.1f} s",
+            f"< {BUILD_TARGET_S:.0f} s",
+            verdict(build < BUILD_TARGET_S),
+        ],
         ["image build, .debs cached", f"{cached:.1f} s", "", ""],
     ]
     return table(["measure", "value", "target", "met"], rows)
@@ -177,15 +181,26 @@ def render(colds: dict[str, list[float]], warm: dict[str, list[TurnTiming]]) -> 
         cold = colds[tier]
         first = [t.first_delta for t in warm[tier]]
         cold_median, warm_median = statistics.median(cold), statistics.median(first)
-        rows.append([
-            tier,
-            ms(cold_median), ms(p99(cold)),
-            f"{signed_ms(cold_median - cold_local)} ({cold_median / cold_local:.2f}×)",
-            ms(warm_median), ms(p99(first)),
-            f"{signed_ms(warm_median - warm_local)} ({warm_median / warm_local:.2f}×)",
-        ])
-    head = ["tier", "cold median", "cold p99", "cold vs local", "warm median", "warm p99",
-            "warm vs local"]
+        rows.append(
+            [
+                tier,
+                ms(cold_median),
+                ms(p99(cold)),
+                f"{signed_ms(cold_median - cold_local)} ({cold_median / cold_local:.2f}×)",
+                ms(warm_median),
+                ms(p99(first)),
+                f"{signed_ms(warm_median - warm_local)} ({warm_median / warm_local:.2f}×)",
+            ]
+        )
+    head = [
+        "tier",
+        "cold median",
+        "cold p99",
+        "cold vs local",
+        "warm median",
+        "warm p99",
+        "warm vs local",
+    ]
     lines = [table(head, rows), ""]
     if "bubblewrap" in colds:
         extra = statistics.median(colds["bubblewrap"]) - cold_local

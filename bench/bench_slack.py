@@ -52,9 +52,15 @@ EDIT_GAP_TARGET = 1.0
 # The fake measures gaps on arrival; a request may travel a little faster than the last.
 GAP_TOLERANCE = 0.05
 TURN_TIMEOUT = 300.0
-CONTENT_METHODS = frozenset({
-    "chat.postMessage", "chat.update", "chat.startStream", "chat.appendStream", "chat.stopStream",
-})
+CONTENT_METHODS = frozenset(
+    {
+        "chat.postMessage",
+        "chat.update",
+        "chat.startStream",
+        "chat.appendStream",
+        "chat.stopStream",
+    }
+)
 EDIT_METHODS = ("chat.update", "chat.appendStream")
 
 
@@ -81,7 +87,9 @@ async def run_mode(mode: str, server_url: str, token: str, deltas: int) -> Resul
     fake = FakeSlack(update_gap=1.6 if mode == "strict" else 0.8)
     await fake.start()
     settings = SlackSettings(
-        bot_token=FakeSlack.bot_token, app_token=FakeSlack.app_token, api_url=fake.api_url,
+        bot_token=FakeSlack.bot_token,
+        app_token=FakeSlack.app_token,
+        api_url=fake.api_url,
         streaming="native" if mode == "native" else "edit",
     )
     client = LoopClient(server_url, token)
@@ -116,14 +124,16 @@ async def run_mode(mode: str, server_url: str, token: str, deltas: int) -> Resul
         }
         return Result(
             mode=mode,
-            calls=Counter(c.method for c in calls if c.method in CONTENT_METHODS
-                          or c.method == "chat.delete"),
+            calls=Counter(
+                c.method for c in calls if c.method in CONTENT_METHODS or c.method == "chat.delete"
+            ),
             rate_limited=sum(c.status == 429 for c in calls),
             unhandled=_unhandled_429s(calls),
             min_edit_gap=_min_gap(calls, ours),
             max_edits_per_message=max(
-                Counter(c.args.get("ts") for c in calls
-                        if c.method in EDIT_METHODS and c.status == 200).values(),
+                Counter(
+                    c.args.get("ts") for c in calls if c.method in EDIT_METHODS and c.status == 200
+                ).values(),
                 default=0,
             ),
             messages=len(messages),
@@ -158,6 +168,7 @@ async def _watch(client: LoopClient, loop_id: str, marks: dict[str, float]) -> N
 
 def _same_text(shown: str, expected: str) -> bool:
     """Equal apart from whitespace and the fences that cuts closed and reopened."""
+
     def squeeze(text: str) -> str:
         return "".join(text.split()).replace("```", "").replace("python", "")
 
@@ -172,9 +183,9 @@ def _unhandled_429s(calls: list[Any]) -> int:
             continue
         key = (call.method, call.args.get("channel"), call.args.get("ts"))
         if not any(
-            later.status == 200 and (later.method, later.args.get("channel"),
-                                     later.args.get("ts")) == key
-            for later in calls[index + 1:]
+            later.status == 200
+            and (later.method, later.args.get("channel"), later.args.get("ts")) == key
+            for later in calls[index + 1 :]
         ):
             unhandled += 1
     return unhandled
@@ -205,8 +216,10 @@ async def main(args: argparse.Namespace) -> None:
     results = []
     try:
         for mode in args.modes.split(","):
-            log(f"mode {mode}: one [[long: {args.deltas}]] turn, {args.delta_delay * 1000:.0f} ms "
-                "between deltas")
+            log(
+                f"mode {mode}: one [[long: {args.deltas}]] turn, {args.delta_delay * 1000:.0f} ms "
+                "between deltas"
+            )
             results.append(await run_mode(mode.strip(), server.url, token, args.deltas))
     finally:
         await stop_server(server)
@@ -229,7 +242,9 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
         calls = ", ".join(f"{name} {count}" for name, count in sorted(r.calls.items()))
         gap = f"{r.min_edit_gap:.2f}" if r.min_edit_gap is not None else "—"
         ok = (
-            r.unhandled == 0 and r.complete and r.done_lag <= LAG_TARGET
+            r.unhandled == 0
+            and r.complete
+            and r.done_lag <= LAG_TARGET
             and (r.min_edit_gap is None or r.min_edit_gap >= EDIT_GAP_TARGET - GAP_TOLERANCE)
         )
         lines.append(
@@ -251,8 +266,12 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--deltas", type=int, default=2000)
-    parser.add_argument("--delta-delay", type=float, default=0.01,
-                        help="seconds between the stand-in's deltas (default 0.01: a 20 s turn)")
+    parser.add_argument(
+        "--delta-delay",
+        type=float,
+        default=0.01,
+        help="seconds between the stand-in's deltas (default 0.01: a 20 s turn)",
+    )
     parser.add_argument("--modes", default="native,edit,strict")
     return parser.parse_args(argv)
 

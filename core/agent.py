@@ -202,4 +202,3 @@ def starts_activity(message: Message) -> bool:
     if isinstance(message, AssistantMessage):
         return message.parent_tool_use_id is None
     return False
-

@@ -73,8 +73,15 @@ async def entries(
         rows = (await conn.execute(query)).all()
     return [
         AuditEntry(
-            aware(r.at), r.kind, r.user_id, r.loop_id, r.turn_id, r.person_id, r.person_name,
-            r.source, r.detail,
+            aware(r.at),
+            r.kind,
+            r.user_id,
+            r.loop_id,
+            r.turn_id,
+            r.person_id,
+            r.person_name,
+            r.source,
+            r.detail,
         )
         for r in rows
     ]

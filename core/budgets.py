@@ -40,8 +40,10 @@ def day_window(now: datetime) -> tuple[datetime, datetime]:
 
 def month_window(now: datetime) -> tuple[datetime, datetime]:
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(
-        month=start.month + 1
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
     )
     return start, end
 
@@ -58,14 +60,34 @@ async def check(
     day, month = day_window(now), month_window(now)
     checks: list[tuple[str, float | None, Any, tuple[datetime, datetime] | None, str]] = [
         ("loop_usd", budgets.loop_usd, turns.c.loop_id == loop, None, "this loop's budget"),
-        ("author_monthly_usd", budgets.author_monthly_usd, person == author, month,
-         f"the monthly budget of {author}"),
-        ("user_monthly_usd", budgets.user_monthly_usd, loops.c.created_by == user, month,
-         f"the monthly budget of API user {user}"),
-        ("author_daily_usd", budgets.author_daily_usd, person == author, day,
-         f"the daily budget of {author}"),
-        ("user_daily_usd", budgets.user_daily_usd, loops.c.created_by == user, day,
-         f"the daily budget of API user {user}"),
+        (
+            "author_monthly_usd",
+            budgets.author_monthly_usd,
+            person == author,
+            month,
+            f"the monthly budget of {author}",
+        ),
+        (
+            "user_monthly_usd",
+            budgets.user_monthly_usd,
+            loops.c.created_by == user,
+            month,
+            f"the monthly budget of API user {user}",
+        ),
+        (
+            "author_daily_usd",
+            budgets.author_daily_usd,
+            person == author,
+            day,
+            f"the daily budget of {author}",
+        ),
+        (
+            "user_daily_usd",
+            budgets.user_daily_usd,
+            loops.c.created_by == user,
+            day,
+            f"the daily budget of API user {user}",
+        ),
     ]
     for name, cap, who, window, label in checks:
         if cap is None:

@@ -169,9 +169,7 @@ class Settings(BaseSettings):
             table = dict(self.repos)
         return sorted(name for name, setting in table.items() if setting.allows(user))
 
-    def check_access(
-        self, user: str, profiles: list[str], vault: str, repo: str | None
-    ) -> None:
+    def check_access(self, user: str, profiles: list[str], vault: str, repo: str | None) -> None:
         """Refuse names the settings do not know (400) or keep for other users (403)."""
         chosen: list[tuple[str, str, Restricted | None]] = [
             *(("profile", name, self.profiles.get(name)) for name in profiles),

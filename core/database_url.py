@@ -42,9 +42,7 @@ def check_database_url(url: str) -> URL:
         _check_sqlite_file(parts.database, shown)
     elif backend == "postgresql":
         if driver != "asyncpg":
-            fixed = parts.set(drivername="postgresql+asyncpg").render_as_string(
-                hide_password=True
-            )
+            fixed = parts.set(drivername="postgresql+asyncpg").render_as_string(hide_password=True)
             raise SettingsError(
                 f"{SETTING}={shown} uses the {driver} driver, which is not async: write "
                 f"{fixed} ({POSTGRES_EXTRA})"

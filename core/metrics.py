@@ -17,26 +17,34 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client'
 FIRST_DELTA_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
-TURNS = Counter("loopbridge_turns", "Turns ended, by trigger and how they ended",
-                ["trigger", "ended"])
-FIRST_DELTA = Histogram("loopbridge_turn_first_delta_seconds",
-                        "From a turn's start to its first visible text",
-                        buckets=FIRST_DELTA_BUCKETS)
-TURN_DURATION = Histogram("loopbridge_turn_duration_seconds",
-                          "From a turn's start to its end", buckets=DURATION_BUCKETS)
+TURNS = Counter(
+    "loopbridge_turns", "Turns ended, by trigger and how they ended", ["trigger", "ended"]
+)
+FIRST_DELTA = Histogram(
+    "loopbridge_turn_first_delta_seconds",
+    "From a turn's start to its first visible text",
+    buckets=FIRST_DELTA_BUCKETS,
+)
+TURN_DURATION = Histogram(
+    "loopbridge_turn_duration_seconds", "From a turn's start to its end", buckets=DURATION_BUCKETS
+)
 AGENTS_RUNNING = Gauge("loopbridge_agents_running", "Agent CLI processes running")
-EVENT_STREAMS_OPEN = Gauge("loopbridge_event_streams_open",
-                           "Event streams open (POST /messages and GET /events)")
+EVENT_STREAMS_OPEN = Gauge(
+    "loopbridge_event_streams_open", "Event streams open (POST /messages and GET /events)"
+)
 CHOICES_PENDING = Gauge("loopbridge_choices_pending", "Choices waiting for a person")
 MODEL_COST = Counter("loopbridge_model_cost_usd", "What the model calls cost, in US dollars")
 MODEL_TOKENS = Counter("loopbridge_model_tokens", "Model tokens, by kind", ["kind"])
 AGENTS_STARTING = Gauge("loopbridge_agents_starting", "Agents cold-starting now")
-AGENT_STARTS_WAITING = Gauge("loopbridge_agent_starts_waiting",
-                             "Agent cold starts waiting for LOOPBRIDGE_MAX_STARTING")
-AGENT_STARTS_QUEUED = Counter("loopbridge_agent_starts_queued",
-                              "Agent cold starts that had to wait for another to finish")
-BUDGET_REFUSALS = Counter("loopbridge_budget_refusals",
-                          "Messages refused or ended because a budget was spent", ["budget"])
+AGENT_STARTS_WAITING = Gauge(
+    "loopbridge_agent_starts_waiting", "Agent cold starts waiting for LOOPBRIDGE_MAX_STARTING"
+)
+AGENT_STARTS_QUEUED = Counter(
+    "loopbridge_agent_starts_queued", "Agent cold starts that had to wait for another to finish"
+)
+BUDGET_REFUSALS = Counter(
+    "loopbridge_budget_refusals", "Messages refused or ended because a budget was spent", ["budget"]
+)
 
 
 def watch_engine(

@@ -21,7 +21,9 @@ async def until(check: Callable[[], object], within: float = 30.0, what: str = "
 
 
 async def until_async(
-    get: Callable[[], Awaitable[T]], check: Callable[[T], object], within: float = 30.0,
+    get: Callable[[], Awaitable[T]],
+    check: Callable[[T], object],
+    within: float = 30.0,
     what: str = "",
 ) -> T:
     """`await get()` again until `check` accepts what it gave; that value."""

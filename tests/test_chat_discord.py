@@ -117,8 +117,9 @@ async def test_a_mention_mid_thread_brings_the_earlier_messages_bounded(
     fake.other_bot_says(thread.id, [{"title": "CI", "description": "build 42 failed"}], "ci-bot")
     await fake.say(chat.alice, "[[think]] can you look?", channel=thread.id, mention=True)
     await chat.turns(1)
-    history_reads = [c for c in fake.calls
-                     if c.method == "GET" and c.path == f"/channels/{thread.id}/messages"]
+    history_reads = [
+        c for c in fake.calls if c.method == "GET" and c.path == f"/channels/{thread.id}/messages"
+    ]
     assert len(history_reads) == 1
     seen = user_texts(chat.server, "can you look?")
     alice, bob = chat.alice.id, chat.bob.id
@@ -147,19 +148,20 @@ async def test_two_people_in_one_thread_are_told_apart(chat: Harness) -> None:
 async def test_a_pasted_image_reaches_the_model(chat: Harness) -> None:
     await chat.start()
     image = png(4, 3)
-    asked = await chat.fake.say(chat.alice, "[[image]]", mention=True,
-                                files=[("shot.png", image)])
+    asked = await chat.fake.say(chat.alice, "[[image]]", mention=True, files=[("shot.png", image)])
     await chat.turns(1)
     assert f"image/png {len(image)} bytes sha256={digest(image)}" in chat.answer(asked.id)
 
 
 async def test_a_shared_file_appears_in_the_thread_with_its_caption(chat: Harness) -> None:
     await chat.start(permission_mode="bypassPermissions")
-    asked = await chat.fake.say(chat.alice, "[[write: out/report.txt :: weekly numbers]]",
-                                mention=True)
+    asked = await chat.fake.say(
+        chat.alice, "[[write: out/report.txt :: weekly numbers]]", mention=True
+    )
     await chat.turns(1)
-    await chat.fake.say(chat.alice, "[[share: out/report.txt :: the weekly report]]",
-                        channel=asked.id)
+    await chat.fake.say(
+        chat.alice, "[[share: out/report.txt :: the weekly report]]", channel=asked.id
+    )
     await chat.turns(2)
     await until(lambda: chat.fake.shared_files(asked.id), 30, "a shared file")
     ((name, content, caption),) = chat.fake.shared_files(asked.id)
@@ -183,4 +185,3 @@ async def test_an_over_size_shared_file_gets_a_message(chat: Harness) -> None:
     assert "`big.bin` (10.5 MB)" in said
     assert f"GET /api/v1/loops/{loop.id}/files/big.bin" in said
     assert not chat.fake.shared_files(asked.id)
-

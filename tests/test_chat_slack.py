@@ -51,8 +51,11 @@ def answer(slack: Harness, channel: str, root: str) -> str:
 
 def notes(slack: Harness, channel: str, root: str) -> list[str]:
     """The adapter's plain notes in a thread (routing, files)."""
-    return [m.text for m in slack.fake.bot_messages(channel, root)
-            if any(b.get("type") == "markdown" for b in m.blocks)]
+    return [
+        m.text
+        for m in slack.fake.bot_messages(channel, root)
+        if any(b.get("type") == "markdown" for b in m.blocks)
+    ]
 
 
 # ---- routing ---------------------------------------------------------------------------
@@ -110,8 +113,9 @@ async def test_a_mention_mid_thread_brings_the_earlier_messages_bounded(
     for n in range(55):
         await slack.fake.say(BOB, f"safari note {n}", thread_ts=root)
     slack.fake.other_bot_says(
-        CHANNEL, root, [{"type": "section", "text": {"type": "mrkdwn",
-                                                     "text": "CI failed on build 42"}}],
+        CHANNEL,
+        root,
+        [{"type": "section", "text": {"type": "mrkdwn", "text": "CI failed on build 42"}}],
         name="ci-bot",
     )
     before = len(slack.fake.methods("conversations.replies"))
@@ -195,8 +199,9 @@ async def test_an_over_size_shared_file_gets_a_message(slack: Harness) -> None:
 async def test_a_file_slack_will_not_hand_out_is_named_not_dropped(slack: Harness) -> None:
     await slack.start()
     fake = slack.fake
-    root = await fake.say(ALICE, f"{MENTION} [[think]] see attached",
-                          files=[("notes.txt", b"hello", "text/plain")])
+    root = await fake.say(
+        ALICE, f"{MENTION} [[think]] see attached", files=[("notes.txt", b"hello", "text/plain")]
+    )
     await slack.turns(1)
     loop = await loop_of(slack, root)
     assert loop is not None and slack.client is not None
@@ -209,10 +214,17 @@ async def test_a_file_slack_will_not_hand_out_is_named_not_dropped(slack: Harnes
     huge = fake.add_file("huge.zip", b"PK", "application/zip")
     huge["size"] = 30 * 1024 * 1024
     ts = fake.new_ts()
-    event = {"type": "message", "user": ALICE, "text": f"{MENTION} [[think]] and this",
-             "ts": ts, "channel": CHANNEL, "team": fake.team_id, "channel_type": "channel",
-             "subtype": "file_share",
-             "files": [{k: v for k, v in f.items() if k != "content"} for f in (secret, huge)]}
+    event = {
+        "type": "message",
+        "user": ALICE,
+        "text": f"{MENTION} [[think]] and this",
+        "ts": ts,
+        "channel": CHANNEL,
+        "team": fake.team_id,
+        "channel_type": "channel",
+        "subtype": "file_share",
+        "files": [{k: v for k, v in f.items() if k != "content"} for f in (secret, huge)],
+    }
     await fake.deliver_event(event, "EvHAND0001")
     await slack.turns(2)
     first, second = notes(slack, CHANNEL, ts)

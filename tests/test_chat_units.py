@@ -18,17 +18,20 @@ def test_leading_options_are_taken_and_the_rest_is_the_message() -> None:
     assert found == {"repo": "app", "branch": "fix-login"}
     assert rest == "fix the flaky test a=b"
     assert parse_options("profile=a,b mode=plan go") == (
-        {"profiles": "a,b", "permission_mode": "plan"}, "go"
+        {"profiles": "a,b", "permission_mode": "plan"},
+        "go",
     )
     with pytest.raises(OptionError, match="colour"):
         parse_options("colour=red go")
 
 
 def test_the_channel_wins_over_its_workspace_and_a_new_repo_drops_the_branch() -> None:
-    routes = Routes({
-        "C1": Route(repo="app", branch="release", permission_mode="acceptEdits"),
-        "T1": Route(repo="web"),
-    })
+    routes = Routes(
+        {
+            "C1": Route(repo="app", branch="release", permission_mode="acceptEdits"),
+            "T1": Route(repo="web"),
+        }
+    )
     assert routes.defaults("C1", "T1").repo == "app"
     assert routes.defaults("C2", "T1") == LoopOptions(repo="web")
     options, rest = routes.choose("repo=web fix it", "C1", "T1")
@@ -83,8 +86,11 @@ async def test_a_download_goes_only_to_the_platforms_hosts() -> None:
         return httpx.Response(200, content=b"data", headers={"content-type": "image/png"})
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
-        for url in ("http://169.254.169.254/latest", "file:///etc/passwd",
-                    "https://files.slack.com.evil.example/x"):
+        for url in (
+            "http://169.254.169.254/latest",
+            "file:///etc/passwd",
+            "https://files.slack.com.evil.example/x",
+        ):
             with pytest.raises(DownloadFailed):
                 async with fetch(http, url, hosts=frozenset({"slack.com"})):
                     pass

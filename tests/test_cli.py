@@ -268,7 +268,11 @@ async def test_doctor_checks_the_model_key(tmp_path):
         assert not bad.ok and "refused ANTHROPIC_API_KEY (HTTP 401)" in bad.line()
         # The whole doctor, as a person runs it: the key's line among the others.
         result = await asyncio.to_thread(
-            run, tmp_path, "doctor", LOOPBRIDGE_SANDBOX="local", ANTHROPIC_BASE_URL=api.url,
+            run,
+            tmp_path,
+            "doctor",
+            LOOPBRIDGE_SANDBOX="local",
+            ANTHROPIC_BASE_URL=api.url,
             ANTHROPIC_API_KEY="",
         )
     finally:
@@ -287,8 +291,12 @@ async def test_doctor_checks_the_model_key(tmp_path):
 async def serving(home, **env: str) -> tuple[asyncio.subprocess.Process, str]:
     """`loopbridge serve` started; its process and API base URL, once it serves."""
     server = await asyncio.create_subprocess_exec(
-        *LOOPBRIDGE, "serve", "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *LOOPBRIDGE,
+        "serve",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "LOOPBRIDGE_HOME": str(home), "LOOPBRIDGE_SANDBOX": "local", **env},
     )
     line = await asyncio.wait_for(server.stdout.readline(), 60)
@@ -316,14 +324,18 @@ async def test_a_platform_that_will_not_have_the_adapter_leaves_the_api_serving(
     nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
     closed.close()
     env = {
-        "LOOPBRIDGE_SLACK_BOT_TOKEN": "xoxb-revoked", "LOOPBRIDGE_SLACK_APP_TOKEN": "xapp-x",
+        "LOOPBRIDGE_SLACK_BOT_TOKEN": "xoxb-revoked",
+        "LOOPBRIDGE_SLACK_APP_TOKEN": "xapp-x",
         "LOOPBRIDGE_SLACK_API_URL": slack.api_url,
-        "LOOPBRIDGE_DISCORD_TOKEN": "revoked", "LOOPBRIDGE_DISCORD_API_URL": discord.api_url,
+        "LOOPBRIDGE_DISCORD_TOKEN": "revoked",
+        "LOOPBRIDGE_DISCORD_API_URL": discord.api_url,
         "LOOPBRIDGE_DISCORD_GATEWAY_URL": discord.gateway_url,
     }
     if reach == "unreachable":
-        env |= {"LOOPBRIDGE_SLACK_API_URL": nowhere + "/api/",
-                "LOOPBRIDGE_DISCORD_API_URL": nowhere + "/api/v10"}
+        env |= {
+            "LOOPBRIDGE_SLACK_API_URL": nowhere + "/api/",
+            "LOOPBRIDGE_DISCORD_API_URL": nowhere + "/api/v10",
+        }
     try:
         server, base = await serving(tmp_path, **env)
         async with httpx.AsyncClient(timeout=30) as http:
@@ -342,7 +354,8 @@ async def test_a_platform_that_will_not_have_the_adapter_leaves_the_api_serving(
     if reach == "refused":
         assert slack_lines == [
             "loopbridge: the slack adapter: Slack refused LOOPBRIDGE_SLACK_BOT_TOKEN "
-            "(invalid_auth); it stays off (fix the setting and restart)"]
+            "(invalid_auth); it stays off (fix the setting and restart)"
+        ]
         assert len(discord_lines) == 1 and "Discord refused LOOPBRIDGE_DISCORD_TOKEN" in err
     else:
         assert "cannot reach Slack at" in slack_lines[0] and "trying again" in slack_lines[0]
@@ -356,9 +369,14 @@ async def test_the_adapters_alone_say_a_refused_token_in_one_line(tmp_path):
     await slack.start()
     try:
         result = await asyncio.to_thread(
-            run, tmp_path, "slack", LOOPBRIDGE_API_URL="http://127.0.0.1:9",
-            LOOPBRIDGE_API_TOKEN="la_x", LOOPBRIDGE_SLACK_BOT_TOKEN="xoxb-revoked",
-            LOOPBRIDGE_SLACK_APP_TOKEN="xapp-x", LOOPBRIDGE_SLACK_API_URL=slack.api_url,
+            run,
+            tmp_path,
+            "slack",
+            LOOPBRIDGE_API_URL="http://127.0.0.1:9",
+            LOOPBRIDGE_API_TOKEN="la_x",
+            LOOPBRIDGE_SLACK_BOT_TOKEN="xoxb-revoked",
+            LOOPBRIDGE_SLACK_APP_TOKEN="xapp-x",
+            LOOPBRIDGE_SLACK_API_URL=slack.api_url,
         )
     finally:
         await slack.stop()
@@ -394,8 +412,14 @@ async def containers_of(home: Path) -> list[str]:
     if shutil.which("podman") is None:
         return []
     podman = await asyncio.create_subprocess_exec(
-        "podman", "ps", "--all", "--quiet", "--filter", f"label=loopbridge.server={home}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        "podman",
+        "ps",
+        "--all",
+        "--quiet",
+        "--filter",
+        f"label=loopbridge.server={home}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     out, _ = await asyncio.wait_for(podman.communicate(), 60)
     return out.decode().split()
@@ -411,8 +435,13 @@ async def test_the_readmes_example_works_against_the_demo_which_leaves_nothing_b
         part for part in env.get("PATH", "").split(os.pathsep) if part.rstrip("/") != venv_bin
     )
     demo = await asyncio.create_subprocess_exec(
-        *LOOPBRIDGE, "demo", "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        *LOOPBRIDGE,
+        "demo",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
     )
     try:
         printed = ""
@@ -424,11 +453,19 @@ async def test_the_readmes_example_works_against_the_demo_which_leaves_nothing_b
         home = Path(export.split("=", 1)[1])
         port = re.search(r"http://127\.0\.0\.1:(\d+)/api/v1", printed).group(1)
         # The block as written; only the port is the demo's (8642 may be taken here).
-        block = readme_block("tokens create --user alice").replace("localhost:8642",
-                                                                   f"localhost:{port}")
+        block = readme_block("tokens create --user alice").replace(
+            "localhost:8642", f"localhost:{port}"
+        )
         shell = await asyncio.create_subprocess_exec(
-            "bash", "-euo", "pipefail", "-c", f"{export}\n{block}", cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            "bash",
+            "-euo",
+            "pipefail",
+            "-c",
+            f"{export}\n{block}",
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(shell.communicate(), 120)
         assert shell.returncode == 0, err.decode()

@@ -14,8 +14,12 @@ async def run_example(server, *args: str) -> tuple[int, str, str]:
     env = {**os.environ, "LOOPBRIDGE_API_URL": server.url, "LOOPBRIDGE_API_TOKEN": server.token}
     # Asynchronously: the server under test runs in this event loop.
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(EXAMPLE), *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        str(EXAMPLE),
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 120)
     return process.returncode, out.decode(), err.decode()
@@ -34,8 +38,12 @@ async def test_the_client_example_streams_a_turn_and_answers_its_choice(server):
 async def test_the_client_example_without_a_token_says_so():
     env_less = {key: value for key, value in os.environ.items() if key != "LOOPBRIDGE_API_TOKEN"}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(EXAMPLE), "hi", env=env_less,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        str(EXAMPLE),
+        "hi",
+        env=env_less,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err_bytes = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 2 and "LOOPBRIDGE_API_TOKEN" in err_bytes.decode()

@@ -291,8 +291,10 @@ async def test_the_slack_adapter_moves_to_another_replica_when_its_own_dies(
         # And b's adapter answers in Slack.
         root = await fake.say("U0ALICE", f"<@{FakeSlack.bot_user_id}> after the takeover")
         await until(
-            lambda: "".join(m.answer for m in fake.answer_messages("C0GENERAL", root))
-            == "Echo #1: after the takeover",
+            lambda: (
+                "".join(m.answer for m in fake.answer_messages("C0GENERAL", root))
+                == "Echo #1: after the takeover"
+            ),
             within=60,
             what="the answer in the thread",
         )

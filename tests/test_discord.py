@@ -35,8 +35,6 @@ FENCE = re.compile(r"^```", re.MULTILINE)
 CHOICE_VERBS = ("allow", "deny", "answer", "submit")
 
 
-
-
 def is_choice(message: Message) -> bool:
     """A message that asked a person to decide (it keeps that kind after the outcome edit)."""
     return any(
@@ -60,9 +58,12 @@ class Harness:
 
     def settings(self, **overrides) -> DiscordSettings:
         values = dict(
-            token=FakeDiscord.token, api_url=self.fake.api_url,
-            gateway_url=self.fake.gateway_url, admins=[ADMIN_ROLE],
-            command_guilds=[FakeDiscord.guild_id], guild_ready_timeout=0.1,
+            token=FakeDiscord.token,
+            api_url=self.fake.api_url,
+            gateway_url=self.fake.gateway_url,
+            admins=[ADMIN_ROLE],
+            command_guilds=[FakeDiscord.guild_id],
+            guild_ready_timeout=0.1,
         )
         return DiscordSettings(**(values | overrides))
 
@@ -218,7 +219,9 @@ async def test_a_bound_channel_is_one_loop_without_mentions(discord_: Harness) -
     await fake.say(discord_.bob, "still the same loop", channel=dev.id)
     await discord_.turns(2)
     assert discord_.answers(dev.id) == [
-        "Echo #1: no mention needed", "Echo #2: still the same loop"]
+        "Echo #1: no mention needed",
+        "Echo #2: still the same loop",
+    ]
     assert fake.threads_of(dev.id) == []
     assert (await discord_.loop_of(dev.id, channel=dev.id)) is not None
 
@@ -370,13 +373,28 @@ async def test_several_questions_are_picked_in_menus_then_submitted(discord_: Ha
     asked = await fake.say(discord_.alice, "set up", mention=True)
     await discord_.turns(1)
     loop = await discord_.loop_of(asked.id)
-    view = choice_view(loop.id, {"choice_id": "choice_menus", "kind": "question", "payload": {
-        "questions": [
-            {"id": "q1", "question": "Which color?", "options": [
-                {"label": "Red"}, {"label": "Blue"}]},
-            {"id": "q2", "question": "Which sizes?", "multi_select": True, "options": [
-                {"label": "S"}, {"label": "M"}, {"label": "L"}]},
-        ]}})
+    view = choice_view(
+        loop.id,
+        {
+            "choice_id": "choice_menus",
+            "kind": "question",
+            "payload": {
+                "questions": [
+                    {
+                        "id": "q1",
+                        "question": "Which color?",
+                        "options": [{"label": "Red"}, {"label": "Blue"}],
+                    },
+                    {
+                        "id": "q2",
+                        "question": "Which sizes?",
+                        "multi_select": True,
+                        "options": [{"label": "S"}, {"label": "M"}, {"label": "L"}],
+                    },
+                ]
+            },
+        },
+    )
     await adapter.surface(int(asked.id)).post_choice(view)
     choice = discord_.choices(asked.id)[-1]
     color, sizes = choice.selects()
@@ -391,11 +409,15 @@ async def test_several_questions_are_picked_in_menus_then_submitted(discord_: Ha
 
     adapter.conversations.decide = recording  # type: ignore[method-assign]
     await fake.pick(discord_.alice, choice, color["custom_id"], ["Blue"])
-    await until(lambda: any(o.get("default") for o in choice.selects()[0]["options"]),
-                what="the pick kept in the message")
+    await until(
+        lambda: any(o.get("default") for o in choice.selects()[0]["options"]),
+        what="the pick kept in the message",
+    )
     await fake.pick(discord_.alice, choice, sizes["custom_id"], ["S", "L"])
-    await until(lambda: any(o.get("default") for o in choice.selects()[1]["options"]),
-                what="the second pick kept in the message")
+    await until(
+        lambda: any(o.get("default") for o in choice.selects()[1]["options"]),
+        what="the second pick kept in the message",
+    )
     assert decided == []  # a pick alone decides nothing
     await fake.click(discord_.alice, choice, choice.find("Submit")["custom_id"])
     await until(lambda: decided, what="the submitted answers")
@@ -474,8 +496,10 @@ async def test_a_duplicated_gateway_event_runs_one_turn(discord_: Harness) -> No
     before = len(discord_.server.standin_requests())
     asked = await fake.say(discord_.alice, "only once", mention=True, deliveries=2)
     await discord_.turns(1)
-    await until(lambda: len(discord_.adapter.results) == 2 and not discord_.adapter._tasks,
-                what="both deliveries handled")
+    await until(
+        lambda: len(discord_.adapter.results) == 2 and not discord_.adapter._tasks,
+        what="both deliveries handled",
+    )
     loop = await discord_.loop_of(asked.id)
     assert len((await discord_.client.history(loop.id)).data) == 1
     assert discord_.answers(asked.id) == ["Echo #1: only once"]
@@ -508,8 +532,10 @@ async def test_slash_commands_new_status_and_stop(discord_: Harness) -> None:
     assert loop.id in fake.bot_messages(thread.id)[0].content  # the thread says what it is
 
     await fake.say(discord_.alice, "[[slow: 6]]", channel=thread.id)
-    await until(lambda: any(m.content.startswith("slow") for m in fake.bot_messages(thread.id)),
-                what="a turn streaming")
+    await until(
+        lambda: any(m.content.startswith("slow") for m in fake.bot_messages(thread.id)),
+        what="a turn streaming",
+    )
     await fake.slash(discord_.bob, thread.id, "loop", "status")
     await until(lambda: len(fake.ephemerals_for(discord_.bob)) == 2, what="the status")
     assert f"Loop `{loop.id}`" in fake.ephemerals_for(discord_.bob)[-1]
@@ -532,8 +558,13 @@ async def test_slash_commands_new_status_and_stop(discord_: Harness) -> None:
 
 async def run_cli(*args: str, **env: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.cli", *args, env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "bridge.cli",
+        *args,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     return process.returncode or 0, out.decode(), err.decode()
@@ -557,18 +588,24 @@ async def test_invite_url_from_the_command_line() -> None:
 async def test_loopbridge_discord_runs_the_adapter(discord_: Harness) -> None:
     fake = discord_.fake
     env = {
-        "LOOPBRIDGE_DISCORD_TOKEN": fake.token, "LOOPBRIDGE_DISCORD_API_URL": fake.api_url,
+        "LOOPBRIDGE_DISCORD_TOKEN": fake.token,
+        "LOOPBRIDGE_DISCORD_API_URL": fake.api_url,
         "LOOPBRIDGE_DISCORD_GATEWAY_URL": fake.gateway_url,
         "LOOPBRIDGE_DISCORD_COMMAND_GUILDS": fake.guild_id,
         "LOOPBRIDGE_DISCORD_GUILD_READY_TIMEOUT": "0.1",
-        "LOOPBRIDGE_API_URL": discord_.server.url, "LOOPBRIDGE_API_TOKEN": discord_.token,
+        "LOOPBRIDGE_API_URL": discord_.server.url,
+        "LOOPBRIDGE_API_TOKEN": discord_.token,
     }
     code, _, err = await run_cli("discord", **(env | {"LOOPBRIDGE_DISCORD_TOKEN": "wrong"}))
     assert code == 2 and err.startswith("loopbridge: Discord refused LOOPBRIDGE_DISCORD_TOKEN")
     assert len(err.strip().splitlines()) == 1, err
 
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.cli", "discord", env={**os.environ, **env},
+        sys.executable,
+        "-m",
+        "bridge.cli",
+        "discord",
+        env={**os.environ, **env},
         stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -604,8 +641,7 @@ async def test_a_message_sent_while_busy_waits_its_turn_in_order(discord_: Harne
     await until(lambda: discord_.answer(asked.id), what="the first answer streaming")
     await fake.say(discord_.alice, "next", channel=asked.id)
     await until(
-        lambda: any("queued behind 1 message" in m.embed_text
-                    for m in fake.bot_messages(asked.id)),
+        lambda: any("queued behind 1 message" in m.embed_text for m in fake.bot_messages(asked.id)),
         what="a queued note",
     )
     await discord_.turns(2)
@@ -621,7 +657,8 @@ async def test_the_adapter_inside_the_server_uses_an_in_process_client(discord_:
     fake = discord_.fake
     app = create_app(discord_.server.engine, manage_engine=False)
     env = {
-        "LOOPBRIDGE_DISCORD_TOKEN": fake.token, "LOOPBRIDGE_DISCORD_API_URL": fake.api_url,
+        "LOOPBRIDGE_DISCORD_TOKEN": fake.token,
+        "LOOPBRIDGE_DISCORD_API_URL": fake.api_url,
         "LOOPBRIDGE_DISCORD_GATEWAY_URL": fake.gateway_url,
         "LOOPBRIDGE_DISCORD_GUILD_READY_TIMEOUT": "0.1",
     }
@@ -651,7 +688,9 @@ FIRST_WORDS_WITHIN = 0.5
 def first_shown(fake: FakeDiscord, channel: str, since: float, words: str) -> float | None:
     """When a message of the channel first showed `words` (since `since`)."""
     times = [
-        at for message in fake.bot_messages(channel) for at, content in message.shown
+        at
+        for message in fake.bot_messages(channel)
+        for at, content in message.shown
         if at >= since and words in content
     ]
     return min(times, default=None)

@@ -98,8 +98,14 @@ def test_measure_never_undercounts_what_discord_counts() -> None:
 
 
 def test_a_huge_permission_detail_still_fits_with_its_outcome() -> None:
-    view = choice_view(LOOP, {"choice_id": CHOICE, "kind": "permission", "payload": {
-        "tool": "Bash", "input_summary": "echo ```" + "x" * 5000}})
+    view = choice_view(
+        LOOP,
+        {
+            "choice_id": CHOICE,
+            "kind": "permission",
+            "payload": {"tool": "Bash", "input_summary": "echo ```" + "x" * 5000},
+        },
+    )
     text = choice_content(view)
     assert measure(text) <= 1700 and text.count("```") % 2 == 0
     answered = choice_content(view.finished("resolved", "Answered via api"))
@@ -118,19 +124,37 @@ def test_controls_fit_discords_limits_and_say_what_they_do() -> None:
     assert all(len(i) <= 100 for i in ids)
 
     many = [{"label": f"option {n}"} for n in range(30)]
-    question = choice_view(LOOP, {"choice_id": CHOICE, "kind": "question", "payload": {
-        "questions": [{"id": "q1", "question": "Which?", "options": many}]}})
+    question = choice_view(
+        LOOP,
+        {
+            "choice_id": CHOICE,
+            "kind": "question",
+            "payload": {"questions": [{"id": "q1", "question": "Which?", "options": many}]},
+        },
+    )
     menu = controls(question)
     assert menu is not None
     [select] = menu.children
     assert isinstance(select, discord.ui.Select) and len(select.options) == 25
 
-    several = choice_view(LOOP, {"choice_id": CHOICE, "kind": "question", "payload": {
-        "questions": [
-            {"id": "q1", "question": "A?", "options": [{"label": "x"}]},
-            {"id": "q2", "question": "B?", "multi_select": True,
-             "options": [{"label": "y"}, {"label": "z"}]},
-        ]}})
+    several = choice_view(
+        LOOP,
+        {
+            "choice_id": CHOICE,
+            "kind": "question",
+            "payload": {
+                "questions": [
+                    {"id": "q1", "question": "A?", "options": [{"label": "x"}]},
+                    {
+                        "id": "q2",
+                        "question": "B?",
+                        "multi_select": True,
+                        "options": [{"label": "y"}, {"label": "z"}],
+                    },
+                ]
+            },
+        },
+    )
     view = controls(several)
     assert view is not None
     verbs = [Action.decode(i).verb for i in _custom_ids(view)]  # type: ignore[union-attr]

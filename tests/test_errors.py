@@ -480,8 +480,10 @@ async def test_a_token_revoked_elsewhere_stops_working_within_the_trust_window(
         assert await Accounts(server.engine.db).revoke_token(info.token_id)
         # The other process cannot tell this one: the token's trust runs out instead.
         answer = await until_async(
-            lambda: http.get("/loops"), lambda r: r.status_code != 200,
-            within=TOKEN_TRUST_SECONDS + 30, what="the revoked token to be refused",
+            lambda: http.get("/loops"),
+            lambda r: r.status_code != 200,
+            within=TOKEN_TRUST_SECONDS + 30,
+            what="the revoked token to be refused",
         )
         assert_error(answer, 401, "invalid_token")
         assert clock() - trusted_at < TOKEN_TRUST_SECONDS + 5  # the window, and a poll's time

@@ -95,4 +95,3 @@ async def test_a_reader_too_far_behind_is_cut_off_and_the_others_go_on():
     assert seen == total
     with pytest.raises(Overflow):
         await next_batch(slow)
-

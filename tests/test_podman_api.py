@@ -301,8 +301,17 @@ async def test_a_killed_server_leaves_no_container_and_a_restart_removes_only_it
     other.mkdir(parents=True)
     for data_dir, loop_id in ((home, "loop_left"), (other, "loop_other")):
         await run(
-            *podman_argv(None), "run", "-d", "--label", f"{SERVER_LABEL}={data_dir}",
-            "--label", f"{LOOP_LABEL}={loop_id}", IMAGE, "sleep", "300", env=podman_env(),
+            *podman_argv(None),
+            "run",
+            "-d",
+            "--label",
+            f"{SERVER_LABEL}={data_dir}",
+            "--label",
+            f"{LOOP_LABEL}={loop_id}",
+            IMAGE,
+            "sleep",
+            "300",
+            env=podman_env(),
         )
     server = await start_server(home, sandbox="podman")
     try:
@@ -349,8 +358,13 @@ async def running_by_label(home: Path) -> set[str]:
     """The loop ids of running containers labelled with this data dir (podman's CLI:
     no API service runs while the server is down)."""
     out = await run(
-        *podman_argv(None), "ps", "--filter", f"label={SERVER_LABEL}={home}",
-        "--format", f'{{{{index .Labels "{LOOP_LABEL}"}}}}', env=podman_env(),
+        *podman_argv(None),
+        "ps",
+        "--filter",
+        f"label={SERVER_LABEL}={home}",
+        "--format",
+        f'{{{{index .Labels "{LOOP_LABEL}"}}}}',
+        env=podman_env(),
     )
     return set(out.split())
 
@@ -358,7 +372,11 @@ async def running_by_label(home: Path) -> set[str]:
 async def labelled(home: Path) -> set[str]:
     """Ids of all containers labelled with this data dir, running or not."""
     out = await run(
-        *podman_argv(None), "ps", "-aq", "--filter", f"label={SERVER_LABEL}={home}",
+        *podman_argv(None),
+        "ps",
+        "-aq",
+        "--filter",
+        f"label={SERVER_LABEL}={home}",
         env=podman_env(),
     )
     return set(out.split())

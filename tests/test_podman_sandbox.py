@@ -193,7 +193,10 @@ async def test_a_restart_removes_what_an_earlier_run_left(
 async def loopbridge(home: Path, *args: str, **env: str) -> tuple[int, str]:
     """Run `loopbridge ARGS` (without blocking the stand-in's event loop): exit code, stdout."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.cli", *args,
+        sys.executable,
+        "-m",
+        "bridge.cli",
+        *args,
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "LOOPBRIDGE_HOME": str(home), **env},
     )

@@ -58,7 +58,10 @@ async def new_loop(http: httpx.AsyncClient, **body: object) -> str:
 
 
 async def watch_until(
-    http: httpx.AsyncClient, loop: str, ends: int = 1, headers: dict[str, str] | None = None,
+    http: httpx.AsyncClient,
+    loop: str,
+    ends: int = 1,
+    headers: dict[str, str] | None = None,
     opened: asyncio.Event | None = None,
 ) -> list[Ev]:
     """A watcher's events (pings left out) through the `ends`-th terminal event."""

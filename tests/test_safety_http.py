@@ -265,6 +265,7 @@ async def test_a_16_mb_header_is_refused_at_once_while_others_are_served(server:
     assert_raw_error(raw, 431, "headers_too_large")
     assert took < 2.0, f"the refusal took {took:.2f} s"  # uvicorn alone: ~6 s, all others stalled
     assert max(probes) < 1.0, f"a health check took {max(probes):.2f} s"
+
     # A client library sending it whole reads the answer too, not a reset connection.
     def send_whole() -> httpx.Response:
         with httpx.Client(base_url=server.url, timeout=30) as http:
@@ -284,15 +285,31 @@ async def test_a_16_mb_header_is_refused_at_once_while_others_are_served(server:
     ("name", "request_bytes", "status", "code"),
     [
         ("bare CR", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n", 400, "invalid_http"),
-        ("NUL in a header", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400,
-         "invalid_http"),
-        ("two Content-Lengths",
-         b"POST /api/v1/loops HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3"
-         b"\r\n\r\n{}", 400, "invalid_http"),
-        ("not HTTP", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03junk\r\n\r\n", 400,
-         "invalid_http"),
-        ("100 KB URL", b"GET /api/v1/loops?q=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-         414, "uri_too_long"),
+        (
+            "NUL in a header",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+            400,
+            "invalid_http",
+        ),
+        (
+            "two Content-Lengths",
+            b"POST /api/v1/loops HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3"
+            b"\r\n\r\n{}",
+            400,
+            "invalid_http",
+        ),
+        (
+            "not HTTP",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03junk\r\n\r\n",
+            400,
+            "invalid_http",
+        ),
+        (
+            "100 KB URL",
+            b"GET /api/v1/loops?q=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            414,
+            "uri_too_long",
+        ),
     ],
 )
 async def test_malformed_http_gets_the_contracts_json(
@@ -364,10 +381,12 @@ async def test_connections_over_the_cap(fresh) -> None:
     finally:
         for _, writer in held:
             writer.close()
+
     # Once they are gone, everything is served again.
     async def served() -> bool:
         async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
             return (await http.get(f"{API}/loops")).status_code == 401
+
     deadline = time.monotonic() + 10
     while not await served():
         assert time.monotonic() < deadline, "the API was not served again"
@@ -543,15 +562,17 @@ async def test_cookie_requests_from_other_sites_are_refused(server: Server) -> N
         assert (await lena.post(interrupt, headers=same)).status_code == 202
         r = await lena.post(interrupt, headers={"Sec-Fetch-Site": "same-origin"})
         assert r.status_code == 202
-        assert_error(await lena.post(choice, json={"allow": True}, headers=same), 404,
-                     "choice_not_found")
+        assert_error(
+            await lena.post(choice, json={"allow": True}, headers=same), 404, "choice_not_found"
+        )
         assert (await lena.get(f"/loops/{loop}", headers=foreign)).status_code == 200  # reads
     # A Bearer token is no browser credential: no such checks.
     mine = await new_loop(server.http)
     r = await server.http.post(f"/loops/{mine}/interrupt", headers=foreign)
     assert r.status_code == 202
     r = await server.http.post(
-        f"/loops/{mine}/choices/choice_x", content=b'{"allow": true}',
+        f"/loops/{mine}/choices/choice_x",
+        content=b'{"allow": true}',
         headers={"Content-Type": "text/plain", **foreign},
     )
     assert_error(r, 404, "choice_not_found")

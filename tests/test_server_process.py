@@ -133,7 +133,11 @@ def processes_of(home: Path) -> list[str]:
 
 async def containers_of(home: Path) -> list[str]:
     out = await run(
-        *podman_argv(None), "ps", "-q", "--filter", f"label={SERVER_LABEL}={home}",
+        *podman_argv(None),
+        "ps",
+        "-q",
+        "--filter",
+        f"label={SERVER_LABEL}={home}",
         env=podman_env(),
     )
     return out.split()

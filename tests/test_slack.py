@@ -31,8 +31,6 @@ MENTION = f"<@{FakeSlack.bot_user_id}>"
 FENCE = re.compile(r"^```", re.MULTILINE)
 
 
-
-
 class Harness:
     """A fake Slack, a Loop API client for the adapter's user, and the adapter."""
 
@@ -387,8 +385,10 @@ async def test_same_event_delivered_twice_runs_one_turn(slack: Harness) -> None:
     before = len(slack.server.standin_requests())
     root = await slack.fake.say(ALICE, f"{MENTION} only once", deliveries=2)
     # Four deliveries (app_mention and message, twice each), every one handled.
-    await until(lambda: len(slack.adapter.results) == 4 and not slack.adapter._tasks,
-                what="every delivery handled")
+    await until(
+        lambda: len(slack.adapter.results) == 4 and not slack.adapter._tasks,
+        what="every delivery handled",
+    )
     loop = await loop_of(slack, root)
     history = await slack.client.history(loop.id)
     assert len(history.data) == 1

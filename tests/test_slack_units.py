@@ -49,7 +49,7 @@ def test_feeding_in_random_pieces_gives_the_same_parts() -> None:
     position = 0
     while position < len(text):
         step = rng.randint(1, 400)
-        splitter.feed(text[position:position + step])
+        splitter.feed(text[position : position + step])
         position += step
     splitter.seal()
     assert splitter.parts == split_markdown(text, 1200)
@@ -121,9 +121,20 @@ def test_policy() -> None:
 
 
 def test_question_blocks_use_selects_for_multi_select() -> None:
-    data = {"choice_id": "choice_1", "kind": "question", "payload": {"questions": [
-        {"id": "q1", "question": "Pick", "options": [{"label": "A"}, {"label": "B"}],
-         "multi_select": True}]}}
+    data = {
+        "choice_id": "choice_1",
+        "kind": "question",
+        "payload": {
+            "questions": [
+                {
+                    "id": "q1",
+                    "question": "Pick",
+                    "options": [{"label": "A"}, {"label": "B"}],
+                    "multi_select": True,
+                }
+            ]
+        },
+    }
     view = choice_view("loop_1", data)
     _, blocks = choice_blocks(view)
     kinds = [e["type"] for b in blocks if b["type"] == "actions" for e in b["elements"]]
@@ -229,7 +240,7 @@ async def test_renderer_throttles_edits_splits_and_finishes_complete() -> None:
     async with renderer.running():
         renderer.started()
         for index in range(0, len(text), 40):
-            renderer.add_text(text[index:index + 40])
+            renderer.add_text(text[index : index + 40])
             if index % 400 == 0:  # now and then, the text waits until the platform saw some
                 calls = len(surface.calls)
                 await until(lambda seen=calls: len(surface.calls) > seen, what="a platform call")

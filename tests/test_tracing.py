@@ -160,8 +160,10 @@ async def test_requests_and_turns_are_traced(standin, tmp_path):
         assert turn_span["attributes"]["ended"] == "done"
         assert turn_span["attributes"]["usage.output_tokens"] > 0
 
-        await until(lambda: sink.named("POST /api/v1/loops/{loop_id}/messages"),
-                    what="the message request's span")
+        await until(
+            lambda: sink.named("POST /api/v1/loops/{loop_id}/messages"),
+            what="the message request's span",
+        )
         [message] = sink.named("POST /api/v1/loops/{loop_id}/messages")
         assert message["kind"] == 2  # SPAN_KIND_SERVER
         assert message["attributes"]["http.route"] == "/api/v1/loops/{loop_id}/messages"

@@ -98,7 +98,9 @@ async def test_permission_allowed_runs_the_tool(server):
     history = (await server.http.get(f"/loops/{loop}/messages")).json()["data"]
     [record] = history[0]["choices"]
     assert {key: record[key] for key in ("choice_id", "kind", "answer", "source")} == {
-        "choice_id": choice["choice_id"], "kind": "permission", "answer": {"allow": True},
+        "choice_id": choice["choice_id"],
+        "kind": "permission",
+        "answer": {"allow": True},
         "source": "api",
     }
 
@@ -149,7 +151,9 @@ async def test_message_while_busy_is_queued_then_runs(server):
 async def test_interrupt_in_a_slow_tool(server):
     loop = await new_loop(server)
     stream = events(
-        server.http, "POST", f"/loops/{loop}/messages",
+        server.http,
+        "POST",
+        f"/loops/{loop}/messages",
         json={"content": "[[bash: sleep 30]]", "permission_mode": "bypassPermissions"},
     )
     await until(stream, "tool_call")
@@ -209,9 +213,7 @@ async def test_idempotent_replay_does_not_run_the_model_again(server):
     again = await turn(server.http, loop, "once", headers=key)
     assert [(e.id, e.name, e.data) for e in again] == [(e.id, e.name, e.data) for e in first]
     assert len(server.standin_requests()) == calls
-    r = await server.http.post(
-        f"/loops/{loop}/messages", json={"content": "other"}, headers=key
-    )
+    r = await server.http.post(f"/loops/{loop}/messages", json={"content": "other"}, headers=key)
     assert r.status_code == 409
     assert r.json()["error"]["code"] == "idempotency_key_reused"
     history = (await server.http.get(f"/loops/{loop}/messages")).json()["data"]
@@ -222,7 +224,10 @@ async def test_idempotent_resend_while_running_joins_the_live_turn(server):
     loop = await new_loop(server)
     key = {"Idempotency-Key": "k-live-1"}
     sender = events(
-        server.http, "POST", f"/loops/{loop}/messages", json={"content": "[[slow: 1.5]]"},
+        server.http,
+        "POST",
+        f"/loops/{loop}/messages",
+        json={"content": "[[slow: 1.5]]"},
         headers=key,
     )
     await until(sender, "assistant_delta")
@@ -277,13 +282,15 @@ async def test_background_wake_is_a_turn_of_its_own(server):
     watched = asyncio.create_task(collect(watcher, terminals=2))
     await asyncio.wait_for(opened.wait(), 30)
     first = await turn(
-        server.http, loop, "[[bashbg: sleep 1; echo bg > bg.txt]]",
+        server.http,
+        loop,
+        "[[bashbg: sleep 1; echo bg > bg.txt]]",
         permission_mode="bypassPermissions",
     )
     assert names(first)[-1] == "done"
     seen = await asyncio.wait_for(watched, 30)
     await watcher.aclose()
-    woke = seen[len(first):]
+    woke = seen[len(first) :]
     assert woke[0].name == "started" and woke[0].data["trigger"] == "background"
     assert woke[0].data["turn_id"] != first[0].data["turn_id"]
     assert names(woke)[-1] == "done"

@@ -95,7 +95,9 @@ async def test_each_turn_reports_its_own_usage_not_the_sessions(server, standin)
 
     history = (await server.http.get(f"/loops/{loop}/messages")).json()["data"]
     assert [item["usage"] for item in history] == [
-        first[-1].data["usage"], second[-1].data["usage"], tool[-1].data["usage"]
+        first[-1].data["usage"],
+        second[-1].data["usage"],
+        tool[-1].data["usage"],
     ]
 
 
@@ -207,8 +209,9 @@ async def budgeted(standin, tmp_path) -> AsyncIterator[Server]:
 
 def seconds_to_midnight() -> float:
     now = datetime.now(UTC)
-    return (now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1) - now)\
-        .total_seconds()
+    return (
+        now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1) - now
+    ).total_seconds()
 
 
 async def test_a_spent_author_budget_refuses_with_retry_after(budgeted, standin, tmp_path) -> None:

@@ -131,8 +131,18 @@ async def test_loopbridge_audit_lists_a_slack_approval_with_the_slack_user(
     for key in [k for k in env if k.startswith("LOOPBRIDGE_BUDGETS")]:
         del env[key]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.cli", "audit", "--since", "1h", "--loop", loop.id,
-        "--json", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "bridge.cli",
+        "audit",
+        "--since",
+        "1h",
+        "--loop",
+        loop.id,
+        "--json",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
@@ -145,8 +155,15 @@ async def test_loopbridge_audit_lists_a_slack_approval_with_the_slack_user(
     assert approval["user"] == "slackbot" and approval["loop_id"] == loop.id
 
     lines = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.cli", "audit", "--since", "1h", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "bridge.cli",
+        "audit",
+        "--since",
+        "1h",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     text, _ = await asyncio.wait_for(lines.communicate(), 60)
     line = next(x for x in text.decode().splitlines() if loop.id in x and "permission" in x)

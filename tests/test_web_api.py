@@ -133,7 +133,9 @@ async def test_events_after_the_history_continue_it_exactly(server) -> None:
     so_far = page["data"][0]["assistant_text"]
     seen = []
     async for ev in events(
-        server.http, "GET", f"/loops/{loop}/events",
+        server.http,
+        "GET",
+        f"/loops/{loop}/events",
         params={"last_event_id": str(page["last_event_id"])},
     ):
         seen.append(ev)
@@ -146,8 +148,11 @@ async def test_events_after_the_history_continue_it_exactly(server) -> None:
     # The header wins over the query, as after an EventSource's own reconnect.
     first = seen[0].id
     async for ev in events(
-        server.http, "GET", f"/loops/{loop}/events",
-        params={"last_event_id": "0"}, headers={"Last-Event-ID": str(first)},
+        server.http,
+        "GET",
+        f"/loops/{loop}/events",
+        params={"last_event_id": "0"},
+        headers={"Last-Event-ID": str(first)},
     ):
         assert ev.id == first + 1
         break
@@ -270,8 +275,11 @@ async def test_pages_redirect_to_login_and_carry_a_strict_policy(server) -> None
         assert 'data-next="/loops"' in login.text
         policy = login.headers["content-security-policy"]
         for directive in (
-            "default-src 'self'", "script-src 'self'", "object-src 'none'",
-            "base-uri 'none'", "frame-ancestors 'none'",
+            "default-src 'self'",
+            "script-src 'self'",
+            "object-src 'none'",
+            "base-uri 'none'",
+            "frame-ancestors 'none'",
         ):
             assert directive in policy
         assert "unsafe-inline" not in policy

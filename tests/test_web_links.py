@@ -36,7 +36,9 @@ async def works_on(server, url_match: re.Match[str]) -> bool:
 
 
 async def test_slack_first_reply_links_to_the_loop(
-    slack: SlackHarness, server, public_url  # noqa: F811
+    slack: SlackHarness,  # noqa: F811
+    server,
+    public_url,
 ) -> None:
     await slack.start()
     root = await slack.fake.say(ALICE, f"{MENTION} link me")
@@ -55,7 +57,9 @@ async def test_slack_first_reply_links_to_the_loop(
 
 
 async def test_slack_edited_reply_links_too(
-    slack: SlackHarness, server, public_url  # noqa: F811
+    slack: SlackHarness,  # noqa: F811
+    server,
+    public_url,
 ) -> None:
     await slack.start(streaming="edit")
     root = await slack.fake.say(ALICE, f"{MENTION} edited link")
@@ -65,7 +69,8 @@ async def test_slack_edited_reply_links_too(
 
 
 async def test_slack_without_a_public_url_has_no_link(
-    slack: SlackHarness, monkeypatch  # noqa: F811
+    slack: SlackHarness,  # noqa: F811
+    monkeypatch,
 ) -> None:
     monkeypatch.delenv("LOOPBRIDGE_PUBLIC_URL", raising=False)
     await slack.start()
@@ -75,7 +80,9 @@ async def test_slack_without_a_public_url_has_no_link(
 
 
 async def test_discord_first_reply_links_to_the_loop(
-    discord_: DiscordHarness, server, public_url  # noqa: F811
+    discord_: DiscordHarness,  # noqa: F811
+    server,
+    public_url,
 ) -> None:
     fake = discord_.fake
     await discord_.start()

@@ -22,8 +22,14 @@ from tests.sse import turn
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 PASSWORD = "alice-web-password"
 SLOW_TEXT = "".join(f"slow {n}/10. " for n in range(1, 11))
@@ -310,7 +316,9 @@ async def test_screenshot_of_a_loop_page(alice: Watch, server, tmp_path) -> None
     loop = await new_loop(server, "tidy the release notes")
     await turn(server.http, loop, "[[long: 24]]")
     await turn(
-        server.http, loop, "[[write: NOTES.md :: # Release 1.2\n\n- faster start\n- view links]]",
+        server.http,
+        loop,
+        "[[write: NOTES.md :: # Release 1.2\n\n- faster start\n- view links]]",
         permission_mode="acceptEdits",
     )
     await open_loop(alice, server, loop)
@@ -321,7 +329,6 @@ async def test_screenshot_of_a_loop_page(alice: Watch, server, tmp_path) -> None
     target = Path(os.environ.get("LOOPBRIDGE_SCREENSHOT") or tmp_path / "loop-page.png")
     shot = await page.screenshot(path=str(target), full_page=True)
     assert len(shot) > 10_000
-
 
 
 class CuttableProxy:

@@ -45,6 +45,4 @@ def application_id(settings: DiscordSettings) -> str:
 
 
 def invite_url(settings: DiscordSettings) -> str:
-    return discord.utils.oauth_url(
-        application_id(settings), permissions=PERMISSIONS, scopes=SCOPES
-    )
+    return discord.utils.oauth_url(application_id(settings), permissions=PERMISSIONS, scopes=SCOPES)

@@ -34,7 +34,10 @@ class DiscordChat:
     """One process's Discord extras; `enrich` gives a message its files and thread."""
 
     def __init__(
-        self, bot: discord.Client, budget: ChannelBudget, archive_minutes: int,
+        self,
+        bot: discord.Client,
+        budget: ChannelBudget,
+        archive_minutes: int,
         api_url: str | None,
     ) -> None:
         self.bot = bot
@@ -87,14 +90,16 @@ class DiscordChatThread:
         if not isinstance(channel, discord.abc.Messageable):
             return []
         found = [
-            m async for m in channel.history(
+            m
+            async for m in channel.history(
                 limit=HISTORY_LIMIT, before=discord.Object(int(before)), oldest_first=False
             )
         ]
         found.reverse()
         return [
-            ThreadMessage(f"discord:{m.author.id}", m.author.display_name, message_text(m),
-                          bot=m.author.bot)
+            ThreadMessage(
+                f"discord:{m.author.id}", m.author.display_name, message_text(m), bot=m.author.bot
+            )
             for m in found
         ]
 
@@ -102,7 +107,9 @@ class DiscordChatThread:
     async def download(self, file: IncomingFile) -> AsyncIterator[AsyncIterator[bytes]]:
         assert file.url is not None
         async with fetch(
-            self.chat.http, file.url, hosts=frozenset(self.chat.hosts),
+            self.chat.http,
+            file.url,
+            hosts=frozenset(self.chat.hosts),
             expect_html=file.media_type == "text/html",
         ) as chunks:
             yield chunks
@@ -122,6 +129,7 @@ class DiscordChatThread:
         channel = await self._channel()
         async with self.chat.budget.slot(self.channel_id, "post", live=False):
             await channel.send(
-                caption or None, file=discord.File(io.BytesIO(data), filename=name),
+                caption or None,
+                file=discord.File(io.BytesIO(data), filename=name),
                 allowed_mentions=NO_MENTIONS,
             )

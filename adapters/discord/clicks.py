@@ -53,8 +53,12 @@ class Clicks:
                 await self._show(interaction, line)
 
         await click(
-            self.conversations, actor_of(interaction.user), action,
-            answers_of(interaction, action), marks=OUTCOME_MARKS, show_outcome=show_outcome,
+            self.conversations,
+            actor_of(interaction.user),
+            action,
+            answers_of(interaction, action),
+            marks=OUTCOME_MARKS,
+            show_outcome=show_outcome,
             rest_on=lambda: self.surface_for(channel_id),
         )
 
@@ -67,4 +71,3 @@ class Clicks:
             )
         except discord.HTTPException as exc:
             log.warning("could not show a choice's outcome: %s", exc)
-

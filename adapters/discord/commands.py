@@ -47,9 +47,14 @@ class LoopCommands(app_commands.Group):
         mode="The agent's permission mode",
     )
     async def new(
-        self, interaction: discord.Interaction, title: str | None = None,
-        repo: str | None = None, branch: str | None = None, profiles: str | None = None,
-        vault: str | None = None, mode: str | None = None,
+        self,
+        interaction: discord.Interaction,
+        title: str | None = None,
+        repo: str | None = None,
+        branch: str | None = None,
+        profiles: str | None = None,
+        vault: str | None = None,
+        mode: str | None = None,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         actor = actor_of(interaction.user)
@@ -57,11 +62,18 @@ class LoopCommands(app_commands.Group):
         key = conversation_key(channel, self.bound_channels)
         thread: discord.Thread | None = None
         # The same options as a mention's `repo=…` words (routing.py), checked first.
-        given = {"repo": repo, "branch": branch, "profiles": profiles, "vault": vault,
-                 "permission_mode": mode}
+        given = {
+            "repo": repo,
+            "branch": branch,
+            "profiles": profiles,
+            "vault": vault,
+            "permission_mode": mode,
+        }
         inline = {name: value for name, value in given.items() if value}
-        place = (str(getattr(channel, "parent_id", None) or getattr(channel, "id", "")),
-                 str(interaction.guild_id or ""))
+        place = (
+            str(getattr(channel, "parent_id", None) or getattr(channel, "id", "")),
+            str(interaction.guild_id or ""),
+        )
         try:
             options = merge(self.conversations.routes.defaults(*place), inline)
         except OptionError as exc:
@@ -76,7 +88,8 @@ class LoopCommands(app_commands.Group):
                 return
             name = (title or "").strip()[:THREAD_NAME] or "loop"
             thread = await channel.create_thread(
-                name=name, type=discord.ChannelType.public_thread,
+                name=name,
+                type=discord.ChannelType.public_thread,
                 auto_archive_duration=self.archive_minutes,
             )
             key = ConversationKey(PLATFORM, str(channel.guild.id), str(channel.id), str(thread.id))
@@ -138,8 +151,9 @@ class LoopCommands(app_commands.Group):
         try:
             loop = await self.conversations.client.get_loop(binding.loop_id)
         except LoopApiError as exc:
-            await interaction.followup.send(f"That loop is not available ({exc.code}).",
-                                            ephemeral=True)
+            await interaction.followup.send(
+                f"That loop is not available ({exc.code}).", ephemeral=True
+            )
             return
         busy = "busy" if loop.busy else "idle"
         await interaction.followup.send(

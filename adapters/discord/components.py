@@ -46,28 +46,44 @@ def choice_view(view: ChoiceView, option_buttons: int = 5) -> discord.ui.View | 
         return None
     if view.kind == "permission":
         return _sent(
-            discord.ui.Button(label="Allow", style=discord.ButtonStyle.success,
-                              custom_id=Action("allow", view.loop_id, view.choice_id).encode()),
-            discord.ui.Button(label="Deny", style=discord.ButtonStyle.danger,
-                              custom_id=Action("deny", view.loop_id, view.choice_id).encode()),
+            discord.ui.Button(
+                label="Allow",
+                style=discord.ButtonStyle.success,
+                custom_id=Action("allow", view.loop_id, view.choice_id).encode(),
+            ),
+            discord.ui.Button(
+                label="Deny",
+                style=discord.ButtonStyle.danger,
+                custom_id=Action("deny", view.loop_id, view.choice_id).encode(),
+            ),
         )
     if len(view.questions) == 1 and _as_buttons(view.questions[0], option_buttons):
         question = view.questions[0]
-        return _sent(*(
-            discord.ui.Button(
-                label=option.label, style=discord.ButtonStyle.primary,
-                custom_id=Action("answer", view.loop_id, view.choice_id,
-                                 f"{question.id}:{index}").encode(),
+        return _sent(
+            *(
+                discord.ui.Button(
+                    label=option.label,
+                    style=discord.ButtonStyle.primary,
+                    custom_id=Action(
+                        "answer", view.loop_id, view.choice_id, f"{question.id}:{index}"
+                    ).encode(),
+                )
+                for index, option in enumerate(question.options)
             )
-            for index, option in enumerate(question.options)
-        ))
+        )
     items: list[discord.ui.Item[Any]] = [
         _select(view, question, row) for row, question in enumerate(view.questions[:4])
     ]
     if len(view.questions) > 1:
         submit = Action("submit", view.loop_id, view.choice_id).encode()
-        items.append(discord.ui.Button(label=SUBMIT_LABEL, style=discord.ButtonStyle.success,
-                                       custom_id=submit, row=len(items)))
+        items.append(
+            discord.ui.Button(
+                label=SUBMIT_LABEL,
+                style=discord.ButtonStyle.success,
+                custom_id=submit,
+                row=len(items),
+            )
+        )
     return _sent(*items)
 
 

@@ -119,7 +119,8 @@ class ChannelBudget:
     def _forget_idle(self) -> None:
         now = self.clock()
         idle = [
-            key for key, channel in self._channels.items()
+            key
+            for key, channel in self._channels.items()
             if not channel.in_flight
             and (not channel.finished or now - channel.finished[-1] >= self.window)
         ]

@@ -103,8 +103,10 @@ class DiscordThread:
             # discord.py takes None for "no embed, no view"; its stubs do not say so.
             parts: dict[str, Any] = {"embed": status_embed(view), "view": answer_view(view)}
             message = await self.channel.send(
-                content=answer_content(view) or None, allowed_mentions=NO_MENTIONS,
-                files=files, **parts,
+                content=answer_content(view) or None,
+                allowed_mentions=NO_MENTIONS,
+                files=files,
+                **parts,
             )
         if view.text:
             self._worded.add(str(message.id))
@@ -123,8 +125,10 @@ class DiscordThread:
 
     async def _edit_now(self, message_id: str, view: MessageView) -> None:
         await self.channel.get_partial_message(int(message_id)).edit(
-            content=answer_content(view) or None, embed=status_embed(view),
-            view=answer_view(view), allowed_mentions=NO_MENTIONS,
+            content=answer_content(view) or None,
+            embed=status_embed(view),
+            view=answer_view(view),
+            allowed_mentions=NO_MENTIONS,
         )
 
     def _edit_later(self, message_id: str, view: MessageView, first_words: bool) -> None:
@@ -175,7 +179,8 @@ class DiscordThread:
     async def edit_choice(self, message_id: str, view: ChoiceView) -> None:
         async with self.budget.slot(self.channel.id, "edit", live=False):
             await self.channel.get_partial_message(int(message_id)).edit(
-                content=choice_content(view), view=choice_view(view, self.option_buttons),
+                content=choice_content(view),
+                view=choice_view(view, self.option_buttons),
                 allowed_mentions=NO_MENTIONS,
             )
 
@@ -196,7 +201,8 @@ async def open_thread(bot: discord.Client, start: ThreadStart, archive_minutes: 
     parent = bot.get_partial_messageable(start.parent_id, guild_id=start.guild_id)
     try:
         await parent.get_partial_message(start.message_id).create_thread(
-            name=start.name, auto_archive_duration=archive_minutes  # type: ignore[arg-type]
+            name=start.name,
+            auto_archive_duration=archive_minutes,  # type: ignore[arg-type]
         )
     except discord.HTTPException as exc:
         if exc.code != THREAD_EXISTS:

@@ -54,11 +54,22 @@ NOT_ALLOWED_TO_WRITE = "You are not allowed to talk to the agent here."
 # Where a message event names its writer (`user_profile`), best first.
 NAME_FIELDS = ("display_name", "real_name", "name")
 # Slack's answers at start that say a token or the app's setup is wrong (not a hiccup).
-REFUSALS = frozenset({
-    "invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired",
-    "not_allowed_token_type", "missing_scope", "no_permission", "team_access_not_granted",
-    "ekm_access_denied", "org_login_required", "invalid_token",
-})
+REFUSALS = frozenset(
+    {
+        "invalid_auth",
+        "not_authed",
+        "account_inactive",
+        "token_revoked",
+        "token_expired",
+        "not_allowed_token_type",
+        "missing_scope",
+        "no_permission",
+        "team_access_not_granted",
+        "ekm_access_denied",
+        "org_login_required",
+        "invalid_token",
+    }
+)
 T = TypeVar("T")
 
 
@@ -67,7 +78,9 @@ class SlackAdapter(AdapterShell):
 
     platform = PLATFORM
     outcome_marks = OutcomeMarks(
-        ":white_check_mark:", ":no_entry_sign:", ":ballot_box_with_check:",
+        ":white_check_mark:",
+        ":no_entry_sign:",
+        ":ballot_box_with_check:",
         bold=lambda text: f"*{escape(text)}*",
     )
 
@@ -199,10 +212,14 @@ class SlackAdapter(AdapterShell):
 
     async def _run_turn(self, incoming: IncomingMessage, event: dict[str, Any]) -> None:
         incoming = await self.chat.enrich(incoming, event)  # name, files, thread extras
+
         def surface(binding: Binding, message: IncomingMessage) -> SlackThread:
             return self.thread(
-                message.key.channel, message.key.thread, message.author.user_id,
-                team_id=message.key.workspace, direct=message.direct,
+                message.key.channel,
+                message.key.thread,
+                message.author.user_id,
+                team_id=message.key.workspace,
+                direct=message.direct,
             )
 
         result = await self.conversations.handle(
@@ -223,7 +240,12 @@ class SlackAdapter(AdapterShell):
             )
 
     def thread(
-        self, channel: str, thread_ts: str, user_id: str, *, team_id: str = "",
+        self,
+        channel: str,
+        thread_ts: str,
+        user_id: str,
+        *,
+        team_id: str = "",
         direct: bool | None = None,
     ) -> SlackThread:
         """Where a turn is shown: a thread, streamed to `user_id` (Slack wants a recipient)."""
@@ -264,7 +286,11 @@ class SlackAdapter(AdapterShell):
                 await self._show_outcome(channel, message, line)
 
         await click(
-            self.conversations, actor, action, answers, marks=self.outcome_marks,
+            self.conversations,
+            actor,
+            action,
+            answers,
+            marks=self.outcome_marks,
             show_outcome=show_outcome,
             rest_on=lambda: self.thread(channel, thread, actor.user_id, team_id=team),
         )

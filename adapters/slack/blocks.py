@@ -102,7 +102,8 @@ def choice_blocks(view: ChoiceView) -> tuple[str, list[Block]]:
 def resolved_blocks(blocks: list[Block], outcome_mrkdwn: str) -> list[Block]:
     """A choice message's own blocks without its controls, and who decided what."""
     kept = [
-        block for block in blocks
+        block
+        for block in blocks
         if block.get("type") != "actions" and block.get("block_id") != OUTCOME_BLOCK
     ]
     return [*kept, context_block(OUTCOME_BLOCK, outcome_mrkdwn)]
@@ -152,7 +153,9 @@ def _choice_controls(view: ChoiceView) -> list[Block]:
         return [{"type": "actions", "block_id": CHOICE_ACTIONS_BLOCK, "elements": elements}]
     blocks = [_select_block(index, question) for index, question in enumerate(view.questions)]
     submit = _button(
-        "lb_submit", "Submit", Action("submit", view.loop_id, view.choice_id).encode(),
+        "lb_submit",
+        "Submit",
+        Action("submit", view.loop_id, view.choice_id).encode(),
         style="primary",
     )
     blocks.append({"type": "actions", "block_id": CHOICE_ACTIONS_BLOCK, "elements": [submit]})

@@ -113,8 +113,11 @@ def message_text(message: dict[str, Any]) -> str:
     for block in message.get("blocks") or []:
         parts.extend(_block_text(block))
     for attachment in message.get("attachments") or []:
-        parts.extend(str(attachment.get(k)) for k in ("pretext", "title", "text", "fallback")
-                     if attachment.get(k))
+        parts.extend(
+            str(attachment.get(k))
+            for k in ("pretext", "title", "text", "fallback")
+            if attachment.get(k)
+        )
     return "\n".join(part for part in parts if part.strip())
 
 
@@ -152,7 +155,10 @@ class SlackChatThread:
 
     async def history(self, before: str) -> list[ThreadMessage]:
         response = await self.chat.web.conversations_replies(
-            channel=self.channel, ts=self.thread_ts, latest=before, inclusive=False,
+            channel=self.channel,
+            ts=self.thread_ts,
+            latest=before,
+            inclusive=False,
             limit=REPLIES_LIMIT,
         )
         raw = [m for m in response.get("messages") or [] if _ts(m) < _ts({"ts": before})]
@@ -174,7 +180,10 @@ class SlackChatThread:
         assert file.url is not None
         headers = {"Authorization": f"Bearer {self.chat.bot_token}"}
         async with fetch(
-            self.chat.http, file.url, hosts=frozenset(self.chat.hosts), headers=headers,
+            self.chat.http,
+            file.url,
+            hosts=frozenset(self.chat.hosts),
+            headers=headers,
             expect_html=file.media_type == "text/html",
         ) as chunks:
             yield chunks
@@ -182,14 +191,20 @@ class SlackChatThread:
     async def say(self, text: str) -> None:
         # The fallback text is mrkdwn: escaped, so a name the agent chose cannot @channel.
         await self.chat.web.chat_postMessage(
-            channel=self.channel, thread_ts=self.thread_ts, text=_plain(text),
+            channel=self.channel,
+            thread_ts=self.thread_ts,
+            text=_plain(text),
             blocks=[{"type": "markdown", "text": text}],
         )
 
     async def post_file(self, name: str, data: bytes, caption: str) -> None:
         await self.chat.web.files_upload_v2(
-            channel=self.channel, thread_ts=self.thread_ts, content=data, filename=name,
-            title=name, initial_comment=_plain(caption) or None,
+            channel=self.channel,
+            thread_ts=self.thread_ts,
+            content=data,
+            filename=name,
+            title=name,
+            initial_comment=_plain(caption) or None,
         )
 
 

@@ -66,11 +66,11 @@ def _line(line: str) -> str:
     quote = QUOTE.match(line)
     if quote is not None:
         prefix = ">" * quote.group(1).count(">") + " "
-        line = line[quote.end():]
+        line = line[quote.end() :]
     bullet = BULLET.match(line)
     if bullet is not None:
         prefix += f"{bullet.group(1)}• "
-        line = line[bullet.end():]
+        line = line[bullet.end() :]
     return prefix + _inline(line).replace(BOLD_MARK, "*")
 
 
@@ -79,7 +79,7 @@ def _inline(text: str) -> str:
     pieces: list[str] = []
     position = 0
     for code in INLINE_CODE.finditer(text):
-        pieces.append(_format(text[position:code.start()]))
+        pieces.append(_format(text[position : code.start()]))
         pieces.append(f"`{escape(code.group(2))}`")
         position = code.end()
     pieces.append(_format(text[position:]))

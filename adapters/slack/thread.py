@@ -43,11 +43,20 @@ from adapters.views import ChoiceView, MessageView, TurnState
 log = logging.getLogger(__name__)
 
 # Errors that say this app or workspace cannot stream at all: stop trying.
-NO_STREAMING = frozenset({
-    "missing_scope", "not_allowed_token_type", "unknown_method", "not_authed",
-    "invalid_auth", "no_permission", "access_denied", "feature_not_enabled",
-    "method_deprecated", "team_access_not_granted",
-})
+NO_STREAMING = frozenset(
+    {
+        "missing_scope",
+        "not_allowed_token_type",
+        "unknown_method",
+        "not_authed",
+        "invalid_auth",
+        "no_permission",
+        "access_denied",
+        "feature_not_enabled",
+        "method_deprecated",
+        "team_access_not_granted",
+    }
+)
 # A message someone deleted: editing it again cannot succeed.
 GONE = frozenset({"message_not_found", "cant_update_message", "channel_not_found"})
 # Slack drops a stream after about five minutes; switch to edits before that.
@@ -168,8 +177,12 @@ class SlackThread:
     async def _post_blocks(self, view: MessageView) -> str:
         text, blocks = message_blocks(view)
         response = await self.web.chat_postMessage(
-            channel=self.channel, thread_ts=self.thread_ts, text=text, blocks=blocks,
-            unfurl_links=False, unfurl_media=False,
+            channel=self.channel,
+            thread_ts=self.thread_ts,
+            text=text,
+            blocks=blocks,
+            unfurl_links=False,
+            unfurl_media=False,
         )
         return str(response["ts"])
 
@@ -179,7 +192,8 @@ class SlackThread:
         try:
             # slack-sdk leaves out the arguments that are None.
             response = await self.web.chat_startStream(
-                channel=self.channel, thread_ts=self.thread_ts,
+                channel=self.channel,
+                thread_ts=self.thread_ts,
                 markdown_text=view.text[:APPEND_LIMIT] or None,
                 recipient_user_id=None if self.direct else self.user_id,
                 recipient_team_id=None if self.direct else self.team_id,
@@ -200,10 +214,10 @@ class SlackThread:
         if not fresh or not view.text.startswith(stream.sent):
             await self._stop_stream(ts)
             return False
-        added = view.text[len(stream.sent):]
+        added = view.text[len(stream.sent) :]
         try:
             for start in range(0, len(added), APPEND_LIMIT):
-                piece = added[start:start + APPEND_LIMIT]
+                piece = added[start : start + APPEND_LIMIT]
                 await self.web.chat_appendStream(channel=self.channel, ts=ts, markdown_text=piece)
                 stream.sent += piece
             if not view.live:
@@ -256,7 +270,10 @@ class SlackThread:
             blocks.append(controls_block(self._last_live.loop_id))
         if self._control_ts is None:
             response = await self.web.chat_postMessage(
-                channel=self.channel, thread_ts=self.thread_ts, text=text, blocks=blocks,
+                channel=self.channel,
+                thread_ts=self.thread_ts,
+                text=text,
+                blocks=blocks,
             )
             self._control_ts = str(response["ts"])
         elif self.clock() - self._control_at < self.edit_interval:
@@ -286,7 +303,9 @@ class SlackThread:
         if wait > 0:
             await asyncio.sleep(wait)
         await self.web.chat_update(
-            channel=self.channel, ts=self._control_ts, text=text,
+            channel=self.channel,
+            ts=self._control_ts,
+            text=text,
             blocks=[context_block("lb_status", text)],
         )
 
@@ -295,7 +314,10 @@ class SlackThread:
     async def post_choice(self, view: ChoiceView) -> str:
         text, blocks = choice_blocks(view)
         response = await self.web.chat_postMessage(
-            channel=self.channel, thread_ts=self.thread_ts, text=text, blocks=blocks,
+            channel=self.channel,
+            thread_ts=self.thread_ts,
+            text=text,
+            blocks=blocks,
         )
         return str(response["ts"])
 

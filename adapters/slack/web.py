@@ -25,17 +25,19 @@ def _status(outcome: Any) -> str:
 class CountingWebClient(AsyncWebClient):
     async def api_call(self, api_method: str, **kwargs: Any) -> Any:
         return await metrics.counted(
-            PLATFORM, api_method, lambda: super(CountingWebClient, self).api_call(
-                api_method, **kwargs
-            ), _status,
+            PLATFORM,
+            api_method,
+            lambda: super(CountingWebClient, self).api_call(api_method, **kwargs),
+            _status,
         )
 
 
 class CountingRateLimitHandler(AsyncRateLimitErrorRetryHandler):
     """Waits out a 429 like its parent, and counts it."""
 
-    async def _can_retry_async(self, *, state: Any, request: Any, response: Any = None,
-                               error: Any = None) -> bool:
+    async def _can_retry_async(
+        self, *, state: Any, request: Any, response: Any = None, error: Any = None
+    ) -> bool:
         if response is not None and response.status_code == 429:
             method = request.url.rsplit("/", 1)[-1]
             metrics.RATE_LIMITED.labels(PLATFORM, method).inc()

@@ -158,8 +158,17 @@ async def check_image(settings: Settings, cli: Path) -> Check:
     inside = f"{CLI_DIR}/{cli.name}"
     try:
         version = await run(
-            *podman, "run", "--rm", "--network=none", "--read-only", "--cap-drop=ALL",
-            f"--volume={cli.parent}:{CLI_DIR}:ro", "--env=HOME=/tmp", tag, inside, "--version",
+            *podman,
+            "run",
+            "--rm",
+            "--network=none",
+            "--read-only",
+            "--cap-drop=ALL",
+            f"--volume={cli.parent}:{CLI_DIR}:ro",
+            "--env=HOME=/tmp",
+            tag,
+            inside,
+            "--version",
             env=podman_env(),
         )
     except EngineError as exc:
@@ -214,25 +223,35 @@ async def check_key(url: str, key: str | None, offline: bool = False) -> Check:
     and answers 401 for a key it refuses."""
     fix = "export ANTHROPIC_API_KEY=sk-ant-… (console.anthropic.com → API keys)"
     if not key:
-        return Check("key", False, "ANTHROPIC_API_KEY is not set: agents cannot reach the model",
-                     fix)
+        return Check(
+            "key", False, "ANTHROPIC_API_KEY is not set: agents cannot reach the model", fix
+        )
     if offline:
         return Check("key", True, "ANTHROPIC_API_KEY is set (not tried: --offline)")
     headers = {"x-api-key": key, "anthropic-version": ANTHROPIC_VERSION}
     try:
         async with httpx.AsyncClient(timeout=MODEL_TIMEOUT) as http:
-            response = await http.get(f"{url.rstrip('/')}/v1/models", params={"limit": 1},
-                                      headers=headers)
+            response = await http.get(
+                f"{url.rstrip('/')}/v1/models", params={"limit": 1}, headers=headers
+            )
     except httpx.HTTPError:
-        return Check("key", True, "ANTHROPIC_API_KEY is set (not tried: the model API is "
-                     "unreachable, see above)")
+        return Check(
+            "key",
+            True,
+            "ANTHROPIC_API_KEY is set (not tried: the model API is unreachable, see above)",
+        )
     if response.status_code in (401, 403):
-        return Check("key", False, f"{url} refused ANTHROPIC_API_KEY (HTTP "
-                     f"{response.status_code})", fix)
+        return Check(
+            "key", False, f"{url} refused ANTHROPIC_API_KEY (HTTP {response.status_code})", fix
+        )
     if response.is_success:
         return Check("key", True, f"ANTHROPIC_API_KEY accepted by {url}")
-    return Check("key", True, f"ANTHROPIC_API_KEY is set ({url} answered HTTP "
-                 f"{response.status_code} to a model list: the key is not verified)")
+    return Check(
+        "key",
+        True,
+        f"ANTHROPIC_API_KEY is set ({url} answered HTTP "
+        f"{response.status_code} to a model list: the key is not verified)",
+    )
 
 
 async def check_database(settings: Settings, home_ok: bool = True) -> Check:
@@ -243,8 +262,13 @@ async def check_database(settings: Settings, home_ok: bool = True) -> Check:
     except SettingsError as exc:
         if not settings.database_url and not settings.data_dir.is_dir():
             # The default database goes in a data directory that start-up will make.
-            return Check("database", home_ok, "SQLite in the data directory, made at the "
-                         "first start" if home_ok else "no data directory (see home)")
+            return Check(
+                "database",
+                home_ok,
+                "SQLite in the data directory, made at the first start"
+                if home_ok
+                else "no data directory (see home)",
+            )
         return Check("database", False, str(exc), "set LOOPBRIDGE_DATABASE_URL as it says")
     shown = parts.render_as_string(hide_password=True)
     if sqlite_not_created(url):

@@ -49,8 +49,14 @@ def _message(exc: Exception) -> str:
 # Environment variables each command reads (beside LOOPBRIDGE_CONFIG, the settings file).
 ENGINE_ENV = ("home", "database_url")
 SERVER_ENV = (
-    *ENGINE_ENV, "sandbox", "default_permission_mode", "agent_idle_seconds",
-    "sandbox_idle_seconds", "rate_limit_per_minute", "cli_path", "max_starting",
+    *ENGINE_ENV,
+    "sandbox",
+    "default_permission_mode",
+    "agent_idle_seconds",
+    "sandbox_idle_seconds",
+    "rate_limit_per_minute",
+    "cli_path",
+    "max_starting",
 )
 MODEL_ENV = (
     "ANTHROPIC_API_KEY (the model key, handed to agents)",
@@ -93,7 +99,10 @@ def _command(
     commands: Any, name: str, summary: str, run: Any, environment: str = ""
 ) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(
-        name, help=summary, description=summary, epilog=environment or None,
+        name,
+        help=summary,
+        description=summary,
+        epilog=environment or None,
         formatter_class=_Help,
     )
     parser.set_defaults(run=run)
@@ -107,7 +116,9 @@ def _listening(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="loopbridge", description=__doc__, formatter_class=_Help,
+        prog="loopbridge",
+        description=__doc__,
+        formatter_class=_Help,
         epilog="`loopbridge COMMAND --help` lists a command's options, their defaults and "
         "the environment variables it reads.",
     )
@@ -117,23 +128,33 @@ def _parser() -> argparse.ArgumentParser:
     _listening(_command(commands, "serve", "run the Loop API server", _serve, server_env))
 
     demo = _command(
-        commands, "demo", "run the server with a scripted stand-in model (no API key)", _demo,
+        commands,
+        "demo",
+        "run the server with a scripted stand-in model (no API key)",
+        _demo,
         "environment:\n  LOOPBRIDGE_HOME (default: a new temporary directory, removed at the "
         "end unless --keep)",
     )
     _listening(demo)
     demo.add_argument(
-        "--keep", action="store_true",
+        "--keep",
+        action="store_true",
         help="keep the demo's data directory and its containers when it ends",
     )
 
     _command(
-        commands, "slack", "run the Slack adapter against LOOPBRIDGE_API_URL (docs/slack.md)",
-        _slack, _environment(more=(*ADAPTER_ENV, "LOOPBRIDGE_SLACK_* (docs/slack.md)")),
+        commands,
+        "slack",
+        "run the Slack adapter against LOOPBRIDGE_API_URL (docs/slack.md)",
+        _slack,
+        _environment(more=(*ADAPTER_ENV, "LOOPBRIDGE_SLACK_* (docs/slack.md)")),
     )
     discord = _command(
-        commands, "discord", "run the Discord adapter against LOOPBRIDGE_API_URL (docs/discord.md)",
-        _discord, _environment(more=(*ADAPTER_ENV, "LOOPBRIDGE_DISCORD_* (docs/discord.md)")),
+        commands,
+        "discord",
+        "run the Discord adapter against LOOPBRIDGE_API_URL (docs/discord.md)",
+        _discord,
+        _environment(more=(*ADAPTER_ENV, "LOOPBRIDGE_DISCORD_* (docs/discord.md)")),
     )
     discord.add_argument(
         "--invite-url", action="store_true", help="print the URL that adds the bot to a server"
@@ -144,13 +165,15 @@ def _parser() -> argparse.ArgumentParser:
     add = _command(users, "add", "add a user", _users_add, accounts_env)
     add.add_argument("name", help="the user's name")
     add.add_argument(
-        "--password-stdin", action="store_true",
+        "--password-stdin",
+        action="store_true",
         help="read a password (for the browser login) from standard input",
     )
 
     tokens = commands.add_parser("tokens", help="manage API tokens").add_subparsers(title="tokens")
-    create = _command(tokens, "create", "create a token (printed last)", _tokens_create,
-                      accounts_env)
+    create = _command(
+        tokens, "create", "create a token (printed last)", _tokens_create, accounts_env
+    )
     create.add_argument("--user", required=True, help="whose token (made if new)")
     create.add_argument("--label", default="", help="a note to tell tokens apart")
     listing = _command(tokens, "list", "list a user's tokens", _tokens_list, accounts_env)
@@ -158,9 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke = _command(tokens, "revoke", "revoke a token", _tokens_revoke, accounts_env)
     revoke.add_argument("token_id", help="the token's id (tok_…, from `tokens list`)")
 
-    keys = commands.add_parser("keys", help="the server's signing key").add_subparsers(
-        title="keys"
-    )
+    keys = commands.add_parser("keys", help="the server's signing key").add_subparsers(title="keys")
     rotate = keys.add_parser(
         "rotate", help="replace the key that signs view links: every link made before ends"
     )
@@ -170,14 +191,19 @@ def _parser() -> argparse.ArgumentParser:
         title="sandbox"
     )
     _command(
-        sandbox, "build", "build the sandbox image from Debian packages", _sandbox_build,
+        sandbox,
+        "build",
+        "build the sandbox image from Debian packages",
+        _sandbox_build,
         _environment(("home", "sandbox_image", "podman_url")),
     )
 
     audit = _command(
-        commands, "audit",
+        commands,
+        "audit",
         "who approved or denied tool calls, answered questions, interrupted; budget refusals",
-        _audit, _environment(ENGINE_ENV),
+        _audit,
+        _environment(ENGINE_ENV),
     )
     audit.add_argument(
         "--since", default="7d", help="how far back: 30m, 24h, 7d, or an RFC 3339 time"
@@ -186,9 +212,12 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true", help="a JSON array instead of lines")
 
     doctor = _command(
-        commands, "doctor",
+        commands,
+        "doctor",
         "check the data directory, podman, the image, the agent CLI, the model API and key, "
-        "and the database", _doctor, _environment((*SERVER_ENV, "sandbox_image"), MODEL_ENV),
+        "and the database",
+        _doctor,
+        _environment((*SERVER_ENV, "sandbox_image"), MODEL_ENV),
     )
     doctor.add_argument(
         "--offline", action="store_true", help="skip the checks that reach the model API"
@@ -487,7 +516,12 @@ async def _remove_demo(home: str, *, data: bool) -> None:
     with contextlib.suppress(EngineError, OSError):
         podman = podman_argv(os.environ.get("LOOPBRIDGE_PODMAN_URL"))
         found = await run(
-            *podman, "ps", "--all", "--quiet", "--filter", f"label={SERVER_LABEL}={data_dir}",
+            *podman,
+            "ps",
+            "--all",
+            "--quiet",
+            "--filter",
+            f"label={SERVER_LABEL}={data_dir}",
             env=podman_env(),
         )
         if ids := found.split():
@@ -506,4 +540,3 @@ async def _demo_token() -> str:
 
     await _with_accounts(work)
     return token
-

@@ -154,7 +154,11 @@ class LoopClient:
         branch: str | None = None,
     ) -> LoopOut:
         body = _given(
-            title=title, metadata=metadata, profiles=profiles, vault=vault, repo=repo,
+            title=title,
+            metadata=metadata,
+            profiles=profiles,
+            vault=vault,
+            repo=repo,
             branch=branch,
         )
         return await self._model(LoopOut, "POST", "/loops", json=body)
@@ -256,7 +260,10 @@ class LoopClient:
         """Write one file (parents made, an existing file replaced); `content` may be an
         async iterable of chunks, sent as it comes (at most 25 MiB in all)."""
         return await self._model(
-            FileWritten, "PUT", _file_path(loop_id, path), content=content,
+            FileWritten,
+            "PUT",
+            _file_path(loop_id, path),
+            content=content,
             timeout=self._stream_timeout,
         )
 

@@ -278,6 +278,8 @@ FRAMES: dict[str, type[Frame]] = {
     "error": ErrorFrame,
     "ping": PingFrame,
 }
+
+
 # Each event's name and the model of its data.
 def _data_model(frame: type[Frame]) -> type[EventData]:
     model = frame.model_fields["data"].annotation

@@ -35,8 +35,17 @@ FORWARDED = "x-loopbridge-forwarded"
 SECRET_FILE = "replica-secret"
 # Not passed on: they describe one connection, or are the forwarder's own.
 HOP_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length",
-     "proxy-authorization", "proxy-connection", FORWARDED}
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "content-length",
+        "proxy-authorization",
+        "proxy-connection",
+        FORWARDED,
+    }
 )
 ANSWER_HEADERS = ("content-type", "retry-after", "x-turn-id", "cache-control", "x-accel-buffering")
 CONNECT_SECONDS = 2.0

@@ -244,8 +244,9 @@ class GuardedProtocol(HttpToolsProtocol):
         status, body = error_body(code, message)
         payload = json.dumps(body, separators=(",", ":")).encode()
         head = [STATUS_LINE[status]]
-        head += [name + b": " + value + b"\r\n"
-                 for name, value in self.server_state.default_headers]
+        head += [
+            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
+        ]
         head.append(b"content-type: application/json\r\n")
         head.append(b"content-length: %d\r\n" % len(payload))
         if code == "server_busy":

@@ -78,9 +78,7 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(
-        self, frames: AsyncGenerator[bytes, None], headers: Mapping[str, str]
-    ) -> None:
+    def __init__(self, frames: AsyncGenerator[bytes, None], headers: Mapping[str, str]) -> None:
         super().__init__(frames, headers=headers)
         self._frames = frames
         self._lock = asyncio.Lock()  # a ping never lands inside a batch
@@ -94,7 +92,9 @@ class EventStreamResponse(StreamingResponse):
             return
         drain = scope.get("extensions", {}).get(DRAIN, {}).get("event")
         parts: list[Coroutine[Any, Any, object]] = [
-            self._stream(send), self._ping(send), self._until_gone(receive)
+            self._stream(send),
+            self._ping(send),
+            self._until_gone(receive),
         ]
         if isinstance(drain, asyncio.Event):
             parts.append(drain.wait())
@@ -130,9 +130,7 @@ class EventStreamResponse(StreamingResponse):
         self._client_left = True
 
 
-def event_stream(
-    stream: EventStream, headers: dict[str, str] | None = None
-) -> EventStreamResponse:
+def event_stream(stream: EventStream, headers: dict[str, str] | None = None) -> EventStreamResponse:
     return EventStreamResponse(
         _frames(stream),
         headers={

@@ -96,6 +96,7 @@ class TurnSpans(tracing.TurnTracer):
             span.set_attribute("error.code", turn.error["code"])
             span.set_status(self._trace.StatusCode.ERROR, turn.error["message"])
         if turn.usage is not None:
-            span.set_attributes({f"usage.{name}": getattr(turn.usage, name)
-                                 for name in USAGE_FIELDS})
+            span.set_attributes(
+                {f"usage.{name}": getattr(turn.usage, name) for name in USAGE_FIELDS}
+            )
         span.end()

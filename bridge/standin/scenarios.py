@@ -316,6 +316,8 @@ def image(ctx: Context) -> Reply:
         for img in ctx.images
     ]
     return text_reply(f"I see {len(seen)} image(s): " + "; ".join(seen))
+
+
 def edit(ctx: Context) -> Reply:
     """``[[edit: PATH :: OLD :: NEW]]``: Read the file (the CLI edits only files it has
     read), Edit OLD into NEW, then say so."""
@@ -488,9 +490,7 @@ def _trailing_tool_result(messages: list[dict[str, Any]]) -> ToolResult | None:
     for block in _blocks(messages[-1]):
         if block.get("type") == "tool_result":
             tool = _tool_name(messages[:-1], block.get("tool_use_id"))
-            return ToolResult(
-                _result_text(block.get("content")), bool(block.get("is_error")), tool
-            )
+            return ToolResult(_result_text(block.get("content")), bool(block.get("is_error")), tool)
     return None
 
 

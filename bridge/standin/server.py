@@ -150,8 +150,9 @@ def standin_app(model: StandinModel | None = None) -> Starlette:
             return JSONResponse(message.complete(answer), headers=headers)
         delay = owner.delta_delay if answer.delay is None else answer.delay
         return StreamingResponse(
-            _stream(message.events(answer), delay, lambda: owner.first_deltas.append(
-                time.monotonic())),
+            _stream(
+                message.events(answer), delay, lambda: owner.first_deltas.append(time.monotonic())
+            ),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", **headers},
         )

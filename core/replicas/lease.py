@@ -60,8 +60,12 @@ async def write(
 ) -> int:
     """Make `replica` the loop's owner; the new epoch."""
     epoch = previous.epoch + 1 if previous is not None else 1
-    values = {"replica_id": replica, "internal_url": url, "epoch": epoch,
-              "expires_at": func.now() + LEASE}
+    values = {
+        "replica_id": replica,
+        "internal_url": url,
+        "epoch": epoch,
+        "expires_at": func.now() + LEASE,
+    }
     upsert = insert(loop_leases).values(loop_id=loop, **values)
     await conn.execute(upsert.on_conflict_do_update(index_elements=["loop_id"], set_=values))
     return epoch
@@ -137,4 +141,3 @@ async def left_by(conn: AsyncConnection, replica: str) -> list[str]:
         )
     ).all()
     return sorted({row.loop_id for row in [*mine, *orphans]})
-

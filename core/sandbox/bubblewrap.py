@@ -284,9 +284,14 @@ class BubblewrapSandbox(Sandbox):
     def options(self, work: Path, home: Path, route: ModelRoute | None) -> list[str]:
         """bwrap's options for one agent (its command is in the launcher)."""
         args = [
-            "--die-with-parent", "--new-session",
-            "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try",
-            "--hostname", "loopbridge",
+            "--die-with-parent",
+            "--new-session",
+            "--unshare-ipc",
+            "--unshare-pid",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            "loopbridge",
         ]
         if self.settings.sandbox_network != "host":
             args.append("--unshare-net")

@@ -291,7 +291,11 @@ async def image_id(tag: str, url: str | None) -> str | None:
 async def drop_image(image: str, url: str | None) -> None:
     """Remove a replaced image, unless containers still use it (they are remade later)."""
     proc = await asyncio.create_subprocess_exec(
-        *podman_argv(url), "rmi", image,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=podman_env(),
+        *podman_argv(url),
+        "rmi",
+        image,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=podman_env(),
     )
     await proc.wait()

@@ -327,9 +327,16 @@ class PodmanSandbox(Sandbox):
         ]
         try:
             await run(
-                *podman_argv(self.cli_url), "run", "--rm", "--network=none", "--read-only",
-                "--cap-drop=ALL", "--security-opt=no-new-privileges", *limits,
-                self.image_id, "true",
+                *podman_argv(self.cli_url),
+                "run",
+                "--rm",
+                "--network=none",
+                "--read-only",
+                "--cap-drop=ALL",
+                "--security-opt=no-new-privileges",
+                *limits,
+                self.image_id,
+                "true",
                 env=podman_env(),
             )
         except EngineError as exc:
@@ -340,8 +347,12 @@ class PodmanSandbox(Sandbox):
         """A process outside this one's session that removes this replica's containers
         when this process ends without `close` (SIGKILL, a crash): nothing keeps running."""
         self.watchdog = await asyncio.create_subprocess_exec(
-            sys.executable, "-S", "-c", WATCHDOG,
-            json.dumps(podman_argv(self.cli_url)), json.dumps(self.labels()),
+            sys.executable,
+            "-S",
+            "-c",
+            WATCHDOG,
+            json.dumps(podman_argv(self.cli_url)),
+            json.dumps(self.labels()),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,

@@ -35,12 +35,17 @@ async def agent_user() -> AgentUser | None:
         return found
     useradd = shutil.which("useradd")
     if useradd is None:
-        raise EngineError(
-            "sandbox_spawn_failed", f"no user {AGENT_USER} and no useradd to make it"
-        )
+        raise EngineError("sandbox_spawn_failed", f"no user {AGENT_USER} and no useradd to make it")
     proc = await asyncio.create_subprocess_exec(
-        useradd, "--system", "--user-group", "--no-create-home",
-        "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", AGENT_USER,
+        useradd,
+        "--system",
+        "--user-group",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent",
+        "--shell",
+        "/usr/sbin/nologin",
+        AGENT_USER,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -104,12 +104,25 @@ class Person:
     bot: bool = False
 
     def user(self) -> Json:
-        return {"id": self.id, "username": self.name, "discriminator": "0",
-                "global_name": self.name, "avatar": None, "bot": self.bot}
+        return {
+            "id": self.id,
+            "username": self.name,
+            "discriminator": "0",
+            "global_name": self.name,
+            "avatar": None,
+            "bot": self.bot,
+        }
 
     def member(self) -> Json:
-        return {"roles": list(self.roles), "joined_at": _now_iso(), "deaf": False,
-                "mute": False, "flags": 0, "nick": None, "permissions": "0"}
+        return {
+            "roles": list(self.roles),
+            "joined_at": _now_iso(),
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "nick": None,
+            "permissions": "0",
+        }
 
 
 @dataclass
@@ -123,16 +136,35 @@ class Channel:
     recipient: Person | None = None
 
     def payload(self) -> Json:
-        body: Json = {"id": self.id, "type": self.type, "name": self.name, "flags": 0,
-                      "last_message_id": None, "rate_limit_per_user": 0}
+        body: Json = {
+            "id": self.id,
+            "type": self.type,
+            "name": self.name,
+            "flags": 0,
+            "last_message_id": None,
+            "rate_limit_per_user": 0,
+        }
         if self.guild_id is not None:
-            body |= {"guild_id": self.guild_id, "position": 0, "permission_overwrites": [],
-                     "nsfw": False, "parent_id": self.parent_id}
+            body |= {
+                "guild_id": self.guild_id,
+                "position": 0,
+                "permission_overwrites": [],
+                "nsfw": False,
+                "parent_id": self.parent_id,
+            }
         if self.type == PUBLIC_THREAD:
-            body |= {"owner_id": self.owner_id, "message_count": 0, "member_count": 1,
-                     "total_message_sent": 0,
-                     "thread_metadata": {"archived": False, "auto_archive_duration": 1440,
-                                         "archive_timestamp": _now_iso(), "locked": False}}
+            body |= {
+                "owner_id": self.owner_id,
+                "message_count": 0,
+                "member_count": 1,
+                "total_message_sent": 0,
+                "thread_metadata": {
+                    "archived": False,
+                    "auto_archive_duration": 1440,
+                    "archive_timestamp": _now_iso(),
+                    "locked": False,
+                },
+            }
         if self.recipient is not None:
             body["recipients"] = [self.recipient.user()]
         return body
@@ -172,19 +204,32 @@ class Message:
 
     def payload(self, guild_id: str | None) -> Json:
         body: Json = {
-            "id": self.id, "channel_id": self.channel_id, "author": self.author.user(),
-            "content": self.content, "timestamp": _now_iso(), "edited_timestamp": None,
-            "tts": False, "mention_everyone": False,
-            "mentions": [person.user() for person in self.mentions], "mention_roles": [],
+            "id": self.id,
+            "channel_id": self.channel_id,
+            "author": self.author.user(),
+            "content": self.content,
+            "timestamp": _now_iso(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [person.user() for person in self.mentions],
+            "mention_roles": [],
             "attachments": [
-                {"id": id_, "filename": name, "size": len(data),
-                 "content_type": mimetypes.guess_type(name)[0] or "application/octet-stream",
-                 "url": f"{self.cdn}/attachments/{self.channel_id}/{id_}/{name}",
-                 "proxy_url": f"{self.cdn}/attachments/{self.channel_id}/{id_}/{name}"}
+                {
+                    "id": id_,
+                    "filename": name,
+                    "size": len(data),
+                    "content_type": mimetypes.guess_type(name)[0] or "application/octet-stream",
+                    "url": f"{self.cdn}/attachments/{self.channel_id}/{id_}/{name}",
+                    "proxy_url": f"{self.cdn}/attachments/{self.channel_id}/{id_}/{name}",
+                }
                 for id_, name, data in self.attachments
             ],
-            "embeds": self.embeds, "pinned": False, "type": 0,
-            "components": self.components, "flags": EPHEMERAL if self.only_for else 0,
+            "embeds": self.embeds,
+            "pinned": False,
+            "type": 0,
+            "components": self.components,
+            "flags": EPHEMERAL if self.only_for else 0,
         }
         if guild_id is not None:
             body["guild_id"] = guild_id
@@ -195,8 +240,12 @@ class Message:
         return self.author.bot
 
     def custom_ids(self) -> list[str]:
-        return [item["custom_id"] for row in self.components for item in row["components"]
-                if "custom_id" in item]
+        return [
+            item["custom_id"]
+            for row in self.components
+            for item in row["components"]
+            if "custom_id" in item
+        ]
 
     def component(self, custom_id: str) -> Json:
         for row in self.components:
@@ -214,8 +263,12 @@ class Message:
         raise KeyError(f"no button {label!r} in {self.components}")
 
     def selects(self) -> list[Json]:
-        return [item for row in self.components for item in row["components"]
-                if item.get("type") == STRING_SELECT]
+        return [
+            item
+            for row in self.components
+            for item in row["components"]
+            if item.get("type") == STRING_SELECT
+        ]
 
     @property
     def last_change(self) -> float:
@@ -371,8 +424,14 @@ class FakeDiscord:
         `files` (name, content) are attached."""
         where = self.channels[channel or self.general_id]
         text = f"<@{self.bot.id}> {content}" if mention else content
-        message = Message(self.new_id(), where.id, person, text,
-                          mentions=[self.bot] if mention else [], cdn=self.url)
+        message = Message(
+            self.new_id(),
+            where.id,
+            person,
+            text,
+            mentions=[self.bot] if mention else [],
+            cdn=self.url,
+        )
         message.attachments = [(self.new_id(), name, data) for name, data in files]
         self._show(message)
         self.messages[message.id] = message
@@ -397,8 +456,12 @@ class FakeDiscord:
 
     def shared_files(self, channel: str) -> list[tuple[str, bytes, str]]:
         """Files the bot posted in a channel: (name, content, the message's text)."""
-        return [(name, data, m.content) for m in self.bot_messages(channel)
-                for _, name, data in m.attachments if name != "answer.md"]
+        return [
+            (name, data, m.content)
+            for m in self.bot_messages(channel)
+            for _, name, data in m.attachments
+            if name != "answer.md"
+        ]
 
     async def click(self, person: Person, message: Message, custom_id: str) -> Interaction:
         """A person clicks a button of a message."""
@@ -425,10 +488,18 @@ class FakeDiscord:
         assert found is not None, f"/{command} is not registered: {self.commands}"
         scope = self.guild_id if found in self.commands.get(self.guild_id, []) else None
         data: Json = {
-            "id": found["id"], "name": command, "type": 1,
-            "options": [{"name": sub, "type": 1, "options": [
-                {"name": name, "type": 3, "value": value} for name, value in options.items()
-            ]}],
+            "id": found["id"],
+            "name": command,
+            "type": 1,
+            "options": [
+                {
+                    "name": sub,
+                    "type": 1,
+                    "options": [
+                        {"name": name, "type": 3, "value": value} for name, value in options.items()
+                    ],
+                }
+            ],
         }
         if scope is not None:
             data["guild_id"] = scope
@@ -437,20 +508,39 @@ class FakeDiscord:
     async def _interact(
         self, person: Person, kind: int, data: Json, channel_id: str, message: Message | None
     ) -> Interaction:
-        interaction = Interaction(self.new_id(), f"itoken{self.new_id()}", person,
-                                  time.monotonic(), kind, message, channel_id)
+        interaction = Interaction(
+            self.new_id(),
+            f"itoken{self.new_id()}",
+            person,
+            time.monotonic(),
+            kind,
+            message,
+            channel_id,
+        )
         self.interactions[interaction.id] = interaction
         channel = self.channels[channel_id]
         body: Json = {
-            "id": interaction.id, "application_id": self.application_id, "type": kind,
-            "data": data, "channel_id": channel_id, "channel": channel.payload(),
-            "token": interaction.token, "version": 1, "locale": "en-US",
-            "app_permissions": "0", "entitlements": [], "authorizing_integration_owners": {},
-            "attachment_size_limit": 8 << 20, "context": 0 if channel.guild_id else 1,
+            "id": interaction.id,
+            "application_id": self.application_id,
+            "type": kind,
+            "data": data,
+            "channel_id": channel_id,
+            "channel": channel.payload(),
+            "token": interaction.token,
+            "version": 1,
+            "locale": "en-US",
+            "app_permissions": "0",
+            "entitlements": [],
+            "authorizing_integration_owners": {},
+            "attachment_size_limit": 8 << 20,
+            "context": 0 if channel.guild_id else 1,
         }
         if channel.guild_id is not None:
-            body |= {"guild_id": channel.guild_id, "guild_locale": "en-US",
-                     "member": {**person.member(), "user": person.user()}}
+            body |= {
+                "guild_id": channel.guild_id,
+                "guild_locale": "en-US",
+                "member": {**person.member(), "user": person.user()},
+            }
         else:
             body["user"] = person.user()
         if message is not None:
@@ -462,8 +552,11 @@ class FakeDiscord:
 
     def visible(self, channel: str) -> list[Message]:
         """What everyone sees in a channel, oldest first (no ephemerals, no loading)."""
-        return [m for m in self.messages.values()
-                if m.channel_id == channel and m.only_for is None and not m.loading]
+        return [
+            m
+            for m in self.messages.values()
+            if m.channel_id == channel and m.only_for is None and not m.loading
+        ]
 
     def bot_messages(self, channel: str) -> list[Message]:
         """What the adapter's bot shows in a channel."""
@@ -532,39 +625,81 @@ class FakeDiscord:
         self.intents = int(data.get("intents", 0))
         self.identified += 1
         ready = {
-            "v": 10, "user": self.bot.user(), "session_id": f"session{self.identified}",
-            "resume_gateway_url": self.gateway_url, "guilds": [
-                {"id": self.guild_id, "unavailable": True}],
+            "v": 10,
+            "user": self.bot.user(),
+            "session_id": f"session{self.identified}",
+            "resume_gateway_url": self.gateway_url,
+            "guilds": [{"id": self.guild_id, "unavailable": True}],
             "application": {"id": self.application_id, "flags": 0},
-            "private_channels": [], "relationships": [], "shard": [0, 1],
+            "private_channels": [],
+            "relationships": [],
+            "shard": [0, 1],
         }
-        await socket.send_str(json.dumps({"op": 0, "t": "READY", "s": next(self._sequence),
-                                          "d": ready}))
+        await socket.send_str(
+            json.dumps({"op": 0, "t": "READY", "s": next(self._sequence), "d": ready})
+        )
         guild = self._guild()
-        await socket.send_str(json.dumps({"op": 0, "t": "GUILD_CREATE",
-                                          "s": next(self._sequence), "d": guild}))
+        await socket.send_str(
+            json.dumps({"op": 0, "t": "GUILD_CREATE", "s": next(self._sequence), "d": guild})
+        )
         self._sockets.append(socket)
         self._ready.set()
 
     def _guild(self) -> Json:
-        roles = [{"id": self.guild_id, "name": "@everyone", "permissions": "0", "position": 0,
-                  "color": 0, "hoist": False, "managed": False, "mentionable": False,
-                  "flags": 0}]
-        roles += [{"id": role, "name": name, "permissions": "0", "position": 1, "color": 0,
-                   "hoist": False, "managed": False, "mentionable": False, "flags": 0}
-                  for role, name in self.roles.items()]
+        roles = [
+            {
+                "id": self.guild_id,
+                "name": "@everyone",
+                "permissions": "0",
+                "position": 0,
+                "color": 0,
+                "hoist": False,
+                "managed": False,
+                "mentionable": False,
+                "flags": 0,
+            }
+        ]
+        roles += [
+            {
+                "id": role,
+                "name": name,
+                "permissions": "0",
+                "position": 1,
+                "color": 0,
+                "hoist": False,
+                "managed": False,
+                "mentionable": False,
+                "flags": 0,
+            }
+            for role, name in self.roles.items()
+        ]
         in_guild = [c for c in self.channels.values() if c.guild_id == self.guild_id]
         return {
-            "id": self.guild_id, "name": "Fake Guild", "icon": None, "owner_id": "1",
-            "unavailable": False, "large": False, "member_count": len(self.people) + 1,
-            "roles": roles, "emojis": [], "stickers": [], "features": [],
+            "id": self.guild_id,
+            "name": "Fake Guild",
+            "icon": None,
+            "owner_id": "1",
+            "unavailable": False,
+            "large": False,
+            "member_count": len(self.people) + 1,
+            "roles": roles,
+            "emojis": [],
+            "stickers": [],
+            "features": [],
             "channels": [c.payload() for c in in_guild if c.type == TEXT_CHANNEL],
             "threads": [c.payload() for c in in_guild if c.type == PUBLIC_THREAD],
             "members": [{**self.bot.member(), "user": self.bot.user()}],
-            "voice_states": [], "presences": [], "joined_at": _now_iso(),
-            "verification_level": 0, "default_message_notifications": 0,
-            "explicit_content_filter": 0, "mfa_level": 0, "premium_tier": 0,
-            "preferred_locale": "en-US", "nsfw_level": 0, "system_channel_flags": 0,
+            "voice_states": [],
+            "presences": [],
+            "joined_at": _now_iso(),
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "premium_tier": 0,
+            "preferred_locale": "en-US",
+            "nsfw_level": 0,
+            "system_channel_flags": 0,
         }
 
     async def _dispatch_message(
@@ -577,8 +712,10 @@ class FakeDiscord:
             return
         body = message.payload(channel.guild_id)
         content_allowed = (
-            self.intents & MESSAGE_CONTENT or channel.guild_id is None
-            or self.bot in message.mentions or message.author == self.bot
+            self.intents & MESSAGE_CONTENT
+            or channel.guild_id is None
+            or self.bot in message.mentions
+            or message.author == self.bot
         )
         if not content_allowed:
             body |= {"content": "", "components": [], "embeds": []}
@@ -598,9 +735,10 @@ class FakeDiscord:
                 call.body, call.files = await _multipart(request)
             elif request.can_read_body:
                 call.body = await request.json()
-            if not path.startswith(("/interactions/", "/webhooks/")) and request.headers.get(
-                "Authorization"
-            ) != f"Bot {self.token}":
+            if (
+                not path.startswith(("/interactions/", "/webhooks/"))
+                and request.headers.get("Authorization") != f"Bot {self.token}"
+            ):
                 raise _Refused(401, {"message": "401: Unauthorized", "code": 0})
             result, headers = await self._route(request.method, parts, call.body or {}, call)
         except _Refused as refused:
@@ -622,9 +760,16 @@ class FakeDiscord:
             case "GET", ["oauth2", "applications", "@me"]:
                 return self._application(), {}
             case "GET", ["gateway", *_]:
-                return {"url": self.gateway_url, "shards": 1, "session_start_limit": {
-                    "total": 1000, "remaining": 1000, "reset_after": 0,
-                    "max_concurrency": 1}}, {}
+                return {
+                    "url": self.gateway_url,
+                    "shards": 1,
+                    "session_start_limit": {
+                        "total": 1000,
+                        "remaining": 1000,
+                        "reset_after": 0,
+                        "max_concurrency": 1,
+                    },
+                }, {}
             case "GET", ["channels", channel_id]:
                 return self._channel(channel_id).payload(), {}
             case "DELETE", ["channels", channel_id]:
@@ -664,11 +809,20 @@ class FakeDiscord:
         raise _Refused(404, {"message": "404: Not Found", "code": 0})
 
     def _application(self) -> Json:
-        return {"id": self.application_id, "name": "loopbridge", "icon": None,
-                "description": "", "bot_public": True, "bot_require_code_grant": False,
-                "owner": {"id": "1", "username": "owner", "discriminator": "0", "avatar": None},
-                "verify_key": "0" * 64, "flags": 0, "summary": "", "team": None,
-                "interactions_endpoint_url": None}
+        return {
+            "id": self.application_id,
+            "name": "loopbridge",
+            "icon": None,
+            "description": "",
+            "bot_public": True,
+            "bot_require_code_grant": False,
+            "owner": {"id": "1", "username": "owner", "discriminator": "0", "avatar": None},
+            "verify_key": "0" * 64,
+            "flags": 0,
+            "summary": "",
+            "team": None,
+            "interactions_endpoint_url": None,
+        }
 
     def _history(self, channel_id: str, call: Call) -> list[Json]:
         channel = self._channel(channel_id)
@@ -702,8 +856,9 @@ class FakeDiscord:
         channel = self._channel(channel_id)
         content, components, embeds = _checked(body, None, files)
         headers = self._take_write(channel_id, "post")
-        message = Message(self.new_id(), channel_id, self.bot, content, components, embeds,
-                          cdn=self.url)
+        message = Message(
+            self.new_id(), channel_id, self.bot, content, components, embeds, cdn=self.url
+        )
         message.attachments = [(self.new_id(), name, data) for name, data in files]
         self._show(message)
         self.messages[message.id] = message
@@ -716,8 +871,9 @@ class FakeDiscord:
     ) -> tuple[Json, dict[str, str]]:
         message = self._message(channel_id, message_id)
         if not message.bot:
-            raise _Refused(403, {"message": "Cannot edit a message authored by another user",
-                                 "code": 50005})
+            raise _Refused(
+                403, {"message": "Cannot edit a message authored by another user", "code": 50005}
+            )
         content, components, embeds = _checked(body, message)
         headers = self._take_write(channel_id, "edit")
         message.content, message.components, message.embeds = content, components, embeds
@@ -746,10 +902,18 @@ class FakeDiscord:
         if len(window) >= self.budget:
             raise _Refused(
                 429,
-                {"message": "You are being rate limited.", "retry_after": round(reset_after, 3),
-                 "global": False},
-                headers | {"X-RateLimit-Remaining": "0", "X-RateLimit-Scope": "user",
-                           "Retry-After": str(math.ceil(reset_after)), "Via": "1.1 google"},
+                {
+                    "message": "You are being rate limited.",
+                    "retry_after": round(reset_after, 3),
+                    "global": False,
+                },
+                headers
+                | {
+                    "X-RateLimit-Remaining": "0",
+                    "X-RateLimit-Scope": "user",
+                    "Retry-After": str(math.ceil(reset_after)),
+                    "Via": "1.1 google",
+                },
             )
         window.append(now)
         if not self.announce:
@@ -759,23 +923,28 @@ class FakeDiscord:
     async def _thread_from_message(self, channel_id: str, message_id: str, body: Json) -> Json:
         self._message(channel_id, message_id)
         if message_id in self.channels:
-            raise _Refused(400, {"message": "A thread has already been created for this message",
-                                 "code": 160004})
+            raise _Refused(
+                400,
+                {"message": "A thread has already been created for this message", "code": 160004},
+            )
         return await self._thread(channel_id, message_id, body)
 
     async def _thread(self, channel_id: str, thread_id: str, body: Json) -> Json:
         parent = self._channel(channel_id)
         name = str(body.get("name") or "")
         if not 1 <= len(name) <= 100:
-            raise _form_error("name", "BASE_TYPE_BAD_LENGTH",
-                              "Must be between 1 and 100 in length.")
+            raise _form_error(
+                "name", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length."
+            )
         if parent.type != TEXT_CHANNEL:
-            raise _Refused(400, {"message": "Cannot execute action on this channel type",
-                                 "code": 50024})
+            raise _Refused(
+                400, {"message": "Cannot execute action on this channel type", "code": 50024}
+            )
         thread = Channel(thread_id, PUBLIC_THREAD, name, parent.guild_id, parent.id, self.bot.id)
         self.channels[thread.id] = thread
-        await self.dispatch("THREAD_CREATE", {**thread.payload(), "newly_created": True},
-                            wait=False)
+        await self.dispatch(
+            "THREAD_CREATE", {**thread.payload(), "newly_created": True}, wait=False
+        )
         return thread.payload()
 
     # ---- interactions --------------------------------------------------------------------
@@ -793,8 +962,9 @@ class FakeDiscord:
         if time.monotonic() - interaction.created > INTERACTION_DEADLINE:
             raise _Refused(404, {"message": "Unknown interaction", "code": 10062})
         if interaction.response_type is not None:
-            raise _Refused(400, {"message": "Interaction has already been acknowledged.",
-                                 "code": 40060})
+            raise _Refused(
+                400, {"message": "Interaction has already been acknowledged.", "code": 40060}
+            )
         kind = int(body["type"])
         data = body.get("data") or {}
         interaction.response_type = kind
@@ -803,8 +973,15 @@ class FakeDiscord:
             content, components, embeds = (
                 _checked(data, None) if kind == MESSAGE_WITH_SOURCE else ("", [], [])
             )
-            reply = Message(self.new_id(), interaction.channel_id, self.bot, content, components,
-                            embeds, loading=kind == DEFERRED_MESSAGE)
+            reply = Message(
+                self.new_id(),
+                interaction.channel_id,
+                self.bot,
+                content,
+                components,
+                embeds,
+                loading=kind == DEFERRED_MESSAGE,
+            )
             if int(data.get("flags") or 0) & EPHEMERAL:
                 reply.only_for = interaction.user.id
                 self.ephemerals.append(reply)
@@ -819,8 +996,10 @@ class FakeDiscord:
                 self._update(interaction.message, data)
         else:
             raise _form_error("type", "BASE_TYPE_CHOICES", f"Value {kind} is not supported")
-        answer: Json = {"interaction": {"id": interaction.id, "type": interaction.type},
-                        "resource": {"type": kind}}
+        answer: Json = {
+            "interaction": {"id": interaction.id, "type": interaction.type},
+            "resource": {"type": kind},
+        }
         if interaction.original is not None and kind != DEFERRED_UPDATE:
             answer["interaction"]["response_message_id"] = interaction.original.id
             answer["resource"]["message"] = interaction.original.payload(self.guild_id)
@@ -843,8 +1022,9 @@ class FakeDiscord:
             original.loading = False
             return original.payload(self.guild_id)
         content, components, embeds = _checked(body, None)
-        message = Message(self.new_id(), interaction.channel_id, self.bot, content, components,
-                          embeds)
+        message = Message(
+            self.new_id(), interaction.channel_id, self.bot, content, components, embeds
+        )
         if int(body.get("flags") or 0) & EPHEMERAL:
             message.only_for = interaction.user.id
             self.ephemerals.append(message)
@@ -869,17 +1049,28 @@ class FakeDiscord:
             name = str(command.get("name", ""))
             if not name or len(name) > 32 or name.lower() != name:
                 raise _form_error("0.name", "APPLICATION_COMMAND_INVALID_NAME", "Invalid name")
-            registered.append({**command, "id": self.new_id(), "application_id":
-                               self.application_id, "guild_id": guild_id, "version": "1",
-                               "default_member_permissions": None, "type": command.get("type", 1)})
+            registered.append(
+                {
+                    **command,
+                    "id": self.new_id(),
+                    "application_id": self.application_id,
+                    "guild_id": guild_id,
+                    "version": "1",
+                    "default_member_permissions": None,
+                    "type": command.get("type", 1),
+                }
+            )
         self.commands[guild_id] = registered
         return registered
 
 
 def _is_message_write(call: Call) -> bool:
     parts = call.path.strip("/").split("/")
-    return parts[0] == "channels" and len(parts) in (3, 4) and parts[2] == "messages" and (
-        call.method in ("POST", "PATCH")
+    return (
+        parts[0] == "channels"
+        and len(parts) in (3, 4)
+        and parts[2] == "messages"
+        and (call.method in ("POST", "PATCH"))
     )
 
 
@@ -912,22 +1103,27 @@ def _checked(
     embeds = body.get("embeds", current.embeds if current else [])
     components, embeds = components or [], embeds or []
     if len(content) > CONTENT_LIMIT:
-        raise _form_error("content", "BASE_TYPE_MAX_LENGTH",
-                          f"Must be {CONTENT_LIMIT} or fewer in length.")
+        raise _form_error(
+            "content", "BASE_TYPE_MAX_LENGTH", f"Must be {CONTENT_LIMIT} or fewer in length."
+        )
     if not content.strip() and not components and not embeds and not files:
         raise _Refused(400, {"message": "Cannot send an empty message", "code": 50006})
     for index, embed in enumerate(embeds):
         if len(str(embed.get("description") or "")) > 4096:
-            raise _form_error(f"embeds.{index}.description", "BASE_TYPE_MAX_LENGTH",
-                              "Must be 4096 or fewer in length.")
+            raise _form_error(
+                f"embeds.{index}.description",
+                "BASE_TYPE_MAX_LENGTH",
+                "Must be 4096 or fewer in length.",
+            )
     _check_components(components)
     return content, components, embeds
 
 
 def _check_components(rows: list[Json]) -> None:
     if len(rows) > ROWS_LIMIT:
-        raise _form_error("components", "BASE_TYPE_BAD_LENGTH",
-                          "Must be between 1 and 5 in length.")
+        raise _form_error(
+            "components", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 5 in length."
+        )
     seen: set[str] = set()
     for r, row in enumerate(rows):
         items = row.get("components") or []
@@ -935,37 +1131,61 @@ def _check_components(rows: list[Json]) -> None:
             raise _form_error(f"components.{r}", "BASE_TYPE_BAD_LENGTH", "Invalid action row")
         selects = [item for item in items if item.get("type") == STRING_SELECT]
         if selects and len(items) > 1:
-            raise _form_error(f"components.{r}", "COMPONENT_LAYOUT_WIDTH_EXCEEDED",
-                              "A select menu must be alone in its row")
+            raise _form_error(
+                f"components.{r}",
+                "COMPONENT_LAYOUT_WIDTH_EXCEEDED",
+                "A select menu must be alone in its row",
+            )
         for i, item in enumerate(items):
             where = f"components.{r}.components.{i}"
             custom_id = str(item.get("custom_id") or "")
             if not custom_id or len(custom_id) > CUSTOM_ID_LIMIT:
-                raise _form_error(f"{where}.custom_id", "BASE_TYPE_BAD_LENGTH",
-                                  f"Must be between 1 and {CUSTOM_ID_LIMIT} in length.")
+                raise _form_error(
+                    f"{where}.custom_id",
+                    "BASE_TYPE_BAD_LENGTH",
+                    f"Must be between 1 and {CUSTOM_ID_LIMIT} in length.",
+                )
             if custom_id in seen:
-                raise _form_error(f"{where}.custom_id", "COMPONENT_CUSTOM_ID_DUPLICATED",
-                                  "Component custom id cannot be duplicated")
+                raise _form_error(
+                    f"{where}.custom_id",
+                    "COMPONENT_CUSTOM_ID_DUPLICATED",
+                    "Component custom id cannot be duplicated",
+                )
             seen.add(custom_id)
             label = str(item.get("label") or "")
             if item.get("type") == BUTTON and len(label) > BUTTON_LABEL_LIMIT:
-                raise _form_error(f"{where}.label", "BASE_TYPE_MAX_LENGTH",
-                                  f"Must be {BUTTON_LABEL_LIMIT} or fewer in length.")
+                raise _form_error(
+                    f"{where}.label",
+                    "BASE_TYPE_MAX_LENGTH",
+                    f"Must be {BUTTON_LABEL_LIMIT} or fewer in length.",
+                )
             if item.get("type") == STRING_SELECT:
                 options = item.get("options") or []
                 if not 1 <= len(options) <= SELECT_OPTIONS_LIMIT:
-                    raise _form_error(f"{where}.options", "BASE_TYPE_BAD_LENGTH",
-                                      "Must be between 1 and 25 in length.")
+                    raise _form_error(
+                        f"{where}.options",
+                        "BASE_TYPE_BAD_LENGTH",
+                        "Must be between 1 and 25 in length.",
+                    )
                 for option in options:
-                    if max(len(str(option.get(key) or "")) for key in
-                           ("label", "value", "description")) > SELECT_TEXT_LIMIT:
-                        raise _form_error(f"{where}.options", "BASE_TYPE_MAX_LENGTH",
-                                          "Must be 100 or fewer in length.")
+                    if (
+                        max(
+                            len(str(option.get(key) or ""))
+                            for key in ("label", "value", "description")
+                        )
+                        > SELECT_TEXT_LIMIT
+                    ):
+                        raise _form_error(
+                            f"{where}.options",
+                            "BASE_TYPE_MAX_LENGTH",
+                            "Must be 100 or fewer in length.",
+                        )
 
 
 def _json(body: Any, status: int, headers: dict[str, str]) -> web.Response:
     # discord.py reads a body as JSON only when Content-Type is exactly application/json.
     return web.Response(
-        body=json.dumps(body).encode(), status=status,
+        body=json.dumps(body).encode(),
+        status=status,
         headers={**headers, "Content-Type": "application/json"},
     )

@@ -92,16 +92,19 @@ class Message:
     bot_name: str | None = None
 
     def as_event_message(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"type": "message", "ts": self.ts, "text": self.text,
-                                "blocks": self.blocks, "user": self.user}
+        body: dict[str, Any] = {
+            "type": "message",
+            "ts": self.ts,
+            "text": self.text,
+            "blocks": self.blocks,
+            "user": self.user,
+        }
         if self.thread_ts:
             body["thread_ts"] = self.thread_ts
         if self.bot:
             body["bot_id"] = FakeSlack.bot_id
         if self.files:
-            body["files"] = [
-                {k: v for k, v in f.items() if k != "content"} for f in self.files
-            ]
+            body["files"] = [{k: v for k, v in f.items() if k != "content"} for f in self.files]
         return body
 
     def block_text(self, prefix: str) -> str:
@@ -116,9 +119,7 @@ class Message:
         """The answer's Markdown a person sees in this message (streamed, or in blocks)."""
         if self.markdown is not None:
             return self.markdown
-        return "\n".join(
-            block["text"] for block in self.blocks if block.get("type") == "markdown"
-        )
+        return "\n".join(block["text"] for block in self.blocks if block.get("type") == "markdown")
 
     @property
     def has_buttons(self) -> bool:
@@ -127,7 +128,8 @@ class Message:
     def context_text(self) -> str:
         return "\n".join(
             element.get("text", "")
-            for block in self.blocks if block.get("type") == "context"
+            for block in self.blocks
+            if block.get("type") == "context"
             for element in block.get("elements", [])
         )
 
@@ -244,12 +246,18 @@ class FakeSlack:
         `files` are (name, content, mimetype) attached to the message."""
         ts = self.new_ts()
         message = Message(channel, ts, user, text, thread_ts=thread_ts)
-        message.files = [self.add_file(name, content, mimetype) for name, content, mimetype
-                         in files]
+        message.files = [
+            self.add_file(name, content, mimetype) for name, content, mimetype in files
+        ]
         self.messages[(channel, ts)] = message
         event: dict[str, Any] = {
-            "type": "message", "user": user, "text": text, "ts": ts, "channel": channel,
-            "event_ts": ts, "team": self.team_id,
+            "type": "message",
+            "user": user,
+            "text": text,
+            "ts": ts,
+            "channel": channel,
+            "event_ts": ts,
+            "team": self.team_id,
             "channel_type": "im" if channel.startswith("D") else "channel",
         }
         if thread_ts:
@@ -270,9 +278,17 @@ class FakeSlack:
     def add_file(self, name: str, content: bytes, mimetype: str) -> dict[str, Any]:
         file_id = f"F{next(self._ids):08d}"
         url = f"{self.url}/files-pri/{file_id}/{name}"
-        record = {"id": file_id, "name": name, "title": name, "mimetype": mimetype,
-                  "size": len(content), "mode": "hosted", "url_private": url,
-                  "url_private_download": url + "?download=1", "content": content}
+        record = {
+            "id": file_id,
+            "name": name,
+            "title": name,
+            "mimetype": mimetype,
+            "size": len(content),
+            "mode": "hosted",
+            "url_private": url,
+            "url_private_download": url + "?download=1",
+            "content": content,
+        }
         self.files[file_id] = record
         return record
 
@@ -280,18 +296,29 @@ class FakeSlack:
         self, channel: str, thread_ts: str, blocks: list[dict[str, Any]], name: str
     ) -> str:
         """Another app posts in a thread, its text only in blocks (no event is sent)."""
-        message = Message(channel, self.new_ts(), "", "", blocks, thread_ts=thread_ts,
-                          bot_name=name)
+        message = Message(
+            channel, self.new_ts(), "", "", blocks, thread_ts=thread_ts, bot_name=name
+        )
         self.messages[(channel, message.ts)] = message
         return message.ts
 
     async def deliver_event(self, event: dict[str, Any], event_id: str, retry: int = 0) -> None:
         body = {
-            "token": "fake-verification", "team_id": self.team_id, "api_app_id": self.app_id,
-            "event": event, "type": "event_callback", "event_id": event_id,
+            "token": "fake-verification",
+            "team_id": self.team_id,
+            "api_app_id": self.app_id,
+            "event": event,
+            "type": "event_callback",
+            "event_id": event_id,
             "event_time": int(time.time()),
-            "authorizations": [{"team_id": self.team_id, "user_id": self.bot_user_id,
-                                "is_bot": True, "is_enterprise_install": False}],
+            "authorizations": [
+                {
+                    "team_id": self.team_id,
+                    "user_id": self.bot_user_id,
+                    "is_bot": True,
+                    "is_enterprise_install": False,
+                }
+            ],
         }
         await self._push("events_api", body, retry=retry)
 
@@ -310,27 +337,39 @@ class FakeSlack:
             block = next(b for b in message.blocks if b.get("block_id") == block_id)
             element = block["elements"][0]
             picked = [o for o in element["options"] if o["value"] in labels]
-            state = ({"type": element["type"], "selected_options": picked}
-                     if element["type"].startswith("multi") else
-                     {"type": element["type"], "selected_option": picked[0]})
+            state = (
+                {"type": element["type"], "selected_options": picked}
+                if element["type"].startswith("multi")
+                else {"type": element["type"], "selected_option": picked[0]}
+            )
             values[block_id] = {element["action_id"]: state}
         body = {
             "type": "block_actions",
             "user": {"id": user, "username": user.lower(), "team_id": self.team_id},
-            "api_app_id": self.app_id, "token": "fake-verification",
-            "container": {"type": "message", "message_ts": message.ts,
-                          "channel_id": message.channel, "is_ephemeral": False},
+            "api_app_id": self.app_id,
+            "token": "fake-verification",
+            "container": {
+                "type": "message",
+                "message_ts": message.ts,
+                "channel_id": message.channel,
+                "is_ephemeral": False,
+            },
             "trigger_id": f"trigger{next(self._ids)}",
             "team": {"id": self.team_id, "domain": "fake"},
             "channel": {"id": message.channel, "name": "general"},
             "message": {**message.as_event_message(), "type": "message"},
             "state": {"values": values},
             "response_url": f"{self.url}/response",
-            "actions": [{
-                "action_id": button["action_id"], "block_id": button["block_id"],
-                "text": button["text"], "value": button.get("value", ""),
-                "type": button["type"], "action_ts": self.new_ts(),
-            }],
+            "actions": [
+                {
+                    "action_id": button["action_id"],
+                    "block_id": button["block_id"],
+                    "text": button["text"],
+                    "value": button.get("value", ""),
+                    "type": button["type"],
+                    "action_ts": self.new_ts(),
+                }
+            ],
         }
         await self._push("interactive", body)
 
@@ -340,9 +379,12 @@ class FakeSlack:
             return
         await self.wait_connected()
         envelope = {
-            "envelope_id": f"env{next(self._ids)}", "type": kind, "payload": body,
+            "envelope_id": f"env{next(self._ids)}",
+            "type": kind,
+            "payload": body,
             "accepts_response_payload": kind == "interactive",
-            "retry_attempt": retry, "retry_reason": "timeout" if retry else "",
+            "retry_attempt": retry,
+            "retry_reason": "timeout" if retry else "",
         }
         await self._sockets[-1].send_str(json.dumps(envelope))
 
@@ -377,7 +419,8 @@ class FakeSlack:
     def thread(self, channel: str, thread_ts: str) -> list[Message]:
         """Every message of a thread, root first, as Slack orders them (by ts)."""
         found = [
-            m for (c, _), m in self.messages.items()
+            m
+            for (c, _), m in self.messages.items()
             if c == channel and not m.deleted and (m.ts == thread_ts or m.thread_ts == thread_ts)
         ]
         return sorted(found, key=lambda m: _ts_key(m.ts))
@@ -424,17 +467,29 @@ class FakeSlack:
         return web.json_response({"ok": False, "error": error}, status=status, headers=headers)
 
     def _m_auth_test(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
-        return {"url": "https://fake.slack.com/", "team": "Fake", "user": "loopbridge",
-                "team_id": self.team_id, "user_id": self.bot_user_id, "bot_id": self.bot_id,
-                "is_enterprise_install": False}
+        return {
+            "url": "https://fake.slack.com/",
+            "team": "Fake",
+            "user": "loopbridge",
+            "team_id": self.team_id,
+            "user_id": self.bot_user_id,
+            "bot_id": self.bot_id,
+            "is_enterprise_install": False,
+        }
 
     def _m_users_info(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
         user = str(args.get("user") or "")
         if not user.startswith(("U", "W")):
             raise _Refused("user_not_found")
         name = self.people.get(user) or user.lower()  # everyone is in the workspace
-        return {"user": {"id": user, "name": name.lower().replace(" ", "."), "real_name": name,
-                         "profile": {"display_name": name, "real_name": name}}}
+        return {
+            "user": {
+                "id": user,
+                "name": name.lower().replace(" ", "."),
+                "real_name": name,
+                "profile": {"display_name": name, "real_name": name},
+            }
+        }
 
     def _m_conversations_replies(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
         channel, ts = str(args.get("channel") or ""), str(args.get("ts") or "")
@@ -447,8 +502,11 @@ class FakeSlack:
         latest = args.get("latest")
         inclusive = str(args.get("inclusive", "")).lower() in ("1", "true")
         if latest:
-            found = [m for m in found if _ts_key(m.ts) < _ts_key(str(latest)) or (
-                inclusive and m.ts == latest)]
+            found = [
+                m
+                for m in found
+                if _ts_key(m.ts) < _ts_key(str(latest)) or (inclusive and m.ts == latest)
+            ]
         page = found[:limit]
         messages = []
         for message in page:
@@ -456,8 +514,11 @@ class FakeSlack:
             name = message.bot_name
             if name is not None:  # another app's message: no user, a bot profile
                 body.pop("user", None)
-                body |= {"bot_id": f"B{name.upper()}", "subtype": "bot_message",
-                         "bot_profile": {"name": name}}
+                body |= {
+                    "bot_id": f"B{name.upper()}",
+                    "subtype": "bot_message",
+                    "bot_profile": {"name": name},
+                }
             messages.append(body)
         return {"messages": messages, "has_more": len(found) > limit}
 
@@ -472,9 +533,7 @@ class FakeSlack:
         self._uploads[upload_id] = {"id": file_id, "name": filename, "length": length}
         return {"upload_url": f"{self.url}/upload/{upload_id}", "file_id": file_id}
 
-    def _m_files_completeUploadExternal(
-        self, call: Call, args: dict[str, Any]
-    ) -> dict[str, Any]:
+    def _m_files_completeUploadExternal(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
         files = args.get("files")
         files = json.loads(files) if isinstance(files, str) else files or []
         channel = str(args.get("channel_id") or "")
@@ -487,9 +546,14 @@ class FakeSlack:
             done.append(record)
         if channel:
             self._take_post_token(channel)
-            message = Message(channel, self.new_ts(), self.bot_user_id,
-                              str(args.get("initial_comment") or ""),
-                              thread_ts=args.get("thread_ts"), bot=True)
+            message = Message(
+                channel,
+                self.new_ts(),
+                self.bot_user_id,
+                str(args.get("initial_comment") or ""),
+                thread_ts=args.get("thread_ts"),
+                bot=True,
+            )
             message.files = done
             self.messages[(channel, message.ts)] = message
         return {"files": [{k: v for k, v in f.items() if k != "content"} for f in done]}
@@ -509,8 +573,9 @@ class FakeSlack:
         return web.Response(body=record["content"], content_type=record["mimetype"])
 
     async def _signin(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(text="<html><body>Sign in to Slack</body></html>",
-                            content_type="text/html")
+        return web.Response(
+            text="<html><body>Sign in to Slack</body></html>", content_type="text/html"
+        )
 
     async def _upload(self, request: web.Request) -> web.StreamResponse:
         upload = self._uploads.pop(request.match_info["upload_id"], None)
@@ -520,10 +585,15 @@ class FakeSlack:
         if len(content) != upload["length"]:
             return web.Response(status=400, text="length mismatch")
         mimetype = "application/octet-stream"
-        self.files[upload["id"]] = {"id": upload["id"], "name": upload["name"],
-                                    "title": upload["name"], "mimetype": mimetype,
-                                    "size": len(content), "mode": "hosted",
-                                    "content": content}
+        self.files[upload["id"]] = {
+            "id": upload["id"],
+            "name": upload["name"],
+            "title": upload["name"],
+            "mimetype": mimetype,
+            "size": len(content),
+            "mode": "hosted",
+            "content": content,
+        }
         return web.Response(text="OK - " + str(len(content)))
 
     def _m_apps_connections_open(self, call: Call, args: dict[str, Any]) -> dict[str, Any]:
@@ -534,8 +604,15 @@ class FakeSlack:
         channel = args["channel"]
         text, blocks = _check_content(args)
         self._take_post_token(channel)
-        message = Message(channel, self.new_ts(), self.bot_user_id, text, blocks,
-                          thread_ts=args.get("thread_ts"), bot=True)
+        message = Message(
+            channel,
+            self.new_ts(),
+            self.bot_user_id,
+            text,
+            blocks,
+            thread_ts=args.get("thread_ts"),
+            bot=True,
+        )
         self.messages[(channel, message.ts)] = message
         return {"channel": channel, "ts": message.ts, "message": message.as_event_message()}
 
@@ -544,8 +621,10 @@ class FakeSlack:
         if message.streaming:
             raise _Refused("message_is_streaming")
         text, blocks = _check_content(args)
-        visible = text if not blocks else "".join(
-            b["text"]["text"] for b in blocks if b.get("type") == "section"
+        visible = (
+            text
+            if not blocks
+            else "".join(b["text"]["text"] for b in blocks if b.get("type") == "section")
         )  # `markdown` blocks have limits of their own (see _check_content)
         if len(visible.encode()) > UPDATE_BYTES_LIMIT:
             raise _Refused("msg_too_long")
@@ -579,9 +658,16 @@ class FakeSlack:
                 raise _Refused("missing_recipient_team_id")
         markdown = _stream_text(args)
         self._take_post_token(channel)
-        message = Message(channel, self.new_ts(), self.bot_user_id, thread_ts=args["thread_ts"],
-                          bot=True, markdown=markdown, streaming=True,
-                          stream_started=time.monotonic())
+        message = Message(
+            channel,
+            self.new_ts(),
+            self.bot_user_id,
+            thread_ts=args["thread_ts"],
+            bot=True,
+            markdown=markdown,
+            streaming=True,
+            stream_started=time.monotonic(),
+        )
         self.messages[(channel, message.ts)] = message
         return {"channel": channel, "ts": message.ts}
 
@@ -632,11 +718,16 @@ class FakeSlack:
         await socket.prepare(request)
         self._sockets.append(socket)
         self.most_connections = max(self.most_connections, len(self._sockets))
-        await socket.send_str(json.dumps({
-            "type": "hello", "num_connections": len(self._sockets),
-            "connection_info": {"app_id": self.app_id},
-            "debug_info": {"host": "fake", "approximate_connection_time": 3600},
-        }))
+        await socket.send_str(
+            json.dumps(
+                {
+                    "type": "hello",
+                    "num_connections": len(self._sockets),
+                    "connection_info": {"app_id": self.app_id},
+                    "debug_info": {"host": "fake", "approximate_connection_time": 3600},
+                }
+            )
+        )
         self._connected.set()
         try:
             async for frame in socket:

@@ -24,9 +24,7 @@ def mint(
     """A view link's URL (on `LOOPBRIDGE_PUBLIC_URL`, else this request's base) and its end."""
     settings = request.app.state.engine.settings
     loop = full_loop_id(raw_loop_id)
-    expires_at = (utcnow() + timedelta(days=days or settings.view_link_days)).replace(
-        microsecond=0
-    )
+    expires_at = (utcnow() + timedelta(days=days or settings.view_link_days)).replace(microsecond=0)
     grant = keyring(request).mint(loop, owner, expires_at)
     base = (settings.public_url or str(request.base_url)).rstrip("/")
     return f"{base}/loops/{loop}?grant={quote(grant)}", expires_at
