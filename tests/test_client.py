@@ -253,6 +253,18 @@ async def test_send_yields_typed_events(alice: LoopClient) -> None:
     assert not started.terminal and "thinking_delta" in names(events)
 
 
+async def test_event_data_reads_as_a_json_object_too(alice: LoopClient) -> None:
+    """Scripts written against the first client read `event.data` as a dict."""
+    loop = await alice.create_loop()
+    events = await collect(alice.send(loop.id, "hello"))
+    started, done = events[0], events[-1]
+    assert started.data["turn_id"] == started.data.turn_id and "trigger" in started.data
+    assert done.data.get("turn_id") == done.data.turn_id
+    assert done.data.get("no such field", "absent") == "absent" and "nope" not in done.data
+    with pytest.raises(KeyError):
+        done.data["no such field"]
+
+
 async def test_the_same_idempotency_key_replays_the_same_events(alice: LoopClient) -> None:
     loop = await alice.create_loop()
     key = unique()

@@ -22,6 +22,17 @@ class EventData(BaseModel):
     # Fields may be added to an event later; a client that reads an older model keeps working.
     model_config = ConfigDict(extra="allow")
 
+    # Scripts written against the first client read event data as a JSON object
+    # (`event.data["text"]`): those reads keep working, with the wire's values.
+    def __getitem__(self, key: str) -> Any:
+        return self.model_dump(mode="json")[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.model_dump(mode="json")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.model_dump(mode="json").get(key, default)
+
 
 class QueuedEvent(EventData):
     """The loop was busy: this message waits; the stream's first event."""
