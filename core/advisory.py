@@ -2,15 +2,17 @@
 
 A transaction-level lock makes replicas that start together migrate the schema one
 after the other. A session-level lock, held on a connection of its own, makes one
-replica the leader of something (the embedded chat adapters) for as long as that
-connection lives: when the leader's process dies, even by SIGKILL, its socket closes,
-PostgreSQL ends the session and the lock is free for the next replica that asks.
+replica the leader of something (the embedded chat adapters), or the only process
+running under a replica id, for as long as that connection lives: when the holder's
+process dies, even by SIGKILL, its socket closes, PostgreSQL ends the session and the
+lock is free for the next replica that asks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable
 
@@ -27,6 +29,12 @@ TRY_LOCK = text("SELECT pg_try_advisory_lock(:key)")
 UNLOCK = text("SELECT pg_advisory_unlock(:key)")
 XACT_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 PING = text("SELECT 1")
+
+
+def identity_key(replica_id: str) -> int:
+    """The lock a running replica holds on its own id (a signed 64-bit key)."""
+    digest = hashlib.sha256(f"loopbridge replica {replica_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def clustered(engine: AsyncEngine) -> bool:
@@ -54,9 +62,7 @@ class Leadership:
         (`waiting` is called once another replica is found to hold it)."""
         while True:
             try:
-                conn = await self._connection()
-                if (await conn.execute(TRY_LOCK, {"key": self.key})).scalar():
-                    self.held = True
+                if await self.try_acquire():
                     log.info("this replica now runs %s", self.what)
                     return
                 if waiting is not None:
@@ -66,6 +72,12 @@ class Leadership:
                 log.warning("cannot ask who runs %s: %s", self.what, exc)
                 await self._drop()
             await asyncio.sleep(poll)
+
+    async def try_acquire(self) -> bool:
+        """One attempt: whether this replica now holds the lock."""
+        conn = await self._connection()
+        self.held = bool((await conn.execute(TRY_LOCK, {"key": self.key})).scalar())
+        return self.held
 
     async def lost(self, every: float) -> None:
         """Return when the lock's connection no longer answers (checked every `every` s):

@@ -198,6 +198,23 @@ async def test_two_replicas_first_started_together_both_serve(cluster: Cluster) 
 # ---- tokens and rate limits ---------------------------------------------------------------
 
 
+async def test_a_second_process_under_a_running_replica_s_id_is_refused(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Two processes with one replica id would each take the other's loops for their own."""
+    log = tmp_path / "twin.log"
+    twin = await launch(cluster.home, cluster.database_url, cluster.replicas[0].name, log)
+    assert await asyncio.wait_for(twin.process.wait(), 120) != 0
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert lines[-1] == (
+        f"loopbridge: another replica is running with "
+        f"LOOPBRIDGE_REPLICA_ID={cluster.replicas[0].name}; give each replica its own id"
+    ), tail(log)
+    async with httpx.AsyncClient(timeout=30) as http:  # the running one is untouched
+        r = await http.get(cluster.replicas[0].url.removesuffix("/api/v1") + "/healthz")
+        assert r.status_code == 200
+
+
 async def test_a_revoked_token_is_refused_by_every_replica_within_a_second(
     cluster: Cluster,
 ) -> None:

@@ -23,7 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bridge.contract.events import ErrorEvent
 from core.active_loops import newest_id
-from core.errors import EngineError
+from core.advisory import Leadership, identity_key
+from core.errors import EngineError, SettingsError
 from core.events import EventStream
 from core.replicas import lease
 from core.replicas.errors import FencedOut, OwnedElsewhere
@@ -64,6 +65,7 @@ class Replicas:
         # The leases this replica holds: loop → epoch.
         self.held: dict[str, int] = {}
         self.log = LogFollower(engine.db)
+        self.identity = Leadership(engine.db.engine, identity_key(self.me), f"replica {self.me}")
         self._tasks: list[asyncio.Task[None]] = []
         self._renewed_at = time.monotonic()
         # Claims and heartbeats take turns: a heartbeat giving back an idle loop's lease
@@ -77,6 +79,14 @@ class Replicas:
     # ---- life cycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Two processes under one replica id would each take the other's leases for their
+        # own: the second one to start is refused (the lock ends with the first's session).
+        if not await self.identity.try_acquire():
+            await self.identity.release()
+            raise SettingsError(
+                f"another replica is running with LOOPBRIDGE_REPLICA_ID={self.me}; "
+                "give each replica its own id"
+            )
         writer = self.engine.writer
         writer.on_insert = self._fence_and_notify
         writer.linger = WRITE_LINGER_SECONDS
@@ -109,6 +119,7 @@ class Replicas:
         except Exception as exc:  # they expire instead
             log.warning("replicas: leases not given back at stop: %s", exc)
         await self.log.close()
+        await self.identity.release()
 
     # ---- ownership -------------------------------------------------------------------------
 
