@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import discord
 import pytest
 import pytest_asyncio
-from discord.gateway import DiscordWebSocket
 
 from tests.chat_world import (
     DISCORD_APP_CHANNEL,
@@ -20,7 +18,7 @@ from tests.chat_world import (
 )
 from tests.fakes.discord import TEXT_CHANNEL, Channel, FakeDiscord
 from tests.polling import until
-from tests.test_discord import Harness
+from tests.test_discord import Harness, running
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -30,24 +28,17 @@ APP = DISCORD_APP_CHANNEL
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def server(standin, tmp_path_factory):  # type: ignore[no-untyped-def]
-    async for running in routed_server(standin, tmp_path_factory.mktemp("chat-discord")):
-        yield running
+    async for routed in routed_server(standin, tmp_path_factory.mktemp("chat-discord")):
+        yield routed
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def chat(server) -> AsyncIterator[Harness]:  # type: ignore[no-untyped-def]
-    saved = discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
     fake = FakeDiscord()
     # The channel the settings file routes to the `app` repo.
     fake.channels[APP] = Channel(APP, TEXT_CHANNEL, "app", fake.guild_id)
-    await fake.start()
-    harness = Harness(server, fake, await server.token_for("discordbot"))
-    try:
+    async with running(server, fake) as harness:
         yield harness
-    finally:
-        await harness.stop()
-        await fake.stop()
-        discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = saved
 
 
 def texts(chat: Harness, channel: str) -> list[str]:

@@ -18,7 +18,7 @@ from tests.chat_world import (
 )
 from tests.fakes.slack import FakeSlack
 from tests.polling import until
-from tests.test_slack import ALICE, BOB, CHANNEL, MENTION, Harness, loop_of
+from tests.test_slack import ALICE, BOB, CHANNEL, MENTION, Harness, loop_of, running
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -28,21 +28,16 @@ NAMES = {ALICE: "Alice Smith", BOB: "Bob Jones"}
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def server(standin, tmp_path_factory):  # type: ignore[no-untyped-def]
-    async for running in routed_server(standin, tmp_path_factory.mktemp("chat-slack")):
-        yield running
+    async for routed in routed_server(standin, tmp_path_factory.mktemp("chat-slack")):
+        yield routed
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def slack(server) -> AsyncIterator[Harness]:  # type: ignore[no-untyped-def]
     fake = FakeSlack()
-    await fake.start()
     fake.people.update(NAMES)
-    harness = Harness(server, fake, await server.token_for("slackbot"))
-    try:
+    async with running(server, fake) as harness:
         yield harness
-    finally:
-        await harness.stop()
-        await fake.stop()
 
 
 def answer(slack: Harness, channel: str, root: str) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -115,6 +117,20 @@ def test_no_command_prints_help():
 
 async def test_demo_prints_a_curl_that_streams_a_turn(tmp_path):
     env = {**os.environ, "LOOPBRIDGE_HOME": str(tmp_path / "demo")}
+    async with running_demo(env) as printed:
+        assert "STAND-IN MODEL" in printed
+        base = re.search(r"(http://127\.0\.0\.1:\d+/api/v1)/loops ", printed).group(1)
+        token = re.search(r"Bearer (la_[0-9a-f]{48})", printed).group(1)
+        async with httpx.AsyncClient(
+            base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        ) as http:
+            loop = (await http.post("/loops", json={"title": "demo"})).json()["id"]
+            assert text_of(await turn(http, loop, "hello")) == "Echo #1: hello"
+
+
+@contextlib.asynccontextmanager
+async def running_demo(env: dict[str, str]) -> AsyncIterator[str]:
+    """`loopbridge demo`, up to what it prints before waiting for Ctrl-C; stopped at the end."""
     demo = await asyncio.create_subprocess_exec(
         *LOOPBRIDGE,
         "demo",
@@ -130,17 +146,10 @@ async def test_demo_prints_a_curl_that_streams_a_turn(tmp_path):
             line = await asyncio.wait_for(demo.stdout.readline(), 60)
             assert line, await demo.stderr.read()
             printed += line.decode()
-        assert "STAND-IN MODEL" in printed
-        base = re.search(r"(http://127\.0\.0\.1:\d+/api/v1)/loops ", printed).group(1)
-        token = re.search(r"Bearer (la_[0-9a-f]{48})", printed).group(1)
-        async with httpx.AsyncClient(
-            base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60
-        ) as http:
-            loop = (await http.post("/loops", json={"title": "demo"})).json()["id"]
-            assert text_of(await turn(http, loop, "hello")) == "Echo #1: hello"
+        yield printed
     finally:
         demo.terminate()
-        await demo.wait()
+        await asyncio.wait_for(demo.wait(), 60)
 
 
 async def test_serve_stops_cleanly_on_sigterm(tmp_path):
@@ -434,21 +443,7 @@ async def test_the_readmes_example_works_against_the_demo_which_leaves_nothing_b
     env["PATH"] = os.pathsep.join(
         part for part in env.get("PATH", "").split(os.pathsep) if part.rstrip("/") != venv_bin
     )
-    demo = await asyncio.create_subprocess_exec(
-        *LOOPBRIDGE,
-        "demo",
-        "--port",
-        "0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        printed = ""
-        while "Ctrl-C" not in printed:
-            line = await asyncio.wait_for(demo.stdout.readline(), 60)
-            assert line, await demo.stderr.read()
-            printed += line.decode()
+    async with running_demo(env) as printed:
         export = re.search(r"^  (export LOOPBRIDGE_HOME=.+)$", printed, re.MULTILINE).group(1)
         home = Path(export.split("=", 1)[1])
         port = re.search(r"http://127\.0\.0\.1:(\d+)/api/v1", printed).group(1)
@@ -472,8 +467,5 @@ async def test_the_readmes_example_works_against_the_demo_which_leaves_nothing_b
         assert streamed_text(out.decode()) == "Echo #1: hello"
         assert await asyncio.to_thread(home.is_dir)
         print("the demo's containers:", await containers_of(home))  # none without podman
-    finally:
-        demo.terminate()
-        await asyncio.wait_for(demo.wait(), 60)
     assert not await asyncio.to_thread(home.exists), "the demo's data directory is gone"
     assert await containers_of(home) == [], "the demo's containers are removed when it ends"

@@ -7,6 +7,7 @@ message in a thread, its buttons, and the answers only one person saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
+from typing import Any
 
 import discord
 import pytest
@@ -109,10 +111,12 @@ class Harness:
         return await self.client.find_loop({"binding": key})
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def discord_(server) -> AsyncIterator[Harness]:
+@contextlib.asynccontextmanager
+async def running(server: Any, fake: FakeDiscord | None = None) -> AsyncIterator[Harness]:
+    """A harness on a started fake Discord (a new one unless given); at the end both
+    stop and discord.py's module-wide URLs, which the fake points elsewhere, come back."""
     saved = discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
-    fake = FakeDiscord()
+    fake = fake or FakeDiscord()
     await fake.start()
     harness = Harness(server, fake, await server.token_for("discordbot"))
     try:
@@ -121,6 +125,12 @@ async def discord_(server) -> AsyncIterator[Harness]:
         await harness.stop()
         await fake.stop()
         discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = saved
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def discord_(server) -> AsyncIterator[Harness]:
+    async with running(server) as harness:
+        yield harness
 
 
 # ---- a mention becomes a thread and a loop; the thread continues it ----------------------

@@ -7,10 +7,12 @@ message in the thread, the buttons, the private answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -86,9 +88,10 @@ class Harness:
         return "".join(m.answer for m in self.fake.answer_messages(CHANNEL, thread_ts))
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def slack(server) -> AsyncIterator[Harness]:
-    fake = FakeSlack()
+@contextlib.asynccontextmanager
+async def running(server: Any, fake: FakeSlack | None = None) -> AsyncIterator[Harness]:
+    """A harness on a started fake Slack (a new one unless given); both stop at the end."""
+    fake = fake or FakeSlack()
     await fake.start()
     harness = Harness(server, fake, await server.token_for("slackbot"))
     try:
@@ -96,6 +99,12 @@ async def slack(server) -> AsyncIterator[Harness]:
     finally:
         await harness.stop()
         await fake.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def slack(server) -> AsyncIterator[Harness]:
+    async with running(server) as harness:
+        yield harness
 
 
 async def loop_of(harness: Harness, thread_ts: str, channel: str = CHANNEL):

@@ -9,19 +9,18 @@ import os
 import sys
 from collections.abc import AsyncIterator
 
-import discord
 import pytest
 import pytest_asyncio
-from discord.gateway import DiscordWebSocket
 
 from core import audit
 from tests.conftest import Server, start_server, stop_server
-from tests.fakes.discord import FakeDiscord
 from tests.fakes.slack import FakeSlack
 from tests.polling import until
 from tests.test_discord import Harness as DiscordHarness
+from tests.test_discord import running as running_discord
 from tests.test_slack import ALICE, BOB, CHANNEL, MENTION, choice_message, loop_of
 from tests.test_slack import Harness as SlackHarness
+from tests.test_slack import running as running_slack
 from tests.test_usage import TOKENS, reported
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -41,28 +40,14 @@ async def budgeted(standin, tmp_path_factory) -> AsyncIterator[Server]:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def slack(budgeted) -> AsyncIterator[SlackHarness]:
-    fake = FakeSlack()
-    await fake.start()
-    harness = SlackHarness(budgeted, fake, await budgeted.token_for("slackbot"))
-    try:
+    async with running_slack(budgeted) as harness:
         yield harness
-    finally:
-        await harness.stop()
-        await fake.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def discord_(budgeted) -> AsyncIterator[DiscordHarness]:
-    saved = discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
-    fake = FakeDiscord()
-    await fake.start()
-    harness = DiscordHarness(budgeted, fake, await budgeted.token_for("discordbot"))
-    try:
+    async with running_discord(budgeted) as harness:
         yield harness
-    finally:
-        await harness.stop()
-        await fake.stop()
-        discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = saved
 
 
 async def test_slack_shows_a_budget_refusal_to_the_person_in_the_thread(
